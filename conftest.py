@@ -5,6 +5,9 @@ from pathlib import Path
 
 import pytest
 
+# Fixture modules under testing/ (on pytest's pythonpath), shared by every test folder.
+pytest_plugins = ["fixtures_hub"]
+
 REPO = Path(__file__).resolve().parent
 
 
