@@ -1,1 +1,39 @@
-"""placeholder"""
+"""tune-data: the Llama 2 tokenizer, prompt templates, datasets, masking, packing, sampling.
+
+``datasets`` is imported only when a dataset is built, so tokenizer-only users (generation)
+start fast.
+
+    >>> from tune_data import Llama2Tokenizer, alpaca_dataset, pack, collate, ShardedBatchSampler
+    >>> tok = Llama2Tokenizer("tokenizer.model")
+    >>> ds = alpaca_dataset(tok, data_files="alpaca_5000.json", max_seq_len=512)
+    >>> print(describe(ds))
+"""
+
+from collections.abc import Callable
+
+from tune_data.collate import collate, document_mask
+from tune_data.dataset import IGNORE_INDEX, TokenizedDataset, shifted_labels
+from tune_data.errors import DataError
+from tune_data.instruct import alpaca_cleaned_dataset, alpaca_dataset, instruct_dataset
+from tune_data.packing import PackedDataset, pack, plan_rows
+from tune_data.report import DataStats, describe, render_sample
+from tune_data.sampler import ShardedBatchSampler
+from tune_data.templates import ALPACA, NO_INPUT_PLACEHOLDERS, PromptTemplate, is_empty_input
+from tune_data.text import text_completion_dataset
+from tune_data.tokenizer import Llama2Tokenizer
+
+# Dataset builders by the name configs use; each takes the tokenizer first, then keywords.
+DATASETS: dict[str, Callable[..., TokenizedDataset]] = {
+    "alpaca": alpaca_dataset,
+    "alpaca_cleaned": alpaca_cleaned_dataset,
+    "instruct": instruct_dataset,
+    "text_completion": text_completion_dataset,
+}
+
+__all__ = [
+    "ALPACA", "DATASETS", "IGNORE_INDEX", "NO_INPUT_PLACEHOLDERS", "DataError", "DataStats",
+    "Llama2Tokenizer", "PackedDataset", "PromptTemplate", "ShardedBatchSampler",
+    "TokenizedDataset", "alpaca_cleaned_dataset", "alpaca_dataset", "collate", "describe",
+    "document_mask", "instruct_dataset", "is_empty_input", "pack", "plan_rows",
+    "render_sample", "shifted_labels", "text_completion_dataset",
+]

@@ -1,0 +1,165 @@
+"""Alpaca data-pipeline throughput (template + tokenise + mask): tune-data vs torchtune 0.6.1.
+
+    uv run python benchmarks/data.py [--rounds 3] [--max-seq-len 512]
+
+Both sides build an Alpaca dataset from the same local file (alpaca_5000.json) with the same
+Llama 2 tokenizer, prompt masking on (train_on_input=False), then fetch every sample's tokens
+and labels: torchtune tokenises in ``__getitem__``, tune-data in a batched ``datasets.map``.
+Each measurement runs in a fresh process (imports not timed) with an empty ``datasets``
+cache, so it is the *cold* figure: loading the json, templating, tokenising, masking, and
+for tune-data writing its cache. The same process then builds again from the now-warm cache
+(the *warm* figure: tune-data reads its cached tokens, torchtune tokenises again).
+Rounds alternate ours and torchtune's; medians, spread and the ratio are printed, the cold
+ratio last. Torchtune runs in its own virtual environment: $TORCHTUNE_VENV (default
+benchmarks/.venv-torchtune, made by benchmarks/setup_peers.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = Path(os.environ.get("TUNE_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
+
+
+def _worker(side: str, data: str, tokenizer: str, max_seq_len: int, dump: str | None) -> None:
+    """Runs in a subprocess: build + fetch every sample, cold then warm; prints JSON."""
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    cache = tempfile.mkdtemp(prefix=f"bench-data-{side}-")
+    os.environ["HF_DATASETS_CACHE"] = cache
+    import datasets
+
+    # Untimed on both sides: imports, and the set-up datasets does on its first load_dataset
+    # call in a process (it imports more modules lazily), on a throwaway file.
+    warmup = Path(cache) / "warmup.json"
+    warmup.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}]))
+    datasets.load_dataset("json", data_files=str(warmup), split="train",
+                          cache_dir=f"{cache}/warmup")
+
+    if side == "tune":
+        from tune_data import Llama2Tokenizer, alpaca_dataset
+
+        tok = Llama2Tokenizer(tokenizer)
+
+        def build():
+            ds = alpaca_dataset(tok, data_files=data, train_on_input=False,
+                                max_seq_len=max_seq_len, cache_dir=cache)
+            return [ds[i] for i in range(len(ds))], ds.rows.tolist()
+    else:
+        from torchtune.datasets import alpaca_dataset
+        from torchtune.models.llama2 import llama2_tokenizer
+
+        # No chat template: the Alpaca template alone, as on our side.
+        tok = llama2_tokenizer(tokenizer, max_seq_len=max_seq_len, prompt_template=None)
+
+        def build():
+            ds = alpaca_dataset(tok, source="json", data_files=data, split="train",
+                                train_on_input=False, cache_dir=cache)
+            return [ds[i] for i in range(len(ds))], list(range(len(ds)))
+
+    start = time.perf_counter()
+    samples, rows = build()
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    build()
+    warm = time.perf_counter() - start
+    if dump:
+        Path(dump).write_text(json.dumps({
+            "rows": rows,
+            "tokens": [[int(t) for t in s["tokens"]] for s in samples],
+            "labels": [[int(t) for t in s["labels"]] for s in samples],
+        }))
+    print(json.dumps({"cold_s": cold, "warm_s": warm, "samples": len(samples)}))
+
+
+def _run(python: str, side: str, args: argparse.Namespace, dump: str | None = None) -> dict:
+    cmd = [python, __file__, "--worker", side, "--data", str(args.data),
+           "--tokenizer", str(args.tokenizer), "--max-seq-len", str(args.max_seq_len)]
+    if dump:
+        cmd += ["--dump", dump]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.exit(f"{side} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _compare(ours_path: str, theirs_path: str, records: list[dict]) -> str:
+    """How many samples have identical tokens and loss positions on both sides."""
+    from tune_data.templates import is_empty_input
+
+    ours = json.loads(Path(ours_path).read_text())
+    theirs = json.loads(Path(theirs_path).read_text())
+    by_row = dict(zip(ours["rows"], zip(ours["tokens"], ours["labels"])))
+    same = comparable = 0
+    for row, (t_tok, t_lab) in enumerate(zip(theirs["tokens"], theirs["labels"])):
+        r = records[row]
+        if row not in by_row or is_empty_input(r["input"]) != (r["input"] == ""):
+            continue  # placeholders (<noinput>) and dropped records are handled differently
+        o_tok, o_lab = by_row[row]
+        if len(o_tok) >= 512 or len(t_tok) >= 512:
+            continue  # truncation rules differ (we cut without EOS)
+        comparable += 1
+        # Our labels are shifted (labels[i] is the target of tokens[i]); torchtune's are not.
+        same += o_tok == t_tok and o_lab[:-1] == t_lab[1:]
+    return f"identical tokens and loss masks on {same:,} of {comparable:,} comparable samples"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--data", type=Path, default=SHARED / "alpaca" / "alpaca_5000.json")
+    parser.add_argument("--tokenizer", type=Path,
+                        default=SHARED / "llama2-tokenizer" / "tokenizer.model")
+    parser.add_argument("--worker", choices=["tune", "torchtune"], help=argparse.SUPPRESS)
+    parser.add_argument("--dump", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(args.worker, str(args.data), str(args.tokenizer), args.max_seq_len, args.dump)
+        return
+    for path in (args.data, args.tokenizer):
+        if not path.is_file():
+            sys.exit(f"{path} not found: set TUNE_SHARED_DATA to the shared/data folder")
+    venv = Path(os.environ.get("TORCHTUNE_VENV", HERE / ".venv-torchtune"))
+    peer_python = venv / "bin" / "python"
+    if not peer_python.is_file():
+        sys.exit(f"torchtune venv not found at {venv}: run benchmarks/setup_peers.sh or set "
+                 "TORCHTUNE_VENV")
+
+    from _timing import median, summary
+
+    records = json.loads(args.data.read_text())
+    n = len(records)
+    results: dict[str, dict[str, list[float]]] = {
+        side: {"cold": [], "warm": []} for side in ("tune", "torchtune")
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        dumps = {"tune": f"{tmp}/tune.json", "torchtune": f"{tmp}/torchtune.json"}
+        for round_ in range(args.rounds):  # A B A B ...
+            for side, python in (("tune", sys.executable), ("torchtune", str(peer_python))):
+                out = _run(python, side, args, dumps[side] if round_ == 0 else None)
+                results[side]["cold"].append(n / out["cold_s"])
+                results[side]["warm"].append(n / out["warm_s"])
+        agreement = _compare(dumps["tune"], dumps["torchtune"], records)
+
+    print(f"Alpaca {n:,} records ({args.data.name}), max_seq_len {args.max_seq_len}, "
+          f"{args.rounds} alternating rounds, CPU ({os.cpu_count()} cores)")
+    print(f"  check: {agreement}")
+    for kind in ("warm", "cold"):
+        for side in ("tune", "torchtune"):
+            print(f"  {kind:4s} {side:10s} examples/s {summary(results[side][kind])}")
+    for kind in ("warm", "cold"):
+        ratio = median(results["tune"][kind]) / median(results["torchtune"][kind])
+        print(f"  ratio tune / torchtune ({kind} datasets cache): {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""What a user should see before training: dataset statistics and one sample with its mask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from tune_data.dataset import IGNORE_INDEX, TokenizedDataset
+from tune_data.packing import PackedDataset
+from tune_data.tokenizer import Llama2Tokenizer
+
+
+@dataclass
+class DataStats:
+    """Counts and lengths of a tokenized (or packed) dataset; ``str()`` is a short report.
+
+    ``dropped`` records are in the source but not in the dataset (a prompt with no room for a
+    response, an empty document); ``truncated`` samples were cut to ``max_seq_len``;
+    ``no_loss`` samples have no target at all and only cost compute.
+    """
+
+    name: str
+    source_rows: int
+    samples: int
+    dropped: int
+    truncated: int
+    no_loss: int
+    tokens: int
+    loss_tokens: int
+    max_seq_len: int | None
+    length_min: int = 0
+    length_median: float = 0.0
+    length_mean: float = 0.0
+    length_p95: float = 0.0
+    length_max: int = 0
+    dropped_rows: list[int] = field(default_factory=list)  # first few, counting from 0
+    truncated_rows: list[int] = field(default_factory=list)
+    no_loss_rows: list[int] = field(default_factory=list)
+    padding: dict[int, float] = field(default_factory=dict)  # batch size -> padded fraction
+    packed_rows: int | None = None
+    packed_fill: float | None = None
+
+    @property
+    def warnings(self) -> list[str]:
+        """Problems worth fixing before training, one line each."""
+        out = []
+        if self.samples == 0:
+            out.append("no samples: every record was dropped; raise max_seq_len")
+        if self.dropped:
+            out.append(
+                f"{self.dropped} record(s) dropped (prompt leaves no room for a response, or "
+                f"empty), rows {_rows(self.dropped_rows, self.dropped)}; raise max_seq_len "
+                "to keep them"
+            )
+        if self.truncated:
+            out.append(
+                f"{self.truncated} sample(s) truncated to {self.max_seq_len} tokens, rows "
+                f"{_rows(self.truncated_rows, self.truncated)}"
+            )
+        if self.no_loss:
+            out.append(
+                f"{self.no_loss} sample(s) have no loss tokens after masking and truncation, "
+                f"rows {_rows(self.no_loss_rows, self.no_loss)}: they cost compute and teach "
+                "nothing"
+            )
+        return out
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.name}: {self.samples:,} samples from {self.source_rows:,} records",
+            f"  tokens {self.tokens:,}, with loss {self.loss_tokens:,} "
+            f"({self.loss_tokens / max(self.tokens, 1):.0%})",
+            f"  length min {self.length_min}, median {self.length_median:.0f}, mean "
+            f"{self.length_mean:.0f}, p95 {self.length_p95:.0f}, max {self.length_max}"
+            + (f" (max_seq_len {self.max_seq_len})" if self.max_seq_len else ""),
+        ]
+        for batch_size, waste in self.padding.items():
+            lines.append(f"  padding at batch size {batch_size}: {waste:.0%} of tokens")
+        if self.packed_rows is not None:
+            lines.append(f"  packed into {self.packed_rows:,} rows, {self.packed_fill:.1%} full")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _rows(rows: list[int], total: int) -> str:
+    shown = ", ".join(str(r) for r in rows)
+    return shown + (", ..." if total > len(rows) else "")
+
+
+_SHOW_ROWS = 5
+
+
+def describe(dataset: Dataset, batch_sizes: tuple[int, ...] = ()) -> DataStats:
+    """Statistics of a :class:`TokenizedDataset` or :class:`PackedDataset`.
+
+    Args:
+        dataset: The dataset.
+        batch_sizes: Also estimate the share of padding when batching randomly at these sizes.
+
+    Returns:
+        The statistics; ``print(stats)`` shows them with warnings.
+    """
+    packed = dataset if isinstance(dataset, PackedDataset) else None
+    base = packed.dataset if packed is not None else dataset
+    if not isinstance(base, TokenizedDataset):
+        raise TypeError(f"describe() needs a TokenizedDataset or PackedDataset, got {type(base)}")
+    lengths, loss = base.lengths, base.loss_tokens
+    dropped_rows = np.setdiff1d(np.arange(base.source_rows), base.rows)
+    no_loss = np.flatnonzero(loss == 0)
+    stats = DataStats(
+        name=base.name or type(base).__name__,
+        source_rows=base.source_rows,
+        samples=len(base),
+        dropped=len(dropped_rows),
+        truncated=int(base.truncated.sum()),
+        no_loss=len(no_loss),
+        tokens=int(lengths.sum()),
+        loss_tokens=int(loss.sum()),
+        max_seq_len=base.max_seq_len,
+        dropped_rows=dropped_rows[:_SHOW_ROWS].tolist(),
+        truncated_rows=base.rows[base.truncated][:_SHOW_ROWS].tolist(),
+        no_loss_rows=base.rows[no_loss][:_SHOW_ROWS].tolist(),
+    )
+    if len(lengths):
+        stats.length_min, stats.length_max = int(lengths.min()), int(lengths.max())
+        stats.length_median = float(np.median(lengths))
+        stats.length_mean = float(lengths.mean())
+        stats.length_p95 = float(np.percentile(lengths, 95))
+    rng = np.random.default_rng(0)
+    for batch_size in batch_sizes:
+        n = len(lengths) - len(lengths) % batch_size
+        if n:
+            batches = lengths[rng.permutation(len(lengths))[:n]].reshape(-1, batch_size)
+            padded = batches.max(axis=1).sum() * batch_size
+            stats.padding[batch_size] = 1 - batches.sum() / padded
+    if packed is not None:
+        stats.packed_rows, stats.packed_fill = len(packed), packed.fill
+    return stats
+
+
+def render_sample(
+    dataset: Dataset,
+    index: int,
+    tokenizer: Llama2Tokenizer | None = None,
+    *,
+    color: bool = False,
+    show_ids: bool = False,
+) -> str:
+    """One sample decoded, with the text that takes no loss marked.
+
+    A token takes loss when it is the target of the position before it. Masked text is dimmed
+    (``color=True``, ANSI) or wrapped in ``⟦ ⟧``; BOS and EOS show as ``<s>`` and ``</s>``;
+    each document of a packed row starts on a ``──`` line and its padding is counted last.
+
+    Args:
+        dataset: A TokenizedDataset, PackedDataset, or any dataset of ``tokens``/``labels``.
+        index: Which sample (row, when packed).
+        tokenizer: To decode; default: the dataset's.
+        color: Dim masked text with ANSI codes instead of brackets.
+        show_ids: Append a table of position, token id, piece and target.
+
+    Returns:
+        The text to print.
+    """
+    tokenizer = tokenizer or getattr(dataset, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("render_sample needs a tokenizer to decode")
+    sample = dataset[index]
+    tokens = [int(t) for t in sample["tokens"]]
+    labels = [int(t) for t in sample["labels"]]
+    positions = sample.get("input_pos")
+    trained = [False] + [lab != IGNORE_INDEX for lab in labels[:-1]]  # token j is a target?
+    starts = {0} | ({j for j, p in enumerate(positions) if int(p) == 0} if positions is not None
+                    else set())
+    pad_from = _padding_start(tokens, labels, tokenizer.pad_id, positions)
+    dim_on, dim_off = ("\x1b[2m", "\x1b[0m") if color else ("⟦", "⟧")
+
+    pieces: list[tuple[str, bool]] = []  # (text, masked)
+    span: list[int] = []  # ids of the current run of ordinary tokens
+    masked = False
+    text_start = True  # decode() drops the leading space of a text; mid-text it is real
+
+    def flush() -> None:
+        nonlocal text_start
+        if span:
+            text = tokenizer.decode(span)
+            if not text_start and tokenizer.id_to_piece(span[0]).startswith("▁"):
+                text = " " + text
+            pieces.append((text, masked))
+            span.clear()
+            text_start = False
+
+    for j, tok in enumerate(tokens[:pad_from]):
+        special = {tokenizer.bos_id: "<s>", tokenizer.eos_id: "</s>"}.get(tok)
+        if j in starts and j:
+            flush()
+            pieces.append(("\n── document ──\n", False))
+            text_start = True
+        if special is not None or (not trained[j]) != masked:
+            flush()
+            masked = not trained[j]
+        if special is not None:
+            pieces.append((special, masked))
+            text_start = tok == tokenizer.bos_id
+        else:
+            span.append(tok)
+    flush()
+    if pad_from < len(tokens):
+        pieces.append((f"\n── {len(tokens) - pad_from} padding tokens ──", False))
+    # Adjacent runs with the same state share one pair of marks.
+    merged: list[tuple[str, bool]] = []
+    for text, is_masked in pieces:
+        if merged and merged[-1][1] == is_masked:
+            merged[-1] = (merged[-1][0] + text, is_masked)
+        else:
+            merged.append((text, is_masked))
+    text = "".join(dim_on + t + dim_off if m else t for t, m in merged)
+    n_loss = sum(trained)
+    header = (
+        f"sample {index}: {len(tokens)} tokens, {n_loss} with loss"
+        + ("" if color else "; text in ⟦ ⟧ takes no loss")
+    )
+    out = [header, text]
+    if show_ids:
+        out.append(f"{'pos':>5} {'id':>6}  {'piece':<16} target")
+        for j, (tok, lab) in enumerate(zip(tokens, labels)):
+            target = "-" if lab == IGNORE_INDEX else f"{lab} {tokenizer.id_to_piece(lab)!r}"
+            out.append(f"{j:>5} {tok:>6}  {tokenizer.id_to_piece(tok)!r:<16} {target}")
+    return "\n".join(out)
+
+
+def _padding_start(tokens, labels, pad_id, positions) -> int:
+    """First position of the padding tail of a packed row (len(tokens) if none)."""
+    if positions is None:
+        return len(tokens)
+    last_doc = max(j for j, p in enumerate(positions) if int(p) == 0)
+    tail = range(last_doc, len(tokens))
+    if last_doc and all(tokens[j] == pad_id and labels[j] == IGNORE_INDEX for j in tail):
+        return last_doc
+    return len(tokens)

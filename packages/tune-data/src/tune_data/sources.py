@@ -1,0 +1,133 @@
+"""Loading records through Hugging Face ``datasets``: a hub name or local files."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tune_data.errors import DataError
+
+if TYPE_CHECKING:  # datasets takes ~1 s to import; tokenizer-only users never pay for it
+    import datasets
+
+# File extension -> datasets' packaged builder.
+BUILDERS = {
+    ".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
+    ".txt": "text", ".text": "text", ".arrow": "arrow",
+}
+DataFiles = str | Path | Sequence[str | Path]
+
+
+def load_records(
+    source: str,
+    data_files: DataFiles | None = None,
+    split: str = "train",
+    cache_dir: str | Path | None = None,
+    **load_kwargs: Any,
+) -> datasets.Dataset:
+    """Load one split with ``datasets.load_dataset``, from the hub or from local files.
+
+    Args:
+        source: A hub dataset name (``"tatsu-lab/alpaca"``), a local file or folder, or a
+            builder name (``"json"``, ``"csv"``, ``"parquet"``, ``"text"``) used with data_files.
+        data_files: Local json / jsonl / csv / parquet / txt file(s). When given, the builder
+            comes from ``source`` if it names one, else from the file extension.
+        split: Split to load, e.g. ``"train"`` or ``"train[:10%]"``.
+        cache_dir: Where ``datasets`` keeps its Arrow cache (default: its own).
+        **load_kwargs: Passed on to ``datasets.load_dataset``.
+
+    Returns:
+        The split as a ``datasets.Dataset``.
+
+    Raises:
+        DataError: If a file is missing, its type unknown, or the hub cannot be reached.
+    """
+    import datasets
+
+    if data_files is None and _looks_like_local_path(source):
+        data_files, source = source, ""
+    kwargs: dict[str, Any] = {"split": split, "cache_dir": cache_dir, **load_kwargs}
+    if data_files is not None:
+        files = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
+        if not files:
+            raise DataError("data_files is empty; pass at least one local data file")
+        files = [_existing_file(f) for f in files]
+        builder = source if source in set(BUILDERS.values()) else _builder_for(files[0])
+        if builder == "csv":
+            # An empty csv cell is an empty string (an Alpaca record without input), not NaN.
+            kwargs.setdefault("keep_default_na", False)
+            if Path(files[0]).suffix.lower() == ".tsv":
+                kwargs.setdefault("sep", "\t")
+        if builder == "text":
+            kwargs.setdefault("sample_by", "document")
+        where, load = ", ".join(files), lambda: datasets.load_dataset(
+            builder, data_files=files, **kwargs
+        )
+    else:
+        where, load = source, lambda: datasets.load_dataset(source, **kwargs)
+    try:
+        return load()
+    except DataError:
+        raise
+    except Exception as error:  # datasets raises many types; the user needs one line
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        reason = f"{type(error).__name__}: {first_line}"
+        if data_files is not None:
+            raise DataError(f"could not read {where} ({reason}); check the file format") from error
+        raise DataError(
+            f"could not load '{where}' from the Hugging Face Hub ({reason}); check the name "
+            "and your connection, or pass data_files= a local json/jsonl/csv/parquet file"
+        ) from error
+
+
+def _looks_like_local_path(source: str) -> bool:
+    return bool(source) and (Path(source).suffix.lower() in BUILDERS or Path(source).exists())
+
+
+def _existing_file(path: str | Path) -> str:
+    text = str(path)
+    if any(ch in text for ch in "*?[") or text.startswith(("hf://", "http://", "https://")):
+        return text  # globs and URLs are datasets' business
+    if not Path(text).exists():
+        raise DataError(f"data file {text} not found; check the path")
+    return text
+
+
+def _builder_for(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in BUILDERS:
+        raise DataError(
+            f"cannot tell the format of {path} from its extension '{suffix}'; use one of "
+            f"{', '.join(sorted(BUILDERS))} or pass source='json' (or csv, parquet, text)"
+        )
+    return BUILDERS[suffix]
+
+
+def check_columns(ds: datasets.Dataset, columns: Sequence[str], where: str, hint: str) -> None:
+    """Fail on the first missing column or missing (null) value, naming the row and column.
+
+    Args:
+        ds: The loaded records.
+        columns: Columns every record needs.
+        where: What to call the data in the message (file or hub name).
+        hint: The fix to suggest for a missing column.
+
+    Raises:
+        DataError: Naming the first record (counting from 0) and the column.
+    """
+    import pyarrow.compute as pc
+
+    for name in columns:
+        if name not in ds.column_names:
+            have = ", ".join(ds.column_names) or "none"
+            raise DataError(
+                f"{where}: row 0 has no '{name}' column (columns: {have}); {hint}"
+            )
+        column = ds.data.column(name)
+        if column.null_count:
+            row = pc.index(pc.is_null(column), True).as_py()
+            raise DataError(
+                f"{where}: row {row} (counting from 0) has no '{name}'; "
+                "fill it in (an empty string is fine) or remove the row"
+            )

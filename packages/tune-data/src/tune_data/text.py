@@ -1,0 +1,133 @@
+"""Plain-text datasets for continued pre-training: documents cut into max_seq_len chunks."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tune_data.dataset import TokenizedDataset
+from tune_data.errors import DataError
+from tune_data.instruct import _Columns, _describe_source, _features
+from tune_data.sources import DataFiles, check_columns, load_records
+from tune_data.tokenizer import Llama2Tokenizer
+
+_FORMAT_VERSION = "text-1"
+
+
+class _Chunker:
+    def __init__(self, tokenizer: Llama2Tokenizer, column: str, max_seq_len: int | None):
+        self.tokenizer = tokenizer
+        self.column = column
+        self.max_seq_len = max_seq_len
+
+    def __call__(self, batch: Mapping[str, list[Any]], indices: list[int]):
+        texts = [t if isinstance(t, str) else str(t) for t in batch[self.column]]
+        keep = [i for i, t in enumerate(texts) if t.strip()]  # empty documents teach nothing
+        encoded = self._encode([texts[i] for i in keep])
+        out = _Columns()
+        for i, ids in zip(keep, encoded):
+            step = self.max_seq_len or len(ids)
+            for start in range(0, len(ids), step):
+                chunk = ids[start : start + step]
+                if len(chunk) < 2:
+                    continue  # a lone token has no next token to learn
+                out.add(chunk, 0, indices[i], False)
+        return out.table()
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        """BOS + ids + EOS of each text; long texts are cut at newlines and encoded in parallel.
+
+        SentencePiece gives each text of a batch to one thread, so a single book would keep
+        one core busy. Where newlines are boundaries no piece crosses, the blocks' ids joined
+        equal the whole text's ids.
+        """
+        tok = self.tokenizer
+        if not tok.splits_at_newline:
+            return tok.encode_batch(texts, add_bos=True, add_eos=True)
+        heads, tails, owners = [], [], []
+        for n, text in enumerate(texts):
+            blocks = _blocks_at_newlines(text, _BLOCK_CHARS)
+            heads.append(blocks[0])
+            tails += blocks[1:]
+            owners += [n] * (len(blocks) - 1)
+        out = tok.encode_batch(heads, add_bos=True, add_eos=False)
+        for n, ids in zip(owners, tok.encode_continuations(tails)):
+            out[n] += ids
+        for ids in out:
+            ids.append(tok.eos_id)
+        return out
+
+
+_BLOCK_CHARS = 1 << 16
+
+
+def _blocks_at_newlines(text: str, size: int) -> list[str]:
+    """Text cut into pieces of about ``size`` characters, each cut just after a newline."""
+    blocks, start = [], 0
+    while len(text) - start > size:
+        cut = text.find("\n", start + size)
+        if cut < 0:
+            break
+        blocks.append(text[start : cut + 1])
+        start = cut + 1
+    blocks.append(text[start:])
+    return blocks
+
+
+def text_completion_dataset(
+    tokenizer: Llama2Tokenizer,
+    source: str | None = None,
+    *,
+    data_files: DataFiles | None = None,
+    column: str = "text",
+    split: str = "train",
+    max_seq_len: int | None = 512,
+    cache_dir: str | Path | None = None,
+    **load_kwargs: Any,
+) -> TokenizedDataset:
+    """Documents as ``BOS + text + EOS``, cut into chunks of ``max_seq_len`` tokens.
+
+    Every token is a target (no prompt mask); each chunk is a sample, so a long document such
+    as tinyshakespeare becomes ``ceil(tokens / max_seq_len)`` samples. A local ``.txt`` file is
+    one document (``sample_by="paragraph"`` or ``"line"`` splits it; see ``datasets``' text
+    builder). Empty documents are dropped.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        source: Hub dataset name, local file, or builder name (None: from data_files).
+        data_files: Local txt / json / jsonl / csv / parquet file(s).
+        column: The column holding the text.
+        split: Split to load.
+        max_seq_len: Chunk length in tokens (None: one sample per document).
+        cache_dir: ``datasets`` cache folder.
+        **load_kwargs: Passed on to ``datasets.load_dataset``.
+
+    Returns:
+        The dataset; ``dataset[i]`` is ``{"tokens", "labels"}``.
+
+    Raises:
+        DataError: If the data cannot be loaded or lacks the column.
+    """
+    if max_seq_len is not None and max_seq_len < 2:
+        raise DataError(f"max_seq_len must be at least 2 tokens, got {max_seq_len}")
+    if source is None and data_files is None:
+        raise DataError("text_completion_dataset needs source= (hub name or file) or data_files=")
+    source = source or ""
+    records = load_records(source, data_files, split, cache_dir, **load_kwargs)
+    where = _describe_source(source, data_files)
+    check_columns(records, [column], where, hint="pass column='your_text_column'")
+    records = records.select_columns([column])
+    key = repr((_FORMAT_VERSION, records._fingerprint, tokenizer.fingerprint, column, max_seq_len))
+    tokenized = records.map(
+        _Chunker(tokenizer, column, max_seq_len), batched=True, with_indices=True,
+        batch_size=64,  # documents can be whole books
+        remove_columns=records.column_names, features=_features(),
+        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
+        desc=f"Tokenizing {Path(where).name if data_files else where}",
+    )
+    return TokenizedDataset.from_hf(
+        tokenized, tokenizer=tokenizer, name=where, source_rows=len(records),
+        max_seq_len=max_seq_len,
+    )

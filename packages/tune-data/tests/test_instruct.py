@@ -1,0 +1,239 @@
+"""Instruction datasets on the real Alpaca records and on handmade edge cases."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tune_data import (
+    ALPACA,
+    DATASETS,
+    IGNORE_INDEX,
+    DataError,
+    PromptTemplate,
+    alpaca_dataset,
+    describe,
+    instruct_dataset,
+    is_empty_input,
+)
+from tune_data.instruct import _Encoder
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _check_sample(sample, prompt_ids, response_ids, tokenizer, train_on_input=False):
+    """tokens = BOS + prompt + response + EOS; labels shifted, -100 on the prompt."""
+    tokens, labels = sample["tokens"].tolist(), sample["labels"].tolist()
+    assert tokens == [tokenizer.bos_id, *prompt_ids, *response_ids, tokenizer.eos_id]
+    first_target = 1 if train_on_input else 1 + len(prompt_ids)
+    expected = [IGNORE_INDEX] * len(tokens)
+    for i in range(first_target - 1, len(tokens) - 1):
+        expected[i] = tokens[i + 1]
+    assert labels == expected
+
+
+def test_real_alpaca_tokens_and_masks(alpaca, alpaca_records, tokenizer):
+    assert alpaca.source_rows == 5000 and len(alpaca) == 5000
+    records = [alpaca_records[r] for r in alpaca.rows]
+    prompts = tokenizer.encode_batch([ALPACA.render(r) for r in records], add_bos=False)
+    wholes = tokenizer.encode_batch(
+        [ALPACA.render(r) + r["output"] for r in records], add_bos=False
+    )
+    for j, (prompt, whole) in enumerate(zip(prompts, wholes)):
+        sample = alpaca[j]
+        if alpaca.truncated[j]:
+            # Cut to 512 with the prompt whole and no EOS: the answer did not end there.
+            full = [tokenizer.bos_id, *whole]
+            assert sample["tokens"].tolist() == full[:512]
+            assert sample["tokens"][-1] != tokenizer.eos_id
+            assert (sample["labels"][: len(prompt)] == IGNORE_INDEX).all()
+            continue
+        # Field-by-field encoding equals encoding the whole prompt + response text.
+        assert whole[: len(prompt)] == prompt
+        _check_sample(sample, prompt, whole[len(prompt) :], tokenizer)
+    assert alpaca.truncated.sum() == 3
+
+
+def test_noinput_placeholders_use_the_template_without_input(alpaca, alpaca_records, tokenizer):
+    placeholder_rows = [
+        i for i, r in enumerate(alpaca_records) if r["input"] and is_empty_input(r["input"])
+    ]
+    assert len(placeholder_rows) >= 31  # "<noinput>", "No input.", "N/A", ...
+    where = {int(r): j for j, r in enumerate(alpaca.rows)}
+    for row in placeholder_rows:
+        prompt = tokenizer.decode(alpaca[where[row]]["tokens"].tolist()).split("### Response:")[0]
+        assert "### Input:" not in prompt
+        assert prompt.startswith("Below is an instruction that describes a task. Write")
+    # A real input that merely starts like a placeholder is kept.
+    assert not is_empty_input("No input is too small for this function")
+
+
+def test_train_on_input_takes_loss_on_the_prompt(tokenizer, alpaca_json_path, datasets_cache):
+    ds = alpaca_dataset(
+        tokenizer, data_files=alpaca_json_path, split="train[:50]", train_on_input=True,
+        cache_dir=datasets_cache,
+    )
+    for j in range(len(ds)):
+        tokens, labels = ds[j]["tokens"], ds[j]["labels"]
+        assert labels[:-1].tolist() == tokens[1:].tolist() and labels[-1] == IGNORE_INDEX
+
+
+EDGE_RECORDS = [
+    {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+    {"instruction": "Stay silent.", "input": "", "output": ""},
+    {"instruction": "Translate to emoji.", "input": "I love pizza",
+     "output": "❤️🍕 naïve 日本語 👩‍👩‍👧"},
+    {"instruction": "Summarize.", "input": "<noinput>", "output": "Nothing to summarize."},
+    {"instruction": "Write a long answer.", "input": "", "output": "word " * 400},
+    {"instruction": "very " * 100, "input": "long prompt", "output": "z"},
+    {"instruction": "", "input": "", "output": "An empty instruction."},
+]
+
+
+@pytest.fixture
+def edge_dataset(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "edge.jsonl", EDGE_RECORDS)
+    return alpaca_dataset(tokenizer, data_files=path, max_seq_len=96, cache_dir=tmp_path / "c")
+
+
+def test_handmade_edge_cases(edge_dataset, tokenizer):
+    ds = edge_dataset
+    assert ds.source_rows == 7
+    assert ds.rows.tolist() == [0, 1, 2, 3, 4, 6]  # row 5's prompt leaves no room: dropped
+    by_row = {int(r): j for j, r in enumerate(ds.rows)}
+
+    empty_out = ds[by_row[1]]  # empty output: the only target is EOS
+    assert empty_out["tokens"][-1] == tokenizer.eos_id
+    assert (empty_out["labels"] != IGNORE_INDEX).sum() == 1
+    assert empty_out["labels"][-2] == tokenizer.eos_id
+
+    emoji = ds[by_row[2]]
+    trained = emoji["tokens"][1:][emoji["labels"][:-1] != IGNORE_INDEX]
+    assert tokenizer.decode(trained.tolist()) == EDGE_RECORDS[2]["output"]
+
+    placeholder = tokenizer.decode(ds[by_row[3]]["tokens"].tolist())
+    assert "<noinput>" not in placeholder and "### Input:" not in placeholder
+
+    long = ds[by_row[4]]
+    assert len(long["tokens"]) == 96 and ds.truncated[by_row[4]]
+    assert long["tokens"][-1] != tokenizer.eos_id
+
+    stats = describe(ds)
+    assert (stats.dropped, stats.dropped_rows, stats.truncated, stats.truncated_rows) == (
+        1, [5], 1, [4],
+    )
+    assert stats.no_loss == 0
+    assert "1 record(s) dropped" in str(stats) and "rows 5" in str(stats)
+
+
+def test_a_row_with_a_missing_column_is_an_error_naming_row_and_column(tmp_path, tokenizer):
+    records = [dict(r) for r in EDGE_RECORDS[:4]]
+    del records[2]["output"]
+    path = write_jsonl(tmp_path / "missing.jsonl", records)
+    with pytest.raises(DataError, match=r"row 2 .*'output'"):
+        alpaca_dataset(tokenizer, data_files=path, cache_dir=tmp_path / "c")
+
+
+def test_csv_with_other_column_names_needs_a_column_map(tmp_path, tokenizer):
+    path = tmp_path / "qa.csv"
+    path.write_text('instruction,input,answer\nName a colour.,,Blue\n"Add, please",2+2,4\n')
+    with pytest.raises(DataError, match=r"no 'output' column .*column_map"):
+        alpaca_dataset(tokenizer, data_files=path, cache_dir=tmp_path / "c")
+    ds = alpaca_dataset(
+        tokenizer, data_files=path, column_map={"output": "answer"}, cache_dir=tmp_path / "c"
+    )
+    assert len(ds) == 2
+    # The empty csv cell is an empty input (not NaN), so the no-input template is used.
+    first = tokenizer.decode(ds[0]["tokens"].tolist())
+    assert "### Input:" not in first and first.endswith("Blue")
+    assert "### Input:\n2+2" in tokenizer.decode(ds[1]["tokens"].tolist())
+
+
+def test_parquet_with_a_custom_template(tmp_path, tokenizer):
+    path = tmp_path / "qa.parquet"
+    pq.write_table(pa.table({"q": ["Capital of France?", "2+2?"], "a": ["Paris", "4"]}), path)
+    template = PromptTemplate("### Question:\n{question}\n\n### Answer:\n")
+    ds = instruct_dataset(
+        tokenizer, "parquet", template, data_files=path, response_field="answer",
+        column_map={"question": "q", "answer": "a"}, cache_dir=tmp_path / "c",
+    )
+    text = "### Question:\nCapital of France?\n\n### Answer:\n"
+    prompt = tokenizer.encode(text, add_bos=False)
+    whole = tokenizer.encode(text + "Paris", add_bos=False)
+    _check_sample(ds[0], prompt, whole[len(prompt) :], tokenizer)
+
+
+def test_template_without_newline_boundaries_still_masks_exactly(tmp_path, tokenizer):
+    # Not cut at newlines, so the slow path encodes prompt and prompt + response whole; the
+    # space before the answer belongs to the answer's first piece ("▁Paris").
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"q": "Capital of France?", "a": "Paris"}])
+    template = PromptTemplate("Q: {q} A: ")
+    ds = instruct_dataset(
+        tokenizer, str(path), template, response_field="a", cache_dir=tmp_path / "c"
+    )
+    sample = ds[0]
+    assert sample["tokens"].tolist() == tokenizer.encode(
+        "Q: Capital of France? A: Paris", add_eos=True
+    )
+    trained = sample["tokens"][1:][sample["labels"][:-1] != IGNORE_INDEX].tolist()
+    assert tokenizer.decode(trained) == "Paris"
+
+
+def test_fast_and_whole_text_encoding_agree_on_real_records(tokenizer, alpaca_records):
+    batch = {k: [r[k] for r in alpaca_records[:400]] for k in ("instruction", "input", "output")}
+    fast = _Encoder(tokenizer, ALPACA, "output", False, 512)
+    slow = _Encoder(tokenizer, ALPACA, "output", False, 512)
+    slow.fast = False
+    assert fast.fast
+    assert fast(batch, list(range(400))).equals(slow(batch, list(range(400))))
+
+
+def test_second_build_reads_the_cache(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "edge.jsonl", EDGE_RECORDS)
+    first = alpaca_dataset(tokenizer, data_files=path, max_seq_len=96, cache_dir=tmp_path / "c")
+    files = [f["filename"] for f in first.hf_dataset.cache_files]
+    stamps = [os.stat(f).st_mtime_ns for f in files]
+    again = alpaca_dataset(tokenizer, data_files=path, max_seq_len=96, cache_dir=tmp_path / "c")
+    assert [f["filename"] for f in again.hf_dataset.cache_files] == files
+    assert [os.stat(f).st_mtime_ns for f in files] == stamps  # not rewritten
+    assert np.array_equal(again.lengths, first.lengths)
+    other = alpaca_dataset(tokenizer, data_files=path, max_seq_len=128, cache_dir=tmp_path / "c")
+    assert [f["filename"] for f in other.hf_dataset.cache_files] != files
+
+
+def test_bad_sources_give_one_clear_line(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="data file .*nope.json not found"):
+        alpaca_dataset(tokenizer, data_files=tmp_path / "nope.json")
+    odd = tmp_path / "data.xyz"
+    odd.write_text("{}")
+    with pytest.raises(DataError, match="cannot tell the format"):
+        alpaca_dataset(tokenizer, data_files=odd)
+    with pytest.raises(DataError, match="max_seq_len must be at least 2"):
+        alpaca_dataset(tokenizer, data_files=odd, max_seq_len=1)
+
+
+def test_unreachable_hub_is_a_data_error(tmp_path, llama2_tokenizer_path):
+    code = (
+        "from tune_data import Llama2Tokenizer, alpaca_dataset, DataError\n"
+        f"tok = Llama2Tokenizer({str(llama2_tokenizer_path)!r})\n"
+        "try:\n    alpaca_dataset(tok)\nexcept DataError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "could not load 'tatsu-lab/alpaca' from the Hugging Face Hub" in out.stdout
+    assert "pass data_files=" in out.stdout
+
+
+def test_registry_builds_by_name(tmp_path, tokenizer):
+    assert {"alpaca", "instruct", "text_completion"} <= set(DATASETS)
+    path = write_jsonl(tmp_path / "edge.jsonl", EDGE_RECORDS[:2])
+    ds = DATASETS["alpaca"](tokenizer, data_files=path, max_seq_len=96, cache_dir=tmp_path / "c")
+    assert len(ds) == 2
