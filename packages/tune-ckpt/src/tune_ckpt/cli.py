@@ -9,9 +9,12 @@ print errors their own way. Heavy modules (torch, huggingface_hub) load inside t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tune_ckpt.errors import CheckpointError
@@ -49,10 +52,42 @@ def run_download(
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    path = download(repo_id, output_dir, token=hf_token, ignore_patterns=ignore_patterns,
-                    revision=revision)
+    with _exit_on_ctrl_c(Path(output_dir).expanduser()):
+        path = download(repo_id, output_dir, token=hf_token, ignore_patterns=ignore_patterns,
+                        revision=revision)
     print(f"Downloaded {repo_id} to {path}")
     return path
+
+
+@contextlib.contextmanager
+def _exit_on_ctrl_c(output_dir: Path) -> Iterator[None]:
+    """Make Ctrl-C end a download at once, leaving no partial file behind.
+
+    huggingface_hub downloads files in worker threads and, on KeyboardInterrupt, waits for
+    them to finish, so the first Ctrl-C would seem to do nothing until every transfer ends.
+    Exiting straight away is safe: finished files are complete and recorded, so the next run
+    skips them. The partial files of this run (``*.incomplete`` under the hub's bookkeeping
+    folder) are removed first: current huggingface_hub versions never reuse them.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    partial_dir = output_dir / ".cache" / "huggingface" / "download"
+    before = set(partial_dir.glob("**/*.incomplete"))
+
+    def stop(signum, frame):
+        for partial in set(partial_dir.glob("**/*.incomplete")) - before:
+            partial.unlink(missing_ok=True)
+        sys.stdout.flush()
+        print("tune-ckpt: download interrupted; run the same command again to finish it "
+              "(completed files are not fetched again)", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_convert(
@@ -171,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tune-ckpt: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("tune-ckpt: interrupted (run the same command again to resume)", file=sys.stderr)
+        print("tune-ckpt: interrupted; no output file was left half-written", file=sys.stderr)
         return 130
     except Exception as e:  # a bug, not bad input: still one line unless --debug
         if args.debug:
