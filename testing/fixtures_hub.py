@@ -1,1 +1,193 @@
-"""Fixtures for a local Hugging Face Hub stand-in (filled in with tune-ckpt)."""
+"""Fixtures for the local Hugging Face Hub stand-in (see hub_server.py).
+
+* ``hub_server``: the running server, emptied for each test, with ``HF_ENDPOINT``, ``HF_HOME``
+  and the hub client's constants pointing at it and at a temporary home (no real token or
+  cache is ever touched). Add repos with ``hub_server.add_repo(...)``; subprocesses inherit
+  the environment (``hub_server.env()``).
+* ``tiny_meta_repo``: ``meta-llama/Llama-2-7b`` served as a *gated* repo holding a tiny
+  Meta-format Llama 2 (consolidated.00.pth + params.json, fp32) and the real Llama 2
+  tokenizer.model; its accepted token is ``tiny_meta_repo.token``.
+* ``write_meta_checkpoint(folder, params, ...)``: write a random Meta checkpoint (optionally
+  split into model-parallel shards the way Meta's fairscale layers split weights).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+import pytest
+from hub_server import HubServer
+
+if TYPE_CHECKING:
+    import torch
+
+TEST_TOKEN = "hf_tune_test_token_accepted"
+OTHER_TOKEN = "hf_tune_test_token_not_approved"
+
+# The shape tests and the tutorial walk-through use: llama2_tiny() in tune_models terms
+# (grouped-query, 2 layers) with the real tokenizer's 32000-token vocabulary.
+TINY_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32,
+               "norm_eps": 1e-05, "vocab_size": -1}
+TINY_VOCAB = 32000
+
+# Meta's model-parallel split (fairscale ColumnParallelLinear splits output rows,
+# RowParallelLinear and ParallelEmbedding split input columns, norms are copied). Written out
+# here on its own so the converter's merge is tested against an independent statement of it.
+_SPLIT_ROWS = ("wq", "wk", "wv", "w1", "w3", "output")
+_SPLIT_COLS = ("wo", "w2", "tok_embeddings")
+
+
+def _split_dim(key: str) -> int | None:
+    name = key.split(".")[-2]
+    return 0 if name in _SPLIT_ROWS else 1 if name in _SPLIT_COLS else None
+
+
+def meta_state_dict(params: dict, vocab_size: int = TINY_VOCAB, seed: int = 0,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A random, merged Meta-layout Llama 2 state dict for ``params`` (norms random too)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    dim, n_heads = params["dim"], params["n_heads"]
+    n_kv = params.get("n_kv_heads") or n_heads
+    head = dim // n_heads
+    hidden = int(2 * 4 * dim / 3)
+    if params.get("ffn_dim_multiplier"):
+        hidden = int(params["ffn_dim_multiplier"] * hidden)
+    multiple = params.get("multiple_of", 256)
+    hidden = multiple * math.ceil(hidden / multiple)
+    vocab = params["vocab_size"] if params.get("vocab_size", -1) > 0 else vocab_size
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.05).to(dtype)
+
+    def norm(n: int) -> torch.Tensor:
+        return (0.5 + torch.rand(n, generator=g)).to(dtype)
+
+    sd = {"tok_embeddings.weight": w(vocab, dim)}
+    for i in range(params["n_layers"]):
+        p = f"layers.{i}."
+        sd[p + "attention.wq.weight"] = w(n_heads * head, dim)
+        sd[p + "attention.wk.weight"] = w(n_kv * head, dim)
+        sd[p + "attention.wv.weight"] = w(n_kv * head, dim)
+        sd[p + "attention.wo.weight"] = w(dim, n_heads * head)
+        sd[p + "feed_forward.w1.weight"] = w(hidden, dim)
+        sd[p + "feed_forward.w2.weight"] = w(dim, hidden)
+        sd[p + "feed_forward.w3.weight"] = w(hidden, dim)
+        sd[p + "attention_norm.weight"] = norm(dim)
+        sd[p + "ffn_norm.weight"] = norm(dim)
+    sd["norm.weight"] = norm(dim)
+    sd["output.weight"] = w(vocab, dim)
+    return sd
+
+
+def write_meta_checkpoint(
+    folder: Path,
+    params: dict = TINY_PARAMS,
+    *,
+    n_shards: int = 1,
+    vocab_size: int = TINY_VOCAB,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Write consolidated.NN.pth (n_shards of them) + params.json into ``folder``.
+
+    Each shard also carries ``rope.freqs`` as Meta's files do.
+
+    Returns:
+        The merged Meta state dict the shards were cut from (the reference).
+    """
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = meta_state_dict(params, vocab_size, seed, dtype)
+    head = params["dim"] // params["n_heads"]
+    freqs = 1.0 / (params.get("rope_theta", 10000.0) ** (torch.arange(0, head, 2) / head))
+    for shard in range(n_shards):
+        part = {}
+        for key, tensor in sd.items():
+            dim = _split_dim(key)
+            part[key] = tensor if dim is None else tensor.chunk(n_shards, dim)[shard].clone()
+        part["rope.freqs"] = freqs.to(sd["norm.weight"].dtype)
+        torch.save(part, folder / f"consolidated.{shard:02d}.pth")
+    (folder / "params.json").write_text(json.dumps(params))
+    return sd
+
+
+@pytest.fixture(scope="session")
+def _hub_server_process():
+    server = HubServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub_server(_hub_server_process, monkeypatch, tmp_path):
+    """The local Hub, empty, with the hub client pointed at it and at a temporary HF_HOME."""
+    import huggingface_hub.constants as constants
+
+    server = _hub_server_process
+    server.reset()
+    home = tmp_path / "hf_home"
+    home.mkdir()
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE",
+                 "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    env = {"HF_ENDPOINT": server.url, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_ETAG_TIMEOUT": "10"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # huggingface_hub reads its environment once, at import: repoint the live module too.
+    patched = {
+        "ENDPOINT": server.url,
+        "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+        "HF_TOKEN_PATH": str(home / "token"), "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+        "HF_HUB_OFFLINE": False, "HF_HUB_DISABLE_TELEMETRY": True,
+    }
+    for name, value in patched.items():
+        if hasattr(constants, name):
+            monkeypatch.setattr(constants, name, value)
+    if "HF_HUB_DISABLE_XET" in vars(constants):
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    server.env = lambda: dict(os.environ)
+    server.home = home
+    yield server
+    server.reset()
+
+
+@pytest.fixture(scope="session")
+def _tiny_meta_checkpoint(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("tiny_meta")
+    return folder, write_meta_checkpoint(folder, TINY_PARAMS)
+
+
+@pytest.fixture
+def tiny_meta_repo(hub_server, _tiny_meta_checkpoint, llama2_tokenizer_path):
+    """Gated ``meta-llama/Llama-2-7b`` with a tiny Meta checkpoint and the real tokenizer."""
+    folder, state_dict = _tiny_meta_checkpoint
+    files = {
+        "consolidated.00.pth": folder / "consolidated.00.pth",
+        "params.json": folder / "params.json",
+        "tokenizer.model": Path(llama2_tokenizer_path),
+        "README.md": "# Llama 2 (tiny test stand-in)\n",
+        "LICENSE.txt": "test license\n",
+    }
+    repo = hub_server.add_repo("meta-llama/Llama-2-7b", files, gated=True, tokens=[TEST_TOKEN])
+    hub_server.add_token(OTHER_TOKEN)
+    return SimpleNamespace(
+        repo_id=repo.repo_id, token=TEST_TOKEN, other_token=OTHER_TOKEN, sha=repo.sha,
+        files=sorted(files), params=dict(TINY_PARAMS), vocab_size=TINY_VOCAB,
+        state_dict=state_dict, server=hub_server,
+    )
+
+
+__all__ = ["TEST_TOKEN", "TINY_PARAMS", "hub_server", "meta_state_dict", "tiny_meta_repo",
+           "write_meta_checkpoint"]

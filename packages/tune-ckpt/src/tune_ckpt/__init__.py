@@ -1,1 +1,81 @@
-"""placeholder"""
+"""tune-ckpt: Hugging Face Hub download and streaming checkpoint conversion (Meta, HF, native).
+
+Needs torch, safetensors and huggingface_hub only; it never imports tune_models, it speaks the
+native key schema. Names load lazily, so ``import tune_ckpt`` (and the ``tune-ckpt --help``
+it backs) costs nothing until a function is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from tune_ckpt.errors import CheckpointError
+
+_EXPORTS = {
+    "download": "tune_ckpt.hub",
+    "convert": "tune_ckpt.conversion",
+    "detect_format": "tune_ckpt.conversion",
+    "open_checkpoint": "tune_ckpt.conversion",
+    "load_native": "tune_ckpt.storage",
+    "save_native": "tune_ckpt.storage",
+    "read_model_args": "tune_ckpt.model_args",
+    "write_model_args": "tune_ckpt.model_args",
+    "meta_hidden_dim": "tune_ckpt.model_args",
+    "meta_to_native": "tune_ckpt.keymaps",
+    "native_to_meta": "tune_ckpt.keymaps",
+    "hf_to_native": "tune_ckpt.keymaps",
+    "native_to_hf": "tune_ckpt.keymaps",
+    "merge_meta_shards": "tune_ckpt.keymaps",
+    "meta_shard_dim": "tune_ckpt.keymaps",
+    "native_shapes": "tune_ckpt.keymaps",
+    "ModelShape": "tune_ckpt.keymaps",
+}
+
+__all__ = [
+    "CheckpointError",
+    "ModelShape",
+    "convert",
+    "detect_format",
+    "download",
+    "hf_to_native",
+    "load_native",
+    "merge_meta_shards",
+    "meta_hidden_dim",
+    "meta_shard_dim",
+    "meta_to_native",
+    "native_shapes",
+    "native_to_hf",
+    "native_to_meta",
+    "open_checkpoint",
+    "read_model_args",
+    "save_native",
+    "write_model_args",
+]
+assert set(__all__) == {"CheckpointError", *_EXPORTS}
+
+if TYPE_CHECKING:
+    from tune_ckpt.conversion import convert, detect_format, open_checkpoint
+    from tune_ckpt.hub import download
+    from tune_ckpt.keymaps import (
+        ModelShape,
+        hf_to_native,
+        merge_meta_shards,
+        meta_shard_dim,
+        meta_to_native,
+        native_shapes,
+        native_to_hf,
+        native_to_meta,
+    )
+    from tune_ckpt.model_args import meta_hidden_dim, read_model_args, write_model_args
+    from tune_ckpt.storage import load_native, save_native
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tune_ckpt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,399 @@
+"""Streaming conversion between Meta, Hugging Face and native checkpoints.
+
+Every conversion goes through the native layout: the source is opened lazily (mmap'd files,
+shapes from headers), checked key by key against the sizes in params.json / config.json /
+tune_model.json, mapped to native plans, then to the target's plans, and written one tensor at
+a time. Peak memory is about one tensor (the largest is the embedding: 262 MB for 7B in bf16),
+not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tune_ckpt.errors import CheckpointError
+from tune_ckpt.keymaps import (
+    FORMAT_NAMES,
+    FORMATS,
+    PLANS_TO_NATIVE,
+    MetaShardSource,
+    ModelShape,
+    plan_native_to_hf,
+    plan_native_to_meta,
+)
+from tune_ckpt.model_args import (
+    MODEL_ARGS_FILE,
+    _read_json,
+    args_from_hf_config,
+    args_from_meta_params,
+    hf_config_from_args,
+    meta_params_from_args,
+    normalize_args,
+    read_model_args,
+    write_model_args,
+)
+from tune_ckpt.plan import DictSource, PlanSource, TensorPlan, TensorSource, cast_plans
+from tune_ckpt.storage import (
+    dtype_name,
+    find_native_file,
+    parse_dtype,
+    read_tensor_file,
+    write_safetensors_file,
+    write_tensor_file,
+    write_text_atomic,
+    write_torch_file,
+)
+
+NATIVE_FILE = "native_pytorch_model.pt"
+HF_EXPORT_DIR = "hf_model"
+META_EXPORT_DIR = "meta_model"
+_META_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
+_HF_SHARD = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
+_HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_HF_SINGLE = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: its tensors (lazy) and the model they belong to."""
+
+    fmt: str
+    folder: Path
+    files: list[Path]
+    source: TensorSource
+    args: dict
+    origin: str
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape.from_args(self.args)
+
+
+# --- detection and opening -------------------------------------------------------------------
+
+
+def _classify_keys(keys: list[str], path: Path) -> str:
+    if "layers.0.attention.wqkv.weight" in keys:
+        return "native"
+    if "layers.0.attention.wq.weight" in keys:
+        return "meta"
+    if any(k.startswith("model.") or k == "lm_head.weight" for k in keys):
+        return "hf"
+    example = f" (keys like '{keys[0]}')" if keys else " (no tensors)"
+    raise CheckpointError(
+        f"cannot tell the format of {path}{example}: pass --from meta, hf or native"
+    )
+
+
+def detect_format(path: Path) -> str:
+    """'meta', 'hf' or 'native' for a checkpoint file or folder.
+
+    Folders are recognised by file names (consolidated.*.pth; model*.safetensors or
+    pytorch_model*.bin; native_pytorch_model.*), files by the names of the tensors inside.
+    """
+    path = Path(path)
+    if path.is_dir():
+        names = {p.name for p in path.iterdir()}
+        if any(_META_SHARD.match(n) for n in names):
+            return "meta"
+        if names & {*_HF_INDEXES, *_HF_SINGLE} or any(_HF_SHARD.match(n) for n in names):
+            return "hf"
+        if any(n.startswith("native_pytorch_model.") for n in names):
+            return "native"
+        raise CheckpointError(
+            f"{path} holds no checkpoint tune-ckpt recognises: expected consolidated.*.pth "
+            "(Meta), model*.safetensors or pytorch_model*.bin (Hugging Face), or "
+            "native_pytorch_model.pt"
+        )
+    if path.name.endswith(".index.json"):
+        return "hf"
+    tensors, _ = read_tensor_file(path)
+    return _classify_keys(list(tensors), path)
+
+
+def _file_source(files: list[Path]) -> TensorSource:
+    tensors: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
+    mapped: set[str] = set()
+    for file in files:
+        sd, is_mapped = read_tensor_file(file)
+        for key, tensor in sd.items():
+            if key in tensors:
+                raise CheckpointError(f"'{key}' is in both {where[key]} and {file}")
+            tensors[key], where[key] = tensor, str(file)
+            if is_mapped:
+                mapped.add(key)
+    return DictSource(tensors, where, mapped)
+
+
+def _open_meta(path: Path) -> Checkpoint:
+    folder = path if path.is_dir() else path.parent
+    if path.is_file() and not _META_SHARD.match(path.name):
+        files = [path]  # a lone Meta-layout file under another name
+    else:
+        numbered = sorted((int(m.group(1)), p) for p in folder.iterdir()
+                          if (m := _META_SHARD.match(p.name)))
+        files = [p for _, p in numbered]
+        for expected, (number, p) in enumerate(numbered):
+            if number != expected:
+                raise CheckpointError(
+                    f"model-parallel shard consolidated.{expected:02d}.pth is missing from "
+                    f"{folder} (found {', '.join(p.name for p in files)}); download it again"
+                )
+    params = folder / "params.json"
+    if not params.is_file():
+        raise CheckpointError(
+            f"params.json not found beside {files[0]}: a Meta checkpoint needs it for the "
+            "model's shape (download it with the weights)"
+        )
+    shards = [_file_source([f]) for f in files]
+    source: TensorSource = MetaShardSource(shards)
+    vocab = source.shape("tok_embeddings.weight")[0] if "tok_embeddings.weight" in \
+        source.keys() else None
+    args = args_from_meta_params(_read_json(params), vocab_size=vocab, where=str(params))
+    return Checkpoint("meta", folder, files, source, args, str(params))
+
+
+def _open_hf(path: Path) -> Checkpoint:
+    folder = path if path.is_dir() else path.parent
+    index = None
+    if path.is_file() and path.name.endswith(".index.json"):
+        index = path
+    elif path.is_file() and not _HF_SHARD.match(path.name):
+        files = [path]
+    else:
+        index = next((folder / n for n in _HF_INDEXES if (folder / n).is_file()), None)
+        if index is None:
+            single = [folder / n for n in _HF_SINGLE if (folder / n).is_file()]
+            if not single:
+                raise CheckpointError(
+                    f"no model.safetensors(.index.json) or pytorch_model.bin(.index.json) in "
+                    f"{folder}: the Hugging Face checkpoint is incomplete"
+                )
+            files = single[:1]
+    if index is not None:
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no weight_map: it is not a checkpoint index")
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{file.name} (listed in {index.name}) is missing from "
+                                      f"{folder}; download it again")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"config.json not found beside {files[0]}: a Hugging Face "
+                              "checkpoint needs it for the model's shape")
+    args = args_from_hf_config(_read_json(config), str(config))
+    return Checkpoint("hf", folder, files, _file_source(files), args, str(config))
+
+
+def _open_native(path: Path) -> Checkpoint:
+    file = find_native_file(path) if path.is_dir() else path
+    source = _file_source([file])
+    args = read_model_args(file)
+    origin = file.parent / MODEL_ARGS_FILE
+    return Checkpoint("native", file.parent, [file], source, args, str(origin))
+
+
+def open_checkpoint(path: str | os.PathLike, fmt: str | None = None) -> Checkpoint:
+    """Open a checkpoint lazily (nothing but headers is read) and find its model arguments.
+
+    Args:
+        path: A file (e.g. ``D/consolidated.00.pth``, which brings every shard of D and
+            D/params.json) or a folder.
+        fmt: "meta", "hf" or "native"; None detects it.
+
+    Raises:
+        CheckpointError: If the path is missing, the format unknown or a file is bad.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if fmt is not None and fmt not in FORMATS:
+        raise CheckpointError(f"unknown checkpoint format '{fmt}': use meta, hf or native")
+    fmt = fmt or detect_format(path)
+    return {"meta": _open_meta, "hf": _open_hf, "native": _open_native}[fmt](path)
+
+
+# --- writing targets -------------------------------------------------------------------------
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` / ``"500MB"`` / ``"2GiB"`` / bytes -> bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise CheckpointError(f"cannot read size '{size}': write e.g. 5GB or 500MB")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n < 1e10 else f"{n / 1e9:.1f} GB"
+
+
+def _check_room(folder: Path, needed: int) -> None:
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise CheckpointError(
+            f"not enough disk space in {probe}: the output needs {_gb(needed)}, "
+            f"{_gb(free)} is free; free some space or choose another output location"
+        )
+
+
+def _refuse_existing(paths: list[Path], force: bool) -> None:
+    if not force:
+        for p in paths:
+            if p.exists():
+                raise CheckpointError(f"{p} already exists: pass --force to overwrite it")
+
+
+_SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim",
+                 "norm_eps", "rope_theta")
+
+
+def _check_sidecar(folder: Path, args: dict, force: bool) -> None:
+    # One folder, one model: refuse to describe a folder's other checkpoint wrongly.
+    sidecar = folder / MODEL_ARGS_FILE
+    if sidecar.is_file() and not force:
+        old = normalize_args(_read_json(sidecar), str(sidecar))
+        for k in _SHAPE_FIELDS:
+            if old.get(k) != args.get(k):
+                raise CheckpointError(
+                    f"{sidecar} describes another model ({k} {old.get(k)} != {args.get(k)}): "
+                    "write to another folder or pass --force"
+                )
+
+
+def _write_native(ckpt: Checkpoint, plans: list[TensorPlan], out: Path | None, force: bool,
+                  progress: bool) -> Path:
+    out = out if out is not None else ckpt.folder / NATIVE_FILE
+    if out.is_dir():
+        out = out / NATIVE_FILE
+    if out.suffix not in (".pt", ".safetensors"):
+        raise CheckpointError(f"output file {out} must end in .pt or .safetensors")
+    _refuse_existing([out], force)
+    _check_sidecar(out.parent, ckpt.args, force)
+    _check_room(out.parent, sum(p.nbytes for p in plans))
+    write_tensor_file(out, plans, force=force, progress=progress)
+    write_model_args(out.parent, ckpt.args)
+    return out
+
+
+def _main_dtype(plans: list[TensorPlan]) -> torch.dtype:
+    sizes: dict[torch.dtype, int] = {}
+    for p in plans:
+        sizes[p.dtype] = sizes.get(p.dtype, 0) + p.nbytes
+    return max(sizes, key=sizes.get)
+
+
+def _write_hf(ckpt: Checkpoint, native: list[TensorPlan], out: Path | None, force: bool,
+              progress: bool, max_shard_size: int) -> Path:
+    out = out if out is not None else ckpt.folder / HF_EXPORT_DIR
+    plans = plan_native_to_hf(PlanSource(native), ckpt.shape)
+    shards: list[list[TensorPlan]] = [[]]
+    for plan in plans:  # greedy, in key order, as transformers shards
+        if shards[-1] and sum(p.nbytes for p in shards[-1]) + plan.nbytes > max_shard_size:
+            shards.append([])
+        shards[-1].append(plan)
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else \
+        [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    extra = ["config.json", "generation_config.json"] + (
+        ["model.safetensors.index.json"] if n > 1 else [])
+    _refuse_existing([out / name for name in names + extra], force)
+    _check_room(out, sum(p.nbytes for p in plans))
+    for name, shard in zip(names, shards):
+        write_safetensors_file(out / name, shard, force=force, progress=progress)
+    if n > 1:
+        index = {"metadata": {"total_size": sum(p.nbytes for p in plans)},
+                 "weight_map": {p.key: name for name, shard in zip(names, shards) for p in shard}}
+        write_text_atomic(out / extra[2], json.dumps(index, indent=2) + "\n")
+    config = hf_config_from_args(ckpt.args, dtype_name(_main_dtype(plans)))
+    write_text_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": 1, "eos_token_id": 2}
+    write_text_atomic(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    return out
+
+
+def _write_meta(ckpt: Checkpoint, native: list[TensorPlan], out: Path | None, force: bool,
+                progress: bool) -> Path:
+    out = out if out is not None else ckpt.folder / META_EXPORT_DIR
+    plans = plan_native_to_meta(PlanSource(native), ckpt.shape)
+    _refuse_existing([out / "consolidated.00.pth", out / "params.json"], force)
+    _check_room(out, sum(p.nbytes for p in plans))
+    write_torch_file(out / "consolidated.00.pth", plans, force=force, progress=progress)
+    params = meta_params_from_args(ckpt.args)
+    write_text_atomic(out / "params.json", json.dumps(params) + "\n")
+    return out
+
+
+def convert(
+    checkpoint_path: str | os.PathLike,
+    *,
+    source_format: str | None = None,
+    target_format: str = "native",
+    output_path: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    force: bool = False,
+    max_shard_size: int | str = "5GB",
+    progress: bool = True,
+) -> Path:
+    """Convert a checkpoint between the Meta, Hugging Face and native layouts, streaming.
+
+    Args:
+        checkpoint_path: A checkpoint file or folder. ``D/consolidated.00.pth`` brings every
+            model-parallel shard in D and D/params.json; an HF folder or index brings all its
+            shards and config.json; a native file brings its tune_model.json.
+        source_format: "meta", "hf" or "native"; None detects it.
+        target_format: "native" (default), "hf" or "meta".
+        output_path: native: a ``.pt`` or ``.safetensors`` file (default
+            ``native_pytorch_model.pt`` beside the checkpoint); hf / meta: a folder (default
+            ``hf_model`` / ``meta_model`` beside the checkpoint).
+        dtype: Cast floating-point weights ("bf16", "fp16", "fp32" or a torch dtype).
+        force: Overwrite existing output files (each is still replaced only when complete).
+        max_shard_size: Largest HF safetensors shard, e.g. "5GB".
+        progress: Show progress bars.
+
+    Returns:
+        The native file written, or the hf / meta folder.
+
+    Raises:
+        CheckpointError: Unknown format, missing or unexpected key, wrong shape, bad file,
+            existing output without ``force``, or not enough disk space.
+    """
+    if target_format not in FORMATS:
+        raise CheckpointError(f"unknown target format '{target_format}': use native, hf or meta")
+    cast = parse_dtype(dtype)
+    shard_bytes = parse_size(max_shard_size)
+    ckpt = open_checkpoint(checkpoint_path, source_format)
+    native = PLANS_TO_NATIVE[ckpt.fmt](ckpt.source, ckpt.shape)
+    native = cast_plans(native, cast)
+    out = Path(output_path).expanduser() if output_path is not None else None
+    if target_format == "native":
+        return _write_native(ckpt, native, out, force, progress)
+    if target_format == "hf":
+        return _write_hf(ckpt, native, out, force, progress, shard_bytes)
+    return _write_meta(ckpt, native, out, force, progress)
+
+
+def describe(ckpt: Checkpoint) -> str:
+    """A one-line summary: format, size and shape."""
+    a = ckpt.args
+    return (f"{FORMAT_NAMES[ckpt.fmt]} checkpoint, {len(ckpt.files)} file(s): dim {a['dim']}, "
+            f"{a['n_layers']} layers, {a['n_heads']} heads ({a['n_kv_heads']} KV), "
+            f"vocab {a['vocab_size']}")

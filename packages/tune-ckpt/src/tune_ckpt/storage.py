@@ -1,0 +1,560 @@
+"""Reading and writing tensor files: mmap'd, weights-only reads; streaming, atomic writes.
+
+Reads never unpickle arbitrary objects: torch files go through ``torch.load(weights_only=True)``
+(mmap'd when the file is a zip archive), safetensors files through their JSON header and a
+read-only mapping. Writes go to a temporary name beside the target, are fsync'd, then renamed,
+so a crash never leaves a half-written file under the real name.
+
+The ``.pt`` writer produces the archive ``torch.save`` would (a stored ZIP with 64-byte aligned
+records, loadable with ``torch.load(mmap=True, weights_only=True)``), but it writes the pickle
+first from shapes alone and then each tensor as it is made. ``torch.save`` needs the whole
+state dict in memory at once; this needs one tensor.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import secrets
+import struct
+import sys
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from tune_ckpt.errors import CheckpointError
+from tune_ckpt.plan import DictSource, TensorPlan
+
+NATIVE_SUFFIXES = (".pt", ".safetensors")
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+_DTYPE_NAMES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"``, ``"float16"``, ``torch.float32``... -> a torch dtype (None stays None).
+
+    Raises:
+        CheckpointError: For a name that is not a floating-point dtype tune-ckpt writes.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPE_NAMES:
+        raise CheckpointError(f"unknown dtype '{dtype}': use one of bf16, fp16, fp32")
+    return _DTYPE_NAMES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16' (the spelling config.json uses)."""
+    return str(dtype).removeprefix("torch.")
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def _sniff(path: Path) -> str:
+    """'zip' (torch.save), 'safetensors', 'pickle' (legacy torch.save), 'empty' or 'unknown'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return "unknown"
+
+
+def _check_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__}, not a state dict (a dict of tensors)"
+        )
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        nested = [k for k in bad if isinstance(obj.get(k), dict)]
+        hint = (
+            f" (it looks like a training state with sections {sorted(map(str, obj))[:6]}; "
+            "pass the model weights file instead)"
+            if nested
+            else ""
+        )
+        raise CheckpointError(
+            f"{path} is not a plain state dict of tensors: entry '{bad[0]}' is a "
+            f"{type(obj[bad[0]]).__name__}{hint}"
+        )
+    return obj
+
+
+def read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """Load a torch.save'd state dict with ``weights_only=True``, mmap'd when possible.
+
+    Returns:
+        The state dict and whether its tensors are views of a file mapping.
+
+    Raises:
+        CheckpointError: Missing, empty, truncated or corrupt file; a pickle that needs
+            arbitrary Python objects; anything but a dict of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    kind = _sniff(path)
+    if kind == "empty":
+        raise CheckpointError(f"{path} is empty: the download or save did not finish")
+    if kind == "safetensors":
+        return read_safetensors(path), True
+    if kind not in ("zip", "pickle"):
+        raise CheckpointError(f"{path} is not a PyTorch or safetensors checkpoint (unknown format)")
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=kind == "zip", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" ({next(g for g in found.groups() if g)})" if found else ""
+        raise CheckpointError(
+            f"refusing to load {path}: it needs unpickling arbitrary Python objects{what}, "
+            "which could run code. Only plain tensor checkpoints and safetensors are loaded"
+        ) from e
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, struct.error) as e:
+        reason = "truncated or corrupt" if kind == "zip" else "corrupt or not a checkpoint"
+        raise CheckpointError(
+            f"{path} is {reason} ({str(e).splitlines()[0][:120]}); fetch or save it again"
+        ) from e
+    return _check_state_dict(obj, path), kind == "zip"
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, dict, int]:
+    """Parse a safetensors header: (tensor entries, __metadata__, offset where data starts)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated: no safetensors header; fetch it again")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(
+                f"{path} is truncated or not a safetensors file (header of {n} bytes in a "
+                f"{size}-byte file); fetch it again"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path} has a corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    return header, metadata, 8 + n
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Map a safetensors file read-only; each tensor is a view of the mapping (no copy)."""
+    path = Path(path)
+    header, _, start = read_safetensors_header(path)
+    size = path.stat().st_size
+    entries = {}
+    for key, info in header.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: unsupported or corrupt entry for '{key}' ({e})") from e
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - begin != numel * dtype.itemsize or begin < 0:
+            raise CheckpointError(f"{path}: entry '{key}' has bad offsets; the file is corrupt")
+        if start + end > size:
+            raise CheckpointError(
+                f"{path} is truncated: '{key}' ends at byte {start + end} but the file has "
+                f"{size}; fetch it again"
+            )
+        entries[key] = (dtype, shape, begin, end)
+    if not entries:
+        return {}
+    storage = torch.UntypedStorage.from_file(str(path), False, size)  # MAP_PRIVATE, read lazily
+    out = {}
+    for key, (dtype, shape, begin, end) in entries.items():
+        out[key] = torch.empty(0, dtype=dtype).set_(storage[start + begin : start + end], 0, shape)
+    return out
+
+
+def read_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """Any supported tensor file (torch zip, legacy torch pickle, safetensors), weights only."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    if _sniff(path) == "safetensors":
+        return read_safetensors(path), True
+    return read_torch_file(path)
+
+
+def read_tensor_meta(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes in a tensor file, without reading any weights."""
+    tensors, _ = read_tensor_file(path)
+    return {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+
+
+def find_native_file(folder: Path) -> Path:
+    """The native checkpoint in a folder: native_pytorch_model.pt or .safetensors."""
+    found = [folder / f"native_pytorch_model{s}" for s in NATIVE_SUFFIXES]
+    found = [p for p in found if p.is_file()]
+    if len(found) != 1:
+        names = " or ".join(f"native_pytorch_model{s}" for s in NATIVE_SUFFIXES)
+        what = "both" if found else "neither"
+        raise CheckpointError(f"{folder} has {what} of {names}: pass the checkpoint file itself")
+    return found[0]
+
+
+def load_native(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a native checkpoint without copying it into memory.
+
+    Args:
+        path: A ``.pt`` (torch.save format) or ``.safetensors`` file, or a folder holding
+            ``native_pytorch_model.pt`` / ``.safetensors``.
+
+    Returns:
+        The state dict; tensors are views of a read-only file mapping, so pass it to
+        ``load_state_dict(..., assign=True)`` on a meta-device model to use no extra memory.
+
+    Raises:
+        CheckpointError: If the file is missing, truncated, corrupt, or not a dict of tensors.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = find_native_file(path)
+    return read_tensor_file(path)[0]
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def _write_all(fd: int, data: memoryview | bytes) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    # A uint8 view shares the tensor's memory: no copy between the tensor and the write.
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def _disk_error(e: OSError, path: Path) -> CheckpointError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return CheckpointError(
+            f"could not write {path}: {os.strerror(e.errno)}; free some disk space or choose "
+            "another output location (nothing was overwritten)"
+        )
+    return CheckpointError(f"could not write {path}: {e.strerror or e}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, force: bool = False) -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``path``; on success fsync it and rename it to ``path``.
+
+    Raises:
+        CheckpointError: If ``path`` exists and ``force`` is False, or the disk is full.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise CheckpointError(f"{path} already exists: pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    f = None
+    try:
+        f = open(tmp, "xb", buffering=0)
+        yield f
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise _disk_error(e, path) from e
+    finally:
+        if f is not None:
+            f.close()
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Make the rename itself durable; not possible (nor needed) on Windows.
+    if sys.platform != "win32":
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str, force: bool = True) -> None:
+    """Write a small text file (JSON sidecars, configs) atomically."""
+    with atomic_write(path, force=force) as f:
+        _write_all(f.fileno(), text.encode())
+
+
+def _produce(plans: list[TensorPlan]) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+    """Yield (plan, tensor), making the next tensor in a thread while this one is written."""
+    with ThreadPoolExecutor(1, thread_name_prefix="tune-ckpt-make") as pool:
+        pending = pool.submit(plans[0].make) if plans else None
+        for i, plan in enumerate(plans):
+            tensor = pending.result()
+            pending = pool.submit(plans[i + 1].make) if i + 1 < len(plans) else None
+            if tuple(tensor.shape) != plan.shape or tensor.dtype != plan.dtype:
+                raise CheckpointError(
+                    f"internal error: '{plan.key}' came out {tuple(tensor.shape)} {tensor.dtype}, "
+                    f"planned {plan.shape} {plan.dtype}"
+                )
+            yield plan, tensor
+
+
+def _progress(plans: list[TensorPlan], desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=sum(p.nbytes for p in plans), unit="B", unit_scale=True, unit_divisor=1024,
+        desc=desc, disable=None if enabled else True, leave=False,
+    )
+
+
+class _StorageRef:
+    """Stands for one tensor's storage in the pickle; torch.load finds it as data/<key>."""
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorRef:
+    """Pickles as torch.save pickles a contiguous CPU tensor, without having its data."""
+
+    def __init__(self, storage: _StorageRef, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, shape
+
+    def __reduce_ex__(self, protocol):
+        stride, step = [], 1
+        for size in reversed(self.shape):
+            stride.append(step)
+            step *= size
+        args = (self.storage, 0, self.shape, tuple(reversed(stride)), False,
+                collections.OrderedDict())
+        return torch._utils._rebuild_tensor_v2, args
+
+
+class _TorchPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[obj.dtype])
+            return ("storage", storage_type, obj.key, "cpu", obj.numel)
+        return None
+
+
+def _torch_pickle(plans: list[TensorPlan]) -> bytes:
+    state = {
+        p.key: _TensorRef(_StorageRef(str(i), p.dtype, p.nbytes // p.dtype.itemsize), p.shape)
+        for i, p in enumerate(plans)
+    }
+    buf = io.BytesIO()
+    _TorchPickler(buf, protocol=2).dump(state)
+    return buf.getvalue()
+
+
+class _ZipWriter:
+    """A stored (uncompressed) ZIP64 archive written record by record, data 64-byte aligned.
+
+    This is the container torch.save writes and torch.load (miniz) reads. Every entry carries
+    ZIP64 sizes and offsets, so small test files exercise the same code path as a 13 GB model.
+    The CRC-32 of a record is computed in a second thread while the record is written, then
+    patched into its local header.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, f: BinaryIO, prefix: str):
+        self._fd = f.fileno()
+        self._prefix = prefix
+        self._pos = 0
+        self._entries: list[tuple[bytes, int, int, int]] = []  # name, crc, size, offset
+        self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="tune-ckpt-crc")
+
+    def _write(self, data: bytes | memoryview) -> None:
+        _write_all(self._fd, data)
+        self._pos += memoryview(data).nbytes
+
+    def record(self, name: str, data: bytes | memoryview) -> None:
+        data = memoryview(data).cast("B")
+        name_b = f"{self._prefix}/{name}".encode()
+        size, offset = data.nbytes, self._pos
+        zip64 = struct.pack("<HHQQ", 0x0001, 16, size, size)
+        # Pad with an extra field (id "FB", as torch does) so the data starts on ALIGN bytes.
+        before_pad = offset + 30 + len(name_b) + len(zip64) + 4
+        pad = -before_pad % self.ALIGN
+        extra = zip64 + struct.pack("<HH", 0x4246, pad) + b"Z" * pad
+        header = struct.pack(
+            "<IHHHHHIIIHH", 0x04034B50, 45, 0x0800, 0, 0, 0x21, 0, 0xFFFFFFFF, 0xFFFFFFFF,
+            len(name_b), len(extra),
+        )
+        self._write(header + name_b + extra)
+        crc = self._crc_pool.submit(zlib.crc32, data)
+        self._write(data)
+        crc = crc.result()
+        os.pwrite(self._fd, struct.pack("<I", crc), offset + 14)
+        self._entries.append((name_b, crc, size, offset))
+
+    def close(self) -> None:
+        self._crc_pool.shutdown()
+
+    def finish(self) -> None:
+        cd_offset = self._pos
+        for name_b, crc, size, offset in self._entries:
+            extra = struct.pack("<HHQQQ", 0x0001, 24, size, size, offset)
+            self._write(
+                struct.pack(
+                    "<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0x0800, 0, 0, 0x21, crc,
+                    0xFFFFFFFF, 0xFFFFFFFF, len(name_b), len(extra), 0, 0, 0, 0, 0xFFFFFFFF,
+                )
+                + name_b
+                + extra
+            )
+        n, cd_size, eocd64 = len(self._entries), self._pos - cd_offset, self._pos
+        self._write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size,
+                                cd_offset))
+        self._write(struct.pack("<IIQI", 0x07064B50, 0, eocd64, 1))
+        self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
+                                min(cd_size, 0xFFFFFFFF), 0xFFFFFFFF, 0))
+
+
+def write_torch_file(
+    path: Path, plans: list[TensorPlan], *, force: bool = False, progress: bool = True
+) -> None:
+    """Stream planned tensors into a ``torch.load``-able ``.pt`` file, one tensor in memory."""
+    path = Path(path)
+    pickled = _torch_pickle(plans)
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(atomic_write(path, force))
+        bar = stack.enter_context(_progress(plans, f"Writing {path.name}", progress))
+        zf = _ZipWriter(f, "archive")
+        stack.callback(zf.close)
+        zf.record("data.pkl", pickled)
+        zf.record(".format_version", b"1")
+        zf.record(".storage_alignment", b"64")
+        zf.record("byteorder", sys.byteorder.encode())
+        for i, (plan, tensor) in enumerate(_produce(plans)):
+            zf.record(f"data/{i}", _tensor_bytes(tensor))
+            del tensor
+            plan.release()
+            bar.update(plan.nbytes)
+        zf.record("version", b"3\n")
+        zf.record(".data/serialization_id", hashlib.sha1(pickled).hexdigest().encode())
+        zf.finish()
+
+
+def write_safetensors_file(
+    path: Path,
+    plans: list[TensorPlan],
+    *,
+    metadata: dict[str, str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> None:
+    """Stream planned tensors into a ``.safetensors`` file: header first, then data in order."""
+    path = Path(path)
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for plan in plans:
+        if plan.dtype not in _SAFETENSORS_NAMES:
+            raise CheckpointError(f"cannot store '{plan.key}' ({plan.dtype}) in safetensors")
+        header[plan.key] = {
+            "dtype": _SAFETENSORS_NAMES[plan.dtype], "shape": list(plan.shape),
+            "data_offsets": [offset, offset + plan.nbytes],
+        }
+        offset += plan.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 64)  # the format allows trailing spaces: align the data
+    with atomic_write(path, force) as f, _progress(plans, f"Writing {path.name}", progress) as bar:
+        _write_all(f.fileno(), len(text).to_bytes(8, "little") + text)
+        for plan, tensor in _produce(plans):
+            _write_all(f.fileno(), _tensor_bytes(tensor))
+            del tensor
+            plan.release()
+            bar.update(plan.nbytes)
+
+
+def write_tensor_file(
+    path: Path, plans: list[TensorPlan], *, force: bool = False, progress: bool = True
+) -> None:
+    """``.pt`` or ``.safetensors`` by suffix."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        write_safetensors_file(path, plans, force=force, progress=progress)
+    elif path.suffix == ".pt":
+        write_torch_file(path, plans, force=force, progress=progress)
+    else:
+        raise CheckpointError(
+            f"output file {path} must end in .pt or .safetensors (the format is chosen by suffix)"
+        )
+
+
+def plans_from_dict(sd: dict[str, torch.Tensor]) -> list[TensorPlan]:
+    """Plans that write an in-memory state dict as it is."""
+    source = DictSource(sd)
+    return [
+        TensorPlan(k, tuple(v.shape), v.dtype, lambda k=k: source.get(k)) for k, v in sd.items()
+    ]
+
+
+def save_native(
+    sd: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    model_args: dict | None = None,
+) -> Path:
+    """Write a native state dict atomically (temp name, fsync, rename), tensor by tensor.
+
+    Args:
+        sd: The state dict (native key schema).
+        path: Target file; ``.pt`` writes the torch.save format, ``.safetensors`` safetensors.
+            An existing file is replaced only once the new one is complete.
+        model_args: If given, also write them to ``tune_model.json`` beside the file
+            (see :func:`tune_ckpt.write_model_args`).
+
+    Returns:
+        The path written.
+
+    Raises:
+        CheckpointError: Bad suffix, non-tensor values, or the disk is full.
+    """
+    path = Path(path).expanduser()
+    _check_state_dict(sd, path)
+    write_tensor_file(path, plans_from_dict(sd), force=True, progress=False)
+    if model_args is not None:
+        from tune_ckpt.model_args import write_model_args
+
+        write_model_args(path.parent, model_args)
+    return path

@@ -1,0 +1,285 @@
+"""Conversion between Meta, Hugging Face and native files, through the streaming writer."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures_hub import meta_state_dict, write_meta_checkpoint
+from tune_ckpt import (
+    CheckpointError,
+    convert,
+    hf_to_native,
+    load_native,
+    merge_meta_shards,
+    meta_hidden_dim,
+    meta_to_native,
+    native_to_hf,
+    native_to_meta,
+    read_model_args,
+)
+
+# Grouped-query (like 70B) and small: 8 query heads share 2 KV heads.
+GQA = {"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2, "multiple_of": 32,
+       "norm_eps": 1e-05, "vocab_size": -1}
+VOCAB = 96
+TUNE_CKPT = Path(sys.executable).with_name("tune-ckpt")  # the installed console script
+
+
+def _equal(a: dict, b: dict) -> None:
+    assert list(a) == list(b) or sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture
+def meta_dir(tmp_path):
+    folder = tmp_path / "llama"
+    return folder, write_meta_checkpoint(folder, GQA, vocab_size=VOCAB, dtype=torch.bfloat16)
+
+
+def test_round_trip_meta_native_hf_native_meta_is_bit_identical(meta_dir):
+    folder, reference = meta_dir
+    native = convert(folder / "consolidated.00.pth", progress=False)
+    hf = convert(native, target_format="hf", max_shard_size="40KB", progress=False)
+    assert (hf / "model.safetensors.index.json").is_file(), "small shards make an index"
+    again = convert(hf, output_path=hf / "native.safetensors", progress=False)
+    meta = convert(again, target_format="meta", progress=False)
+    back = torch.load(meta / "consolidated.00.pth", weights_only=True, mmap=True)
+    _equal(back, reference)  # rope.freqs is the one key dropped on the way
+    _equal(load_native(again), load_native(native))
+    params = json.loads((meta / "params.json").read_text())
+    assert {k: params[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads")} == \
+        {k: GQA[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads")}
+    assert params["vocab_size"] == VOCAB
+    assert meta_hidden_dim(64, params["multiple_of"], params.get("ffn_dim_multiplier")) == 192
+
+
+def test_plain_key_maps_are_inverse_and_fuse_qkv_in_order():
+    sd = meta_state_dict(GQA, VOCAB)
+    native = meta_to_native(sd, n_heads=8, n_kv_heads=2)
+    p = "layers.1.attention."
+    assert torch.equal(native[p + "wqkv.weight"],
+                       torch.cat([sd[p + "wq.weight"], sd[p + "wk.weight"], sd[p + "wv.weight"]]))
+    _equal(native_to_meta(native, n_heads=8, n_kv_heads=2), sd)
+    hf = native_to_hf(native, n_heads=8, n_kv_heads=2)
+    assert "model.layers.1.self_attn.k_proj.weight" in hf and len(hf) == len(sd)
+    # HF's rotate-half rows: head 0's first half holds Meta's even rows.
+    head = 64 // 8
+    assert torch.equal(hf["model.layers.1.self_attn.q_proj.weight"][: head // 2],
+                       sd[p + "wq.weight"][0:head:2])
+    _equal(hf_to_native(hf, n_heads=8, n_kv_heads=2), native)
+
+
+def test_model_parallel_shards_merge_to_the_unsharded_checkpoint(tmp_path):
+    params = {**GQA, "n_kv_heads": 4}  # 4 shards need a KV head each
+    reference = write_meta_checkpoint(tmp_path, params, n_shards=4, vocab_size=VOCAB)
+    shards = [torch.load(tmp_path / f"consolidated.0{i}.pth", weights_only=True)
+              for i in range(4)]
+    _equal(merge_meta_shards(shards), reference)
+    out = convert(tmp_path / "consolidated.02.pth", progress=False)  # any shard finds them all
+    _equal(load_native(out), meta_to_native(reference, n_heads=8, n_kv_heads=4))
+
+
+def test_meta_defaults_output_path_and_writes_the_model_shape(meta_dir):
+    folder, _ = meta_dir
+    out = convert(folder / "consolidated.00.pth", progress=False)
+    assert out == folder / "native_pytorch_model.pt"
+    args = json.loads((folder / "tune_model.json").read_text())
+    assert args == {"vocab_size": VOCAB, "dim": 64, "n_layers": 2, "n_heads": 8,
+                    "n_kv_heads": 2, "hidden_dim": 192, "multiple_of": 32, "norm_eps": 1e-05,
+                    "rope_theta": 10000.0}
+    assert read_model_args(out) == args
+
+
+def test_pt_output_is_a_valid_torch_zip_with_aligned_tensors(meta_dir):
+    folder, reference = meta_dir
+    out = convert(folder, progress=False)
+    with zipfile.ZipFile(out) as zf:
+        assert zf.testzip() is None, "a CRC does not match"
+    loaded = torch.load(out, mmap=True, weights_only=True)
+    assert all(t.data_ptr() % 64 == 0 for t in loaded.values())
+    _equal(loaded, meta_to_native(reference, n_heads=8, n_kv_heads=2))
+
+
+def test_existing_output_is_kept_unless_force(meta_dir):
+    folder, _ = meta_dir
+    out = convert(folder, progress=False)
+    before = out.read_bytes()
+    with pytest.raises(CheckpointError, match="already exists: pass --force to overwrite it"):
+        convert(folder, dtype="fp32", progress=False)
+    assert out.read_bytes() == before
+    convert(folder, dtype="fp32", force=True, progress=False)
+    assert load_native(out)["norm.weight"].dtype == torch.float32
+
+
+def test_safetensors_output_with_dtype_cast_loads_with_the_safetensors_library(meta_dir):
+    from safetensors.torch import load_file
+
+    folder, reference = meta_dir
+    out = convert(folder, output_path=folder / "model_fp32.safetensors", dtype="fp32",
+                  progress=False)
+    expected = {k: v.float() for k, v in meta_to_native(reference, n_heads=8, n_kv_heads=2).items()}
+    _equal(load_file(out), expected)
+
+
+def test_hf_bin_shards_with_index_and_tied_embeddings(tmp_path):
+    native = meta_to_native(meta_state_dict(GQA, VOCAB), n_heads=8, n_kv_heads=2)
+    native["output.weight"] = native["tok_embeddings.weight"]
+    hf = native_to_hf(native, n_heads=8, n_kv_heads=2)
+    del hf["lm_head.weight"]  # tied: transformers saves only the embedding
+    keys = list(hf)
+    parts = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+             "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :]}
+    for name, part in parts.items():
+        torch.save({k: hf[k].clone() for k in part}, tmp_path / name)
+    index = {"weight_map": {k: name for name, part in parts.items() for k in part}}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    config = {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 64,
+              "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 8,
+              "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _equal(load_native(convert(tmp_path, progress=False)), native)
+
+
+def _break(folder: Path, edit) -> None:
+    path = folder / "consolidated.00.pth"
+    sd = torch.load(path, weights_only=True)
+    edit(sd)
+    torch.save(sd, path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda sd: sd.pop("layers.1.feed_forward.w3.weight"),
+         "missing key 'layers.1.feed_forward.w3.weight' of a Meta checkpoint with 2 layers "
+         "(expected shape (192, 64))"),
+        (lambda sd: sd.__setitem__("layers.0.attention.wq.bias", torch.zeros(64)),
+         "unexpected key 'layers.0.attention.wq.bias' with shape (64,)"),
+        (lambda sd: sd.__setitem__("layers.1.attention.wk.weight", torch.zeros(24, 64)),
+         "'layers.1.attention.wk.weight' has shape (24, 64), expected (16, 64)"),
+    ],
+    ids=["missing", "unexpected", "shape"],
+)
+def test_bad_keys_and_shapes_are_named(meta_dir, edit, message):
+    folder, _ = meta_dir
+    _break(folder, edit)
+    with pytest.raises(CheckpointError) as e:
+        convert(folder, progress=False)
+    assert message in str(e.value) and "consolidated.00.pth" in str(e.value)
+    assert not (folder / "native_pytorch_model.pt").exists()
+
+
+def test_params_json_that_disagrees_with_the_weights(meta_dir):
+    folder, _ = meta_dir
+    (folder / "params.json").write_text(json.dumps({**GQA, "multiple_of": 256}))
+    with pytest.raises(CheckpointError, match=r"'layers.0.feed_forward.w1.weight' has shape "
+                       r"\(192, 64\), expected \(256, 64\)"):
+        convert(folder, progress=False)
+
+
+def test_missing_shard_and_missing_params(tmp_path):
+    write_meta_checkpoint(tmp_path, GQA, n_shards=2, vocab_size=VOCAB)
+    (tmp_path / "consolidated.00.pth").unlink()
+    with pytest.raises(CheckpointError, match="shard consolidated.00.pth is missing"):
+        convert(tmp_path / "consolidated.01.pth", progress=False)
+    single = tmp_path / "single"
+    write_meta_checkpoint(single, GQA, vocab_size=VOCAB)
+    (single / "params.json").unlink()
+    with pytest.raises(CheckpointError, match="params.json not found beside"):
+        convert(single / "consolidated.00.pth", progress=False)
+
+
+def test_truncated_and_non_tensor_files_are_refused(meta_dir, tmp_path):
+    folder, _ = meta_dir
+    path = folder / "consolidated.00.pth"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="is truncated or corrupt"):
+        convert(path, progress=False)
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(CheckpointError, match="holds a list, not a state dict"):
+        convert(path, source_format="meta", progress=False)
+    torch.save({"model": {"w": torch.zeros(2)}, "optimizer": {}}, path)
+    with pytest.raises(CheckpointError, match="looks like a training state"):
+        convert(path, source_format="meta", progress=False)
+
+
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_pickles_that_would_run_code_are_refused_and_not_run(meta_dir):
+    folder, _ = meta_dir
+    marker = folder / "pwned"
+    torch.save({"tok_embeddings.weight": _RunsCode(str(marker))}, folder / "consolidated.00.pth")
+    with pytest.raises(CheckpointError, match=r"refusing to load .* arbitrary Python objects"):
+        convert(folder, progress=False)
+    assert not marker.exists()
+
+
+def test_a_failure_mid_write_leaves_no_partial_file(meta_dir):
+    from tune_ckpt.plan import TensorPlan
+    from tune_ckpt.storage import write_torch_file
+
+    folder, _ = meta_dir
+    target = folder / "out.pt"
+    target.write_bytes(b"the user's file")
+
+    def boom():
+        raise CheckpointError("source went away")
+
+    plans = [TensorPlan("a", (2,), torch.float32, lambda: torch.zeros(2)),
+             TensorPlan("b", (2,), torch.float32, boom)]
+    with pytest.raises(CheckpointError, match="source went away"):
+        write_torch_file(target, plans, force=True, progress=False)
+    assert target.read_bytes() == b"the user's file"
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []
+
+
+def _cli(*args, **kwargs):
+    return subprocess.run([str(TUNE_CKPT), *args], capture_output=True, text=True, timeout=120,
+                          **kwargs)
+
+
+def test_cli_convert_then_refuse_to_overwrite(meta_dir):
+    folder, reference = meta_dir
+    first = _cli("convert", "--checkpoint_path", str(folder / "consolidated.00.pth"))
+    assert first.returncode == 0, first.stderr
+    out = folder / "native_pytorch_model.pt"
+    assert f"Wrote {out}" in first.stdout
+    _equal(load_native(out), meta_to_native(reference, n_heads=8, n_kv_heads=2))
+    again = _cli("convert", "--checkpoint-path", str(folder), "--to", "native")
+    assert again.returncode == 1
+    assert again.stderr.strip() == f"tune-ckpt: error: {out} already exists: pass --force to " \
+                                   "overwrite it"
+
+
+def test_cli_disk_full_is_one_line_and_leaves_nothing_behind(meta_dir):
+    folder, _ = meta_dir
+    before = sorted(p.name for p in folder.iterdir())
+
+    def small_disk():  # files may not grow past 200 KB: the native file needs more
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    result = _cli("convert", "--checkpoint-path", str(folder), preexec_fn=small_disk)
+    assert result.returncode == 1
+    out = folder / "native_pytorch_model.pt"
+    assert result.stderr.strip() == (
+        f"tune-ckpt: error: could not write {out}: File too large; free some disk space or "
+        "choose another output location (nothing was overwritten)"
+    )
+    assert sorted(p.name for p in folder.iterdir()) == before

@@ -1,0 +1,162 @@
+"""Downloads through the real huggingface_hub client against the local hub server."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from tune_ckpt import CheckpointError, download
+
+CLI = [sys.executable, "-m", "tune_ckpt.cli"]
+
+
+def _cli(args, env, **kwargs):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=120,
+                          **kwargs)
+
+
+def _error_lines(stderr):
+    """The error lines (progress bars share stderr); there must be no traceback."""
+    assert "Traceback" not in stderr
+    return [line for line in stderr.splitlines() if line.startswith("tune-ckpt:")]
+
+
+def _all_bytes_under(folder):
+    return b"".join(p.read_bytes() for p in folder.rglob("*") if p.is_file())
+
+
+def test_gated_repo_downloads_with_token_and_the_token_is_never_written(tiny_meta_repo, tmp_path):
+    out = tmp_path / "llama2"
+    result = _cli(["download", tiny_meta_repo.repo_id, "--output-dir", str(out),
+                   "--hf-token", tiny_meta_repo.token], tiny_meta_repo.server.env())
+    assert result.returncode == 0, result.stderr
+    repo = tiny_meta_repo.server.repos[("model", tiny_meta_repo.repo_id)]
+    for name, data in repo.files.items():
+        assert (out / name).read_bytes() == data, name
+    assert str(out) in result.stdout
+    assert tiny_meta_repo.token not in result.stdout + result.stderr
+    assert tiny_meta_repo.token.encode() not in _all_bytes_under(out)
+    assert tiny_meta_repo.token.encode() not in _all_bytes_under(tiny_meta_repo.server.home)
+
+
+def test_token_comes_from_hf_token_env_or_the_stored_login(tiny_meta_repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", tiny_meta_repo.token)
+    assert (download(tiny_meta_repo.repo_id, tmp_path / "a") / "params.json").is_file()
+    monkeypatch.delenv("HF_TOKEN")
+    (tiny_meta_repo.server.home / "token").write_text(tiny_meta_repo.token)  # `hf auth login`
+    assert (download(tiny_meta_repo.repo_id, tmp_path / "b") / "params.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "token, expected",
+    [
+        (None, "gated repository and needs an access token: request access on"),
+        ("other", "has no access to the gated repository meta-llama/Llama-2-7b: request access"),
+        ("hf_not_a_real_token", "rejected your access token (invalid or expired)"),
+    ],
+)
+def test_gated_repo_refusals_say_what_to_do(tiny_meta_repo, tmp_path, token, expected):
+    token = tiny_meta_repo.other_token if token == "other" else token
+    with pytest.raises(CheckpointError, match=r".*") as e:
+        download(tiny_meta_repo.repo_id, tmp_path / "out", token=token)
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+    assert not list((tmp_path / "out").glob("*.pth")), "nothing may be downloaded"
+
+
+def test_cli_errors_are_one_line_with_exit_1_and_debug_shows_the_traceback(hub_server, tmp_path):
+    args = ["download", "nobody/nothing", "--output-dir", str(tmp_path / "x")]
+    result = _cli(args, hub_server.env())
+    assert result.returncode == 1
+    assert _error_lines(result.stderr) == [
+        f"tune-ckpt: error: repository nobody/nothing not found on {hub_server.url}: check the "
+        "id (owner/name); if it is private, pass a token with --hf-token (or set HF_TOKEN, or "
+        "run `hf auth login`)"
+    ]
+    debug = _cli(["--debug", *args], hub_server.env())
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_revision_not_found(tiny_meta_repo, tmp_path):
+    with pytest.raises(CheckpointError, match="revision 'v9' not found in meta-llama/Llama-2-7b"):
+        download(tiny_meta_repo.repo_id, tmp_path, token=tiny_meta_repo.token, revision="v9")
+
+
+def test_revision_by_commit_and_ignore_patterns(tiny_meta_repo, tmp_path):
+    out = download(tiny_meta_repo.repo_id, tmp_path, token=tiny_meta_repo.token,
+                   revision=tiny_meta_repo.sha, ignore_patterns=["*.pth", "LICENSE*"])
+    names = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert names == ["README.md", "params.json", "tokenizer.model"]
+
+
+def test_hub_unreachable(tmp_path, monkeypatch, hub_server):
+    import socket
+
+    import huggingface_hub.constants as constants
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    with pytest.raises(CheckpointError, match=f"cannot reach the Hugging Face Hub at {dead}"):
+        download("meta-llama/Llama-2-7b", tmp_path)
+
+
+def test_disk_full_is_one_line_and_a_rerun_completes(tiny_meta_repo, tmp_path):
+    out = tmp_path / "out"
+
+    def small_disk():  # writes past 64 KiB fail, as on a full disk (EFBIG instead of ENOSPC)
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    args = ["download", tiny_meta_repo.repo_id, "--output-dir", str(out), "--hf-token",
+            tiny_meta_repo.token]
+    result = _cli(args, tiny_meta_repo.server.env(), preexec_fn=small_disk)
+    assert result.returncode == 1
+    [line] = _error_lines(result.stderr)
+    assert line.startswith(f"tune-ckpt: error: could not write to {out}: File too large; free")
+    assert not (out / "consolidated.00.pth").exists()
+    assert _cli(args, tiny_meta_repo.server.env()).returncode == 0
+    assert (out / "consolidated.00.pth").stat().st_size > 64 * 1024
+
+
+def test_interrupted_download_completes_on_rerun_without_refetching_finished_files(
+    tiny_meta_repo, tmp_path
+):
+    server, out = tiny_meta_repo.server, tmp_path / "out"
+    big = "consolidated.00.pth"
+    stall = server.stall(tiny_meta_repo.repo_id, big, after_bytes=1 << 20)
+    args = ["download", tiny_meta_repo.repo_id, "--output-dir", str(out), "--hf-token",
+            tiny_meta_repo.token, "--quiet"]
+    proc = subprocess.Popen([*CLI, *args], env=server.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert stall.reached.wait(60), "the download never started"
+        small = [f for f in tiny_meta_repo.files if f != big]
+        done = out / ".cache" / "huggingface" / "download"
+        deadline = time.monotonic() + 60
+        while not all((done / f"{f}.metadata").is_file() for f in small):
+            assert time.monotonic() < deadline, "the small files never finished"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # the user presses Ctrl-C in the middle of the big file
+        proc.wait(30)  # promptly, not when the stalled transfer gives up
+    finally:
+        stall.release.set()
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130
+    assert b"run the same command again" in proc.stderr.read()
+    assert not (out / big).exists()
+    assert not list(out.rglob("*.incomplete")), "a partial file was left behind"
+
+    before = len(server.requests)
+    result = _cli(args, server.env())
+    assert result.returncode == 0, result.stderr
+    fetched = [r.path.rsplit("/", 1)[1] for r in server.requests[before:]
+               if r.method == "GET" and "/resolve/" in r.path]
+    assert fetched == [big], "finished files were fetched again"
+    data = server.repos[("model", tiny_meta_repo.repo_id)].files[big]
+    assert (out / big).read_bytes() == data
