@@ -12,6 +12,7 @@ start fast.
 from collections.abc import Callable
 
 from tune_data.collate import collate, document_mask
+from tune_data.demo import DEMO_TEMPLATE, demo_dataset, demo_tokenizer
 from tune_data.dataset import IGNORE_INDEX, TokenizedDataset, shifted_labels
 from tune_data.errors import DataError
 from tune_data.instruct import alpaca_cleaned_dataset, alpaca_dataset, instruct_dataset
@@ -28,10 +29,11 @@ DATASETS: dict[str, Callable[..., TokenizedDataset]] = {
     "alpaca_cleaned": alpaca_cleaned_dataset,
     "instruct": instruct_dataset,
     "text_completion": text_completion_dataset,
+    "demo": demo_dataset,
 }
 
 __all__ = [
-    "ALPACA", "DATASETS", "IGNORE_INDEX", "NO_INPUT_PLACEHOLDERS", "DataError", "DataStats",
+    "ALPACA", "DATASETS", "DEMO_TEMPLATE", "demo_dataset", "demo_tokenizer", "IGNORE_INDEX", "NO_INPUT_PLACEHOLDERS", "DataError", "DataStats",
     "Llama2Tokenizer", "PackedDataset", "PromptTemplate", "ShardedBatchSampler",
     "TokenizedDataset", "alpaca_cleaned_dataset", "alpaca_dataset", "collate", "describe",
     "document_mask", "instruct_dataset", "is_empty_input", "pack", "plan_rows",

@@ -1,0 +1,119 @@
+"""Running recipes: in this process for one process, through torchrun for several.
+
+``tune --nnodes 1 --nproc_per_node 2 full_finetune.py --config my.yaml`` and
+``tune run --nproc_per_node 2 full_finetune --config my.yaml`` both end here. The arguments
+before the recipe are torchrun's (parsed by torchrun's own parser, so every torchrun option
+works); the recipe is a built-in name, with or without ``.py``, or the path of a recipe file.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import click
+
+
+def recipes_dir() -> Path:
+    import tune_train  # light: no torch
+
+    return Path(tune_train.__file__).parent / "recipes"
+
+
+def builtin_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(recipes_dir().glob("*.py")) if not p.name.startswith("_")}
+
+
+def resolve_recipe(name: str) -> Path:
+    """A recipe file: an existing path as given, else a built-in recipe of that name.
+
+    Raises:
+        click.UsageError: If it is neither.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path.resolve()
+    builtins = builtin_recipes()
+    stem = path.name.removesuffix(".py")
+    if path.parent == Path(".") and stem in builtins:
+        return builtins[stem]
+    raise click.UsageError(
+        f"recipe '{name}' is neither a file nor a built-in recipe "
+        f"({', '.join(builtins)}); `tune recipe ls` lists them"
+    )
+
+
+def launch(argv: list[str], debug: bool = False) -> int:
+    """Run ``[torchrun options] RECIPE [recipe arguments]``; returns the exit code."""
+    if not argv or all(a.startswith("-") for a in argv):
+        raise click.UsageError("name a recipe to run, e.g. `tune run full_finetune --config "
+                               "alpaca_llama2_full_finetune` (`tune recipe ls` lists them)")
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    parser.exit_on_error = False
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed what was wrong
+        raise click.exceptions.Exit(2) from e
+    script_index = len(argv) - len(args.training_script_args) - 1
+    recipe = resolve_recipe(args.training_script)
+    recipe_args = list(args.training_script_args)
+    if debug and "--debug" not in recipe_args:
+        recipe_args.append("--debug")
+
+    nproc = str(args.nproc_per_node)
+    single = str(args.nnodes) in ("1", "1:1") and nproc in ("1",)
+    if single:
+        return _run_in_process(recipe, recipe_args)
+
+    torchrun_argv = [*argv[:script_index], str(recipe), *recipe_args]
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import run
+
+    _quiet_torchrun_logs()
+    try:
+        run(parser.parse_args(torchrun_argv))
+    except ChildFailedError as e:
+        failures = e.failures
+        first = failures[min(failures)]
+        code = first.exitcode if first.exitcode and first.exitcode > 0 else 1
+        if first.exitcode and first.exitcode < 0:
+            click.echo(f"error: a training process was killed by signal {-first.exitcode}; "
+                       "the job stopped (resume with resume_from_checkpoint: True)", err=True)
+        else:
+            click.echo(f"error: {len(failures)} training process(es) failed; see the messages "
+                       "above", err=True)
+        return code
+    return 0
+
+
+def _run_in_process(recipe: Path, recipe_args: list[str]) -> int:
+    builtin = recipe.parent == recipes_dir()
+    old_argv = sys.argv
+    sys.argv = [str(recipe), *recipe_args]
+    try:
+        if builtin:
+            import importlib
+
+            module = importlib.import_module(f"tune_train.recipes.{recipe.stem}")
+            return module.cli(recipe_args)
+        # A copied, edited recipe: run it like `python my_recipe.py ...` would.
+        runpy.run_path(str(recipe), run_name="__main__")
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old_argv
+
+
+def _quiet_torchrun_logs() -> None:
+    # torchrun logs every rank's start and teardown at INFO/WARNING; the recipe prints what
+    # matters. TUNE_DEBUG=1 keeps them.
+    if os.environ.get("TUNE_DEBUG") != "1":
+        import logging
+
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+        os.environ.setdefault("LOGLEVEL", "ERROR")

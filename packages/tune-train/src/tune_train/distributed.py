@@ -1,0 +1,90 @@
+"""Process groups and FSDP2 sharding. The model code never imports torch.distributed."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group torchrun set up (env:// rendezvous); one process needs none.
+
+    nccl on GPU, gloo on CPU. The timeout is short enough that ranks waiting on a dead peer
+    give up in minutes rather than the default half hour (torchrun also tears the job down as
+    soon as one rank exits non-zero).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        timeout = timedelta(seconds=int(os.environ.get("TUNE_DIST_TIMEOUT", "600")))
+        dist.init_process_group(backend=backend, timeout=timeout)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place), a no-op in one process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def shard_model(
+    model: nn.Module,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+    cpu_offload: bool = False,
+) -> nn.Module:
+    """FSDP2: ``fully_shard`` each transformer block, then the root (embeddings, norm, output).
+
+    Per-block units let the next block's all-gather overlap this block's compute and keep at
+    most a couple of blocks unsharded at a time.
+
+    Args:
+        model: A tune_models.Llama2 (any module with a ``layers`` ModuleList).
+        param_dtype: Compute dtype the parameters are all-gathered in (mixed precision).
+        reduce_dtype: Dtype gradients are reduced in.
+        cpu_offload: Keep sharded parameters, gradients and optimizer state in CPU memory.
+
+    Returns:
+        The same module, sharded in place.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if param_dtype is not None or reduce_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype,
+                                                   reduce_dtype=reduce_dtype)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for i, block in enumerate(model.layers):
+        # The last block is gathered again right away by backward: keep it unsharded.
+        fully_shard(block, reshard_after_forward=i < len(model.layers) - 1, **kwargs)
+    fully_shard(model, **kwargs)
+    return model

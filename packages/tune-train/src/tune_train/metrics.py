@@ -1,0 +1,139 @@
+"""Metric loggers: stdout, JSONL, TensorBoard and Weights & Biases, combinable.
+
+Each logger takes ``log(metrics: dict, step: int)`` and ``close()``. Only rank 0 builds them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class MetricLogger(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StdoutLogger:
+    """One line per logged step: step, loss, lr, tokens/s, peak memory."""
+
+    def __init__(self, write=print):
+        self._write = write
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        parts = [f"step {step}"]
+        for key, value in metrics.items():
+            if key in ("epoch",):
+                parts.append(f"{key} {int(value)}")
+            elif key == "lr":
+                parts.append(f"lr {value:.3g}")
+            elif isinstance(value, float) and not value.is_integer():
+                parts.append(f"{key} {value:.4f}")
+            else:
+                parts.append(f"{key} {value:,.0f}")
+        self._write(" | ".join(parts))
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlLogger:
+    """Appends one JSON object per step to ``metrics.jsonl`` (read by ``tune plot``).
+
+    Resumed runs append to the same file: entries at or past the resume step are superseded
+    by the ones logged after the resume, so readers keep the last entry of each step.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", buffering=1)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        record = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def read_jsonl_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl, one per step (the last one wins after a resume), by step."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill: skip it, keep the rest
+        by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+class TensorBoardLogger:
+    """Scalars in TensorBoard event files under ``<output_dir>/tensorboard``."""
+
+    def __init__(self, log_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError(
+                "metric logger 'tensorboard' needs the tensorboard package: "
+                "pip install 'tune-train[tensorboard]'"
+            ) from e
+        self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            self._writer.add_scalar(key, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class WandbLogger:
+    """Weights & Biases run; the config is logged once (it holds no secrets)."""
+
+    def __init__(self, project: str, entity: str | None, mode: str, run_name: str | None,
+                 output_dir: str | Path, config: dict[str, Any]):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError(
+                "metric logger 'wandb' needs the wandb package: pip install 'tune-train[wandb]'"
+            ) from e
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self._run = wandb.init(project=project, entity=entity, mode=mode, name=run_name,
+                               dir=str(output_dir), config=config, resume="allow")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self._run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MetricLoggers:
+    """Fans each call out to every configured logger."""
+
+    def __init__(self, loggers: list[MetricLogger]):
+        self.loggers = loggers
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for logger in self.loggers:
+            logger.log(metrics, step)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()

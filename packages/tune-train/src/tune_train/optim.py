@@ -1,0 +1,70 @@
+"""Learning-rate schedules and fp16 loss scaling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str,
+                  min_lr_ratio: float = 0.0) -> float:
+    """Factor on the peak lr before optimizer step ``step`` (0-based).
+
+    Linear warm-up over ``warmup_steps``, then constant, cosine or linear decay to
+    ``min_lr_ratio`` at ``total_steps``. A pure function of the step, so a resumed run gets
+    exactly the lr the uninterrupted one had.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "linear":
+        decay = 1.0 - progress
+    else:
+        raise ValueError(f"unknown lr schedule '{schedule}'")
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+class DynamicLossScaler:
+    """Loss scaling for fp16: scale the loss up so small gradients survive fp16, unscale before
+    the optimizer step, skip steps whose gradients overflowed and halve the scale; double it
+    after ``growth_interval`` good steps.
+
+    Works the same on one device and under FSDP2: the overflow check is the gradient norm,
+    which clip_grad_norm_ already reduces over all ranks.
+    """
+
+    def __init__(self, init_scale: float = 2.0**16, growth_interval: int = 2000):
+        self.scale = init_scale
+        self.growth_interval = growth_interval
+        self.good_steps = 0
+
+    def unscale_(self, params: list[nn.Parameter]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, 1.0 / self.scale)
+
+    def update(self, grad_norm_finite: bool) -> bool:
+        """Record the outcome of a step; returns whether the optimizer may step."""
+        if not grad_norm_finite:
+            self.scale = max(self.scale / 2.0, 1.0)
+            self.good_steps = 0
+            return False
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale *= 2.0
+            self.good_steps = 0
+        return True
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.scale = float(state["scale"])
+        self.good_steps = int(state["good_steps"])

@@ -1,0 +1,77 @@
+"""Loss and learning-rate curves from metrics.jsonl, drawn to a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tune_train.metrics import read_jsonl_metrics
+
+
+class PlotError(Exception):
+    """The message is what the user sees."""
+
+
+def plot_metrics(metrics_path: str | Path, png_path: str | Path | None = None,
+                 title: str | None = None) -> Path:
+    """Draw loss (with a smoothed line) and learning rate against step.
+
+    Args:
+        metrics_path: A metrics.jsonl, or the output_dir holding one.
+        png_path: Where to write the picture; default loss_curve.png beside the metrics.
+        title: Figure title; default the output folder's name.
+
+    Returns:
+        The PNG's path.
+
+    Raises:
+        PlotError: When matplotlib is missing or there is nothing to draw.
+    """
+    metrics_path = Path(metrics_path)
+    if metrics_path.is_dir():
+        metrics_path = metrics_path / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise PlotError(f"no metrics at {metrics_path}; train with metric_loggers including "
+                        "jsonl first")
+    records = [r for r in read_jsonl_metrics(metrics_path) if r.get("loss") is not None]
+    if not records:
+        raise PlotError(f"{metrics_path} holds no loss values yet")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise PlotError("plotting needs matplotlib: pip install 'tune-train[plot]'") from e
+
+    steps = [r["step"] for r in records]
+    losses = [r["loss"] for r in records]
+    fig, (ax_loss, ax_lr) = plt.subplots(
+        2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    many = len(losses) >= 10
+    ax_loss.plot(steps, losses, color="tab:blue", alpha=0.35 if many else 1.0, linewidth=1,
+                 marker=None if many else "o", label="loss")
+    if many:
+        # An exponential moving average shows the trend through per-batch noise.
+        smooth, ema = [], losses[0]
+        for value in losses:
+            ema = 0.9 * ema + 0.1 * value
+            smooth.append(ema)
+        ax_loss.plot(steps, smooth, color="tab:blue", linewidth=2, label="loss (EMA 0.9)")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(loc="upper right")
+    lrs = [r.get("lr") for r in records]
+    if any(v is not None for v in lrs):
+        ax_lr.plot(steps, lrs, color="tab:orange")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.grid(alpha=0.3)
+    ax_loss.set_title(title or metrics_path.parent.name)
+    fig.tight_layout()
+    png_path = Path(png_path) if png_path else metrics_path.parent / "loss_curve.png"
+    tmp = png_path.with_name(png_path.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    tmp.replace(png_path)
+    return png_path

@@ -1,0 +1,567 @@
+"""Full fine-tuning of a Llama-2-class model: one device, or FSDP2 shards under torchrun.
+
+    tune run full_finetune --config alpaca_llama2_full_finetune [key=value ...]
+    tune --nnodes 1 --nproc_per_node 2 full_finetune.py --config my.yaml
+
+This file is also a script (``python full_finetune.py --config my.yaml``); copy it with
+``tune recipe cp full_finetune .`` to change the loop, and launch the copy by its path.
+The whole training loop is visible in ``FullFinetuneRecipe.train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from tune_train import checkpointing as ckpt
+from tune_train.config import ConfigError, TrainConfig, dump_config, load_config
+from tune_train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    cleanup_distributed,
+    init_distributed,
+    shard_model,
+)
+from tune_train.optim import DynamicLossScaler, lr_multiplier
+from tune_train.validate import missing_files
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RecipeError(Exception):
+    """A problem with the run's inputs; the message is what the user sees."""
+
+
+class FullFinetuneRecipe:
+    """setup() builds everything, train() runs the loop, cleanup() releases resources.
+
+    Args:
+        cfg: The checked training config.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.global_step = 0  # optimizer steps taken
+        self.epoch = 0
+        self.step_in_epoch = 0  # optimizer steps taken in self.epoch
+        self.loggers = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        from tune_train import registry
+
+        # Cheap checks first: a typo must not cost a model load.
+        model_fn = registry.lookup(registry.MODELS, cfg.model, "model")
+        tokenizer_cls = registry.lookup(registry.TOKENIZERS, cfg.tokenizer, "tokenizer")
+        dataset_fn = registry.lookup(registry.DATASETS, cfg.dataset, "dataset")
+        self.optimizer_cls = registry.lookup(registry.OPTIMIZERS, cfg.optimizer, "optimizer")
+        self.loss_fn = registry.lookup(registry.LOSSES, cfg.loss, "loss")
+        problems = missing_files(cfg)
+        if problems:
+            raise RecipeError(problems[0])
+
+        self.device = _resolve_device(cfg.device)
+        self.dist: DistInfo = init_distributed(self.device.type)
+        if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.dtype = DTYPES[cfg.dtype]
+        if cfg.dtype == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise RecipeError("this GPU has no bf16 support; use dtype: fp16 or fp32")
+        torch.manual_seed(cfg.seed)
+
+        if self.dist.distributed and not cfg.enable_fsdp:
+            raise RecipeError(f"{self.dist.world_size} processes were launched but enable_fsdp "
+                              "is False; set enable_fsdp: True (or launch one process)")
+
+        output_dir = Path(cfg.output_dir)
+        if self.dist.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_partial_checkpoints(output_dir)
+        self._barrier()
+        self.resume_from = ckpt.latest_checkpoint(output_dir)
+        if self.resume_from is not None and not cfg.resume_from_checkpoint:
+            raise RecipeError(
+                f"{output_dir} already holds checkpoints of an earlier run; set "
+                "resume_from_checkpoint: True to continue it, or pick another output_dir"
+            )
+
+        self.tokenizer = tokenizer_cls(cfg.tokenizer_checkpoint)
+        self.model_config = self._model_config(model_fn)
+        weights = cfg.model_checkpoint
+        if self.resume_from is not None:
+            weights = _model_file(self.resume_from)
+        self.model = self._setup_model(weights)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = self._setup_optimizer()
+        self.loss_scaler = DynamicLossScaler() if cfg.dtype == "fp16" else None
+        # Single-device fp16 keeps fp32 master weights and runs the forward under autocast;
+        # under FSDP the mixed-precision policy does the casting instead.
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.float16)
+            if cfg.dtype == "fp16" and not cfg.enable_fsdp
+            else nullcontext()
+        )
+        self._setup_data(dataset_fn)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+        elif cfg.resume_from_checkpoint and self.dist.is_main:
+            tqdm.write(f"resume_from_checkpoint: no checkpoint in {output_dir} yet, starting "
+                       "from the beginning")
+        if self.dist.is_main:
+            (output_dir / "config.yaml").write_text(dump_config(cfg))
+            self.loggers = self._setup_loggers()
+
+    def _model_config(self, model_fn):
+        cfg = self.cfg
+        model_config = model_fn()
+        overrides = dict(cfg.model_args)
+        # From scratch, the vocabulary is the tokenizer's; a checkpoint brings its own.
+        if cfg.model_checkpoint is None and "vocab_size" not in overrides:
+            overrides["vocab_size"] = self.tokenizer.vocab_size
+        if "max_seq_len" not in overrides:
+            overrides["max_seq_len"] = max(model_config.max_seq_len, cfg.max_seq_len)
+        fields = {k: v for k, v in vars(model_config).items()}
+        unknown = set(overrides) - set(fields)
+        if unknown:
+            raise ConfigError(f"model_args has unknown field(s) {sorted(unknown)}; the model's "
+                              f"fields are {', '.join(sorted(fields))}")
+        if "dim" in overrides or "multiple_of" in overrides or "ffn_dim_multiplier" in overrides:
+            fields["hidden_dim"] = None  # re-derive the FFN width from the new sizes
+        fields.update(overrides)
+        try:
+            model_config = type(model_config)(**fields)
+        except ValueError as e:
+            raise ConfigError(f"model_args: {e}") from e
+        if self.tokenizer.vocab_size > model_config.vocab_size:
+            raise RecipeError(
+                f"tokenizer has {self.tokenizer.vocab_size} tokens but model '{cfg.model}' only "
+                f"{model_config.vocab_size}; use the model's own tokenizer"
+            )
+        return model_config
+
+    def _setup_model(self, weights: str | Path | None) -> torch.nn.Module:
+        from tune_models import Llama2
+
+        cfg = self.cfg
+        with torch.device("meta"):
+            model = Llama2(self.model_config)
+        for layer in model.layers:
+            layer.use_checkpoint = cfg.enable_activation_checkpointing
+        param_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+        model.to(dtype=param_dtype)
+        if cfg.compile:
+            for layer in model.layers:
+                layer.compile()
+        if cfg.enable_fsdp and not self.dist.distributed:
+            _warn_once(self.dist, "enable_fsdp is on but this is a single process; launch "
+                       "with --nproc_per_node N to shard (running unsharded)")
+        if not self.dist.distributed:
+            if weights is not None:
+                # Straight from the mmap'd file into the parameters: no second copy in memory.
+                model.load_state_dict(self._read_weights(Path(weights), model), assign=True)
+            else:
+                model.to_empty(device="cpu")
+                self._init_weights(model)
+            return model.to(device=self.device, dtype=param_dtype)
+
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        shard_model(
+            model,
+            param_dtype=torch.float16 if cfg.dtype == "fp16" else None,
+            reduce_dtype=torch.float32 if cfg.dtype == "fp16" else None,
+            cpu_offload=cfg.fsdp_cpu_offload,
+        )
+        model.to_empty(device="cpu" if cfg.fsdp_cpu_offload else self.device)
+        if weights is None:
+            # Each rank initialises its own shards: a valid random init, though not the same
+            # numbers as a single-process run (start from a checkpoint when that matters).
+            self._init_weights(model)
+            return model
+        # Rank 0 reads the file; the others receive their shards from it.
+        state = self._read_weights(Path(weights), model) if self.dist.is_main else {}
+        set_model_state_dict(
+            model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        )
+        return model
+
+    def _init_weights(self, model: torch.nn.Module) -> None:
+        torch.manual_seed(self.cfg.seed)
+        with torch.no_grad():
+            model.init_weights()
+
+    def _read_weights(self, path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """A native checkpoint as a state dict, checked key by key against the model."""
+        from tune_ckpt import CheckpointError, load_native
+
+        try:
+            state = load_native(path)
+        except CheckpointError as e:
+            raise RecipeError(str(e)) from e
+        _check_state_dict(state, model, path, self.cfg.model)
+        dtype = next(iter(model.parameters())).dtype
+        # Cast while loading so a bf16 checkpoint trains in fp32 (and vice versa).
+        return {k: v if v.dtype == dtype else v.to(dtype) for k, v in state.items()}
+
+    def _setup_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
+        if (self.device.type == "cuda" and self.optimizer_cls is not torch.optim.SGD
+                and "fused" not in kwargs and not cfg.fsdp_cpu_offload):
+            kwargs["fused"] = True  # one kernel for the whole update instead of one per tensor
+        try:
+            return self.optimizer_cls(self.params, **kwargs)
+        except TypeError as e:
+            raise ConfigError(f"optimizer_args do not fit {cfg.optimizer}: {e}") from e
+
+    def _setup_data(self, dataset_fn) -> None:
+        from tune_data import ShardedBatchSampler, collate, pack
+
+        cfg = self.cfg
+        kwargs = dict(data_files=cfg.data_files, split=cfg.dataset_split,
+                      train_on_input=cfg.train_on_input, max_seq_len=cfg.max_seq_len,
+                      **cfg.dataset_args)
+        if cfg.dataset_source is not None:
+            kwargs["source"] = cfg.dataset_source
+        dataset = dataset_fn(self.tokenizer, **kwargs)
+        if cfg.packing:
+            dataset = pack(dataset, cfg.max_seq_len, pad_id=self.tokenizer.pad_id)
+        self.dataset = dataset
+        self.sampler = ShardedBatchSampler(
+            dataset, cfg.batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
+            shuffle=cfg.shuffle, seed=cfg.seed, drop_last=True,
+            group_by_length=cfg.group_by_length and not cfg.packing,
+        )
+        pad_id = self.tokenizer.pad_id
+        real_lengths = getattr(dataset, "real_lengths", getattr(dataset, "lengths", None))
+
+        def collate_indices(indices):
+            batch = collate([dataset[i] for i in indices], pad_id=pad_id)
+            if real_lengths is not None:
+                batch["real_tokens"] = int(real_lengths[indices].sum())
+            return batch
+
+        self.collate = collate_indices
+        micro_batches = len(self.sampler)
+        if micro_batches == 0:
+            raise RecipeError(
+                f"{len(dataset)} samples are too few for batch_size {cfg.batch_size} on "
+                f"{self.dist.world_size} process(es); lower batch_size"
+            )
+        self.steps_per_epoch = math.ceil(micro_batches / cfg.gradient_accumulation_steps)
+        if cfg.max_steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+
+    def _setup_loggers(self):
+        from tune_train import metrics
+
+        cfg = self.cfg
+        out = Path(cfg.output_dir)
+        loggers = []
+        for name in cfg.metric_loggers:
+            if name == "stdout":
+                loggers.append(metrics.StdoutLogger(write=tqdm.write))
+            elif name == "jsonl":
+                loggers.append(metrics.JsonlLogger(out / "metrics.jsonl"))
+            elif name == "tensorboard":
+                loggers.append(metrics.TensorBoardLogger(out / "tensorboard"))
+            elif name == "wandb":
+                w = cfg.wandb
+                loggers.append(metrics.WandbLogger(w.project, w.entity, w.mode, w.run_name,
+                                                   out, config=vars(cfg).copy()))
+        return metrics.MetricLoggers(loggers)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write model, optimizer and progress; returns the checkpoint folder."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+        from tune_ckpt import save_native, write_model_args
+
+        cfg = self.cfg
+        # Full (unsharded) weights, gathered on rank 0 only, in CPU memory.
+        state = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        with ckpt.staging_dir(cfg.output_dir, self.global_step, self.dist.is_main) as tmp:
+            self._barrier()  # the staging folder exists before anyone writes into it
+            if self.dist.is_main:
+                name = ckpt.MODEL_FILE if cfg.checkpoint_format == "pt" else "model.safetensors"
+                save_native(state, tmp / name)
+                write_model_args(tmp, _model_args(self.model_config))
+                torch.save(ckpt.rng_state(), tmp / "rng_state.pt")
+            ckpt.save_optimizer_state(tmp / "training_state", self.model, self.optimizer)
+            if self.dist.is_main:
+                ckpt.write_json(tmp / ckpt.TRAINER_STATE, {
+                    "global_step": self.global_step,
+                    "epoch": self.epoch,
+                    "step_in_epoch": self.step_in_epoch,
+                    "world_size": self.dist.world_size,
+                    "batch_size": cfg.batch_size,
+                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                    "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler else None,
+                })
+            self._barrier()  # every shard is on disk before rank 0 publishes
+        if self.dist.is_main:
+            ckpt.prune_checkpoints(cfg.output_dir, cfg.keep_last_n_checkpoints)
+        self._barrier()
+        return ckpt.checkpoint_root(cfg.output_dir) / f"step_{self.global_step:07d}"
+
+    def _resume(self, latest: Path) -> None:
+        """Restore optimizer, progress and RNG; the weights were loaded by _setup_model."""
+        state = ckpt.read_trainer_state(latest)
+        ckpt.load_optimizer_state(latest / "training_state", self.model, self.optimizer)
+        rng_file = latest / "rng_state.pt"
+        if rng_file.exists():
+            ckpt.set_rng_state(torch.load(rng_file, weights_only=True))
+        if self.loss_scaler and state.get("loss_scaler"):
+            self.loss_scaler.load_state_dict(state["loss_scaler"])
+        self.global_step = state["global_step"]
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+        if state["world_size"] != self.dist.world_size or state["batch_size"] != self.cfg.batch_size:
+            # Another global batch: keep the fraction of the epoch already seen.
+            old_global = state["world_size"] * state["batch_size"]
+            new_global = self.dist.world_size * self.cfg.batch_size
+            self.step_in_epoch = self.step_in_epoch * old_global // new_global
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if self.dist.is_main:
+            tqdm.write(f"resumed from {latest} (epoch {self.epoch}, step {self.global_step})")
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> None:
+        cfg = self.cfg
+        accum = cfg.gradient_accumulation_steps
+        for epoch in range(self.epoch, cfg.epochs):
+            self.epoch = epoch
+            # The epoch's batch order is a pure function of (seed, epoch, world size), so a
+            # resumed run skips exactly the batches the interrupted one had consumed.
+            batches = iter(self.sampler.epoch_batches(epoch)[self.step_in_epoch * accum:])
+            progress = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
+                            desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                            disable=not self.dist.is_main, dynamic_ncols=True)
+            tokens_since_log, time_since_log = 0, time.perf_counter()
+            while self.step_in_epoch < self.steps_per_epoch:
+                micro = [self.collate(b) for _, b in zip(range(accum), batches)]
+                if not micro:
+                    break
+                # Normalise by the target tokens of the whole step, on every rank, so k
+                # micro-batches (or k ranks) give the update of one k-times bigger batch.
+                n_local = sum(int((m["labels"] != -100).sum()) for m in micro)
+                counts = all_reduce_sum(torch.tensor([float(n_local), float(sum(
+                    self._real_tokens(m) for m in micro))]))
+                n_global, seen_tokens = counts.tolist()
+                loss_sum = torch.zeros((), device=self.device)
+                scale = self.loss_scaler.scale if self.loss_scaler else 1.0
+                # FSDP averages gradients over ranks; undo that to keep a sum over tokens.
+                divisor = max(n_global, 1.0) / self.dist.world_size
+                for m in micro:
+                    batch = {k: v.to(self.device, non_blocking=True) for k, v in m.items()
+                             if k != "real_tokens"}
+                    with self.autocast:
+                        loss = self.loss_fn(self.model, batch)
+                    (loss * (scale / divisor)).backward()
+                    loss_sum += loss.detach()
+
+                grad_norm, stepped = self._optimizer_step()
+                self.global_step += 1
+                self.step_in_epoch += 1
+                tokens_since_log += seen_tokens
+                mean_loss = all_reduce_sum(loss_sum).item() / max(n_global, 1.0)
+                progress.update(1)
+                progress.set_postfix(loss=f"{mean_loss:.4f}")
+                if self.global_step % cfg.log_every_n_steps == 0 and self.loggers:
+                    elapsed = time.perf_counter() - time_since_log
+                    self.loggers.log(self._metrics(mean_loss, grad_norm, stepped,
+                                                   tokens_since_log / elapsed), self.global_step)
+                    tokens_since_log, time_since_log = 0, time.perf_counter()
+                if cfg.save_every_n_steps and self.global_step % cfg.save_every_n_steps == 0 \
+                        and self.step_in_epoch < self.steps_per_epoch:
+                    self.save_checkpoint()
+            progress.close()
+            self.epoch, self.step_in_epoch = epoch + 1, 0
+            path = self.save_checkpoint()
+            if self.dist.is_main:
+                tqdm.write(f"epoch {epoch + 1} done: checkpoint {path}")
+
+    def _real_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        # Tokens/s counts what the model had to read, not padding.
+        return int(batch["real_tokens"]) if "real_tokens" in batch else batch["tokens"].numel()
+
+    def _optimizer_step(self) -> tuple[float, bool]:
+        cfg = self.cfg
+        if self.loss_scaler:
+            self.loss_scaler.unscale_(self.params)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_multiplier(
+                self.global_step, warmup_steps=cfg.warmup_steps, total_steps=self.total_steps,
+                schedule=cfg.lr_scheduler, min_lr_ratio=cfg.min_lr_ratio)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        stepped = True
+        if self.loss_scaler:
+            stepped = self.loss_scaler.update(math.isfinite(grad_norm))
+        if stepped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, stepped
+
+    def _metrics(self, loss: float, grad_norm: float, stepped: bool,
+                 tokens_per_second: float) -> dict[str, float]:
+        metrics = {
+            "epoch": float(self.epoch + 1),
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "tokens_per_second": tokens_per_second,
+        }
+        if self.loss_scaler:
+            metrics["loss_scale"] = self.loss_scaler.scale
+            metrics["skipped_step"] = float(not stepped)
+        if self.device.type == "cuda":
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            # ru_maxrss is in KiB on Linux: the process's peak resident memory.
+            metrics["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return metrics
+
+    def _barrier(self) -> None:
+        if self.dist.distributed:
+            dist.barrier()
+
+    def cleanup(self) -> None:
+        if self.loggers:
+            self.loggers.close()
+            if self.cfg.plot and "jsonl" in self.cfg.metric_loggers:
+                try:
+                    from tune_train.plot import PlotError, plot_metrics
+
+                    png = plot_metrics(Path(self.cfg.output_dir) / "metrics.jsonl")
+                    tqdm.write(f"loss curve: {png}")
+                except (PlotError, FileNotFoundError) as e:
+                    tqdm.write(f"no loss curve drawn: {e}")
+        cleanup_distributed()
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device is '{name}' but no CUDA GPU is visible; set device: cpu "
+                          "(or auto)")
+    return device
+
+
+def _model_file(checkpoint: Path) -> Path:
+    for name in (ckpt.MODEL_FILE, "model.safetensors"):
+        if (checkpoint / name).is_file():
+            return checkpoint / name
+    raise RecipeError(f"checkpoint {checkpoint} holds no model weights; delete it to resume "
+                      "from the one before")
+
+
+def _check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, path: Path,
+                      model_name: str) -> None:
+    expected = {k: tuple(shape) for k, shape in _full_shapes(model).items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    hint = f"; is it a checkpoint of '{model_name}' in native format?"
+    if missing:
+        raise RecipeError(f"{path} lacks {len(missing)} key(s) of model '{model_name}', e.g. "
+                          f"'{missing[0]}'{hint}")
+    if unexpected:
+        raise RecipeError(f"{path} has key(s) model '{model_name}' does not, e.g. "
+                          f"'{unexpected[0]}'{hint}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise RecipeError(f"{path}: '{key}' has shape {tuple(state[key].shape)}, model "
+                              f"'{model_name}' expects {shape}{hint}")
+
+
+def _full_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
+    # Under FSDP2 parameters are DTensors: their .shape is the full (unsharded) shape.
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _model_args(model_config) -> dict:
+    return {k: v for k, v in vars(model_config).items()}
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(info: DistInfo, message: str) -> None:
+    if info.is_main and message not in _warned:
+        _warned.add(message)
+        tqdm.write(f"warning: {message}")
+
+
+def main(cfg: TrainConfig) -> None:
+    """Run the recipe end to end."""
+    recipe = FullFinetuneRecipe(cfg)
+    try:
+        recipe.setup()
+        recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions whose message alone is the right thing to show a user."""
+    from tune_ckpt import CheckpointError
+    from tune_data import DataError
+
+    return (ConfigError, RecipeError, CheckpointError, DataError)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python full_finetune.py --config X [key=value ...] [--debug]``."""
+    parser = argparse.ArgumentParser(description="Full fine-tuning of a Llama-2-class model.")
+    parser.add_argument("--config", help="YAML file or built-in config name (default: none, "
+                        "only defaults and overrides)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4")
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("TUNE_DEBUG") == "1"
+    try:
+        main(load_config(args.config, args.overrides))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except user_errors() as e:
+        if debug:
+            raise
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{prefix}error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
