@@ -11,9 +11,9 @@ def handmade(lengths, prompt_len=2):
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     tokens = np.concatenate([100 * i + 1 + np.arange(n) for i, n in enumerate(lengths)])
     n = len(lengths)
+    prompt_len = np.broadcast_to(prompt_len, (n,)).copy()
     return TokenizedDataset(
-        tokens.astype(np.int32), offsets, np.full(n, prompt_len), np.arange(n),
-        np.zeros(n, bool),
+        tokens.astype(np.int32), offsets, prompt_len, np.arange(n), np.zeros(n, bool)
     )
 
 
@@ -83,8 +83,7 @@ def test_document_mask_is_block_diagonal_causal():
 
 
 def test_packing_cuts_samples_longer_than_a_row_and_drops_those_left_without_loss():
-    ds = handmade([12, 5, 8], prompt_len=2)
-    ds.prompt_len[2] = 8  # sample 2: all prompt within the first 7 positions
+    ds = handmade([12, 5, 8], prompt_len=[2, 2, 8])  # sample 2: all prompt
     packed = pack(ds, max_seq_len=7)
     assert packed.truncated == 1 and packed.dropped == 1
     assert packed.samples.tolist() == [0, 1]

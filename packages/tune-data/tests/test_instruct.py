@@ -159,7 +159,7 @@ def test_csv_with_other_column_names_needs_a_column_map(tmp_path, tokenizer):
 def test_parquet_with_a_custom_template(tmp_path, tokenizer):
     path = tmp_path / "qa.parquet"
     pq.write_table(pa.table({"q": ["Capital of France?", "2+2?"], "a": ["Paris", "4"]}), path)
-    template = PromptTemplate("### Question:\n{question}\n\n### Answer:\n")
+    template = "### Question:\n{question}\n\n### Answer:\n"  # a config gives a plain string
     ds = instruct_dataset(
         tokenizer, "parquet", template, data_files=path, response_field="answer",
         column_map={"question": "q", "answer": "a"}, cache_dir=tmp_path / "c",
@@ -217,6 +217,10 @@ def test_bad_sources_give_one_clear_line(tmp_path, tokenizer):
         alpaca_dataset(tokenizer, data_files=odd)
     with pytest.raises(DataError, match="max_seq_len must be at least 2"):
         alpaca_dataset(tokenizer, data_files=odd, max_seq_len=1)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"instruction": "a", "input": "", "output": ')
+    with pytest.raises(DataError, match="could not read .*broken.json .*check the file format"):
+        alpaca_dataset(tokenizer, data_files=broken, cache_dir=tmp_path / "c")
 
 
 def test_unreachable_hub_is_a_data_error(tmp_path, llama2_tokenizer_path):

@@ -10,6 +10,11 @@ TRICKY = [
 ]
 
 
+def test_a_folder_means_its_tokenizer_model(llama2_tokenizer_path):
+    tok = Llama2Tokenizer(llama2_tokenizer_path.parent)
+    assert tok.encode("Hello world", add_bos=False) == [15043, 3186]
+
+
 def test_hello_world_and_special_ids(tokenizer):
     assert tokenizer.encode("Hello world", add_bos=False) == [15043, 3186]
     assert tokenizer.encode("Hello world") == [1, 15043, 3186]

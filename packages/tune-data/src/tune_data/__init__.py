@@ -19,7 +19,14 @@ from tune_data.instruct import alpaca_cleaned_dataset, alpaca_dataset, instruct_
 from tune_data.packing import PackedDataset, pack, plan_rows
 from tune_data.report import DataStats, describe, render_sample
 from tune_data.sampler import ShardedBatchSampler
-from tune_data.templates import ALPACA, NO_INPUT_PLACEHOLDERS, PromptTemplate, is_empty_input
+from tune_data.templates import (
+    ALPACA,
+    NO_INPUT_PLACEHOLDERS,
+    TEMPLATES,
+    PromptTemplate,
+    as_template,
+    is_empty_input,
+)
 from tune_data.text import text_completion_dataset
 from tune_data.tokenizer import Llama2Tokenizer
 
@@ -33,9 +40,10 @@ DATASETS: dict[str, Callable[..., TokenizedDataset]] = {
 }
 
 __all__ = [
-    "ALPACA", "DATASETS", "DEMO_TEMPLATE", "demo_dataset", "demo_tokenizer", "IGNORE_INDEX", "NO_INPUT_PLACEHOLDERS", "DataError", "DataStats",
-    "Llama2Tokenizer", "PackedDataset", "PromptTemplate", "ShardedBatchSampler",
-    "TokenizedDataset", "alpaca_cleaned_dataset", "alpaca_dataset", "collate", "describe",
+    "ALPACA", "DATASETS", "DEMO_TEMPLATE", "IGNORE_INDEX", "NO_INPUT_PLACEHOLDERS", "DataError",
+    "DataStats", "Llama2Tokenizer", "PackedDataset", "PromptTemplate", "ShardedBatchSampler",
+    "TEMPLATES", "TokenizedDataset", "alpaca_cleaned_dataset", "alpaca_dataset", "as_template",
+    "collate", "demo_dataset", "demo_tokenizer", "describe",
     "document_mask", "instruct_dataset", "is_empty_input", "pack", "plan_rows",
     "render_sample", "shifted_labels", "text_completion_dataset",
 ]

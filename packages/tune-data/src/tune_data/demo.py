@@ -19,10 +19,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from tune_data.templates import PromptTemplate
-
-# Short prompts keep the demo fast: the model spends its compute on the task, not a preamble.
-DEMO_TEMPLATE = PromptTemplate(template="{instruction}: {input}\n")
+from tune_data.templates import DEMO as DEMO_TEMPLATE
 TASKS = ("Reverse", "Sort", "Add")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DEFAULT_RECORDS = 20_000

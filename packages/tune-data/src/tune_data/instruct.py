@@ -25,7 +25,7 @@ import numpy as np
 from tune_data.dataset import TokenizedDataset
 from tune_data.errors import DataError
 from tune_data.sources import DataFiles, check_columns, load_records
-from tune_data.templates import ALPACA, PromptTemplate, is_empty_input
+from tune_data.templates import ALPACA, PromptTemplate, as_template, is_empty_input
 from tune_data.tokenizer import Llama2Tokenizer
 
 # Bump when the tokenisation below changes, so stale cached datasets are not reused.
@@ -216,7 +216,7 @@ def _text(value: Any) -> str:
 def instruct_dataset(
     tokenizer: Llama2Tokenizer,
     source: str,
-    template: PromptTemplate,
+    template: PromptTemplate | str,
     *,
     column_map: Mapping[str, str] | None = None,
     response_field: str = "output",
@@ -238,7 +238,8 @@ def instruct_dataset(
         tokenizer: The model's tokenizer.
         source: Hub dataset name, local file, or builder name (see
             :func:`tune_data.sources.load_records`).
-        template: The prompt, a ``str.format`` string over field names.
+        template: The prompt: a PromptTemplate, a ``str.format`` text over field names
+            (``"### Question:\\n{question}\\n\\n### Answer:\\n"``) or a name ("alpaca").
         column_map: Field name -> column name, for data whose columns are named differently,
             e.g. ``{"instruction": "question", "output": "answer"}``.
         response_field: The field holding the response.
@@ -257,6 +258,7 @@ def instruct_dataset(
     """
     if max_seq_len is not None and max_seq_len < 2:
         raise DataError(f"max_seq_len must be at least 2 tokens, got {max_seq_len}")
+    template = as_template(template)
     column_map = dict(column_map or {})
     fields = [*template.fields, response_field]
     records = load_records(source, data_files, split, cache_dir, **load_kwargs)

@@ -48,37 +48,46 @@ def load_records(
     if data_files is None and _looks_like_local_path(source):
         data_files, source = source, ""
     kwargs: dict[str, Any] = {"split": split, "cache_dir": cache_dir, **load_kwargs}
+    files: list[str] = []
     if data_files is not None:
         files = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
         if not files:
             raise DataError("data_files is empty; pass at least one local data file")
         files = [_existing_file(f) for f in files]
-        builder = source if source in set(BUILDERS.values()) else _builder_for(files[0])
-        if builder == "csv":
+        source = source if source in set(BUILDERS.values()) else _builder_for(files[0])
+        if source == "csv":
             # An empty csv cell is an empty string (an Alpaca record without input), not NaN.
             kwargs.setdefault("keep_default_na", False)
             if Path(files[0]).suffix.lower() == ".tsv":
                 kwargs.setdefault("sep", "\t")
-        if builder == "text":
+        if source == "text":
             kwargs.setdefault("sample_by", "document")
-        where, load = ", ".join(files), lambda: datasets.load_dataset(
-            builder, data_files=files, **kwargs
-        )
-    else:
-        where, load = source, lambda: datasets.load_dataset(source, **kwargs)
+        kwargs["data_files"] = files
     try:
-        return load()
-    except DataError:
-        raise
+        return datasets.load_dataset(source, **kwargs)
     except Exception as error:  # datasets raises many types; the user needs one line
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        reason = f"{type(error).__name__}: {first_line}"
-        if data_files is not None:
-            raise DataError(f"could not read {where} ({reason}); check the file format") from error
+        if files:
+            raise DataError(
+                f"could not read {', '.join(files)} ({_first_line(_root_cause(error))}); "
+                "check the file format"
+            ) from error
         raise DataError(
-            f"could not load '{where}' from the Hugging Face Hub ({reason}); check the name "
+            f"could not load '{source}' from the Hugging Face Hub ({_first_line(error)}); "
+            "check the name "
             "and your connection, or pass data_files= a local json/jsonl/csv/parquet file"
         ) from error
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost cause: datasets wraps a file's parse error in a generic one."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _looks_like_local_path(source: str) -> bool:

@@ -78,3 +78,26 @@ def is_empty_input(text: str) -> bool:
     if not text or text.isspace():
         return True
     return len(text) < 32 and _NOT_ALNUM.sub("", text.lower()) in NO_INPUT_PLACEHOLDERS
+
+
+# Templates by the name configs use.
+# The offline demo's tasks (tune_data.demo): short, so a tiny model spends its compute on them.
+DEMO = PromptTemplate(template="{instruction}: {input}\n")
+
+TEMPLATES: dict[str, PromptTemplate] = {"alpaca": ALPACA, "demo": DEMO}
+
+
+def as_template(template: PromptTemplate | str) -> PromptTemplate:
+    """A template, a name from :data:`TEMPLATES`, or a ``str.format`` prompt text."""
+    if isinstance(template, PromptTemplate):
+        return template
+    if template in TEMPLATES:
+        return TEMPLATES[template]
+    if "{" not in template:
+        from tune_data.errors import DataError
+
+        raise DataError(
+            f"template {template!r} is neither a known name ({', '.join(TEMPLATES)}) nor a "
+            "prompt with {field} placeholders"
+        )
+    return PromptTemplate(template)

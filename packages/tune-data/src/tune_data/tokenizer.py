@@ -15,7 +15,8 @@ class Llama2Tokenizer:
     """SentencePiece tokenizer with Llama 2's special ids.
 
     Args:
-        path: The ``tokenizer.model`` file that ships with Llama 2 checkpoints.
+        path: The ``tokenizer.model`` file that ships with Llama 2 checkpoints, or the folder
+            holding it.
 
     Raises:
         DataError: If the file is missing or is not a SentencePiece model.
@@ -28,6 +29,8 @@ class Llama2Tokenizer:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_dir():
+            self.path = self.path / "tokenizer.model"
         if not self.path.is_file():
             raise DataError(
                 f"tokenizer file {self.path} not found; pass the tokenizer.model file that "
