@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from tune_train.config import (
     ConfigError,
     TrainConfig,

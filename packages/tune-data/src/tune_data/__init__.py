@@ -12,8 +12,8 @@ start fast.
 from collections.abc import Callable
 
 from tune_data.collate import collate, document_mask
-from tune_data.demo import DEMO_TEMPLATE, demo_dataset, demo_tokenizer
 from tune_data.dataset import IGNORE_INDEX, TokenizedDataset, shifted_labels
+from tune_data.demo import DEMO_TEMPLATE, demo_dataset, demo_tokenizer
 from tune_data.errors import DataError
 from tune_data.instruct import alpaca_cleaned_dataset, alpaca_dataset, instruct_dataset
 from tune_data.packing import PackedDataset, pack, plan_rows

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tune_data.templates import DEMO as DEMO_TEMPLATE
+
 TASKS = ("Reverse", "Sort", "Add")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DEFAULT_RECORDS = 20_000

@@ -78,7 +78,8 @@ class FullFinetuneRecipe:
                 self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         self.dtype = DTYPES[cfg.dtype]
-        if cfg.dtype == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        cuda = self.device.type == "cuda"
+        if cfg.dtype == "bf16" and cuda and not torch.cuda.is_bf16_supported():
             raise RecipeError("this GPU has no bf16 support; use dtype: fp16 or fp32")
         torch.manual_seed(cfg.seed)
 
@@ -339,10 +340,10 @@ class FullFinetuneRecipe:
         self.global_step = state["global_step"]
         self.epoch = state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
-        if state["world_size"] != self.dist.world_size or state["batch_size"] != self.cfg.batch_size:
+        old_global = state["world_size"] * state["batch_size"]
+        new_global = self.dist.world_size * self.cfg.batch_size
+        if old_global != new_global:
             # Another global batch: keep the fraction of the epoch already seen.
-            old_global = state["world_size"] * state["batch_size"]
-            new_global = self.dist.world_size * self.cfg.batch_size
             self.step_in_epoch = self.step_in_epoch * old_global // new_global
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
