@@ -74,19 +74,23 @@ def launch(argv: list[str], debug: bool = False) -> int:
     from torch.distributed.run import run
 
     _quiet_torchrun_logs()
+    if "OMP_NUM_THREADS" not in os.environ:
+        # Split the cores between the local processes instead of oversubscribing them
+        # (torchrun would pick 1 and print a banner about it).
+        per_process = max(1, (os.cpu_count() or 1) // max(1, _int_or(nproc, 1)))
+        os.environ["OMP_NUM_THREADS"] = str(per_process)
     try:
         run(parser.parse_args(torchrun_argv))
     except ChildFailedError as e:
-        failures = e.failures
-        first = failures[min(failures)]
-        code = first.exitcode if first.exitcode and first.exitcode > 0 else 1
-        if first.exitcode and first.exitcode < 0:
-            click.echo(f"error: a training process was killed by signal {-first.exitcode}; "
-                       "the job stopped (resume with resume_from_checkpoint: True)", err=True)
-        else:
-            click.echo(f"error: {len(failures)} training process(es) failed; see the messages "
-                       "above", err=True)
-        return code
+        rank, first = e.get_first_failure()  # the root cause, not the ranks torn down after
+        if first.exitcode is not None and first.exitcode < 0:
+            click.echo(f"error: training process of rank {rank} was killed by signal "
+                       f"{-first.exitcode}; the job stopped (resume_from_checkpoint: True "
+                       "continues from the last checkpoint)", err=True)
+            return 1
+        click.echo(f"error: training process of rank {rank} failed; see the messages above",
+                   err=True)
+        return first.exitcode if first.exitcode and first.exitcode > 0 else 1
     return 0
 
 
@@ -107,6 +111,13 @@ def _run_in_process(recipe: Path, recipe_args: list[str]) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = old_argv
+
+
+def _int_or(value: str, default: int) -> int:
+    try:
+        return int(value)
+    except ValueError:  # "gpu", "auto", "cpu": torchrun decides
+        return default
 
 
 def _quiet_torchrun_logs() -> None:

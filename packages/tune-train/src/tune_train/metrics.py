@@ -18,6 +18,13 @@ class MetricLogger(Protocol):
     def close(self) -> None: ...
 
 
+_FORMATS = {
+    "epoch": "{:.0f}", "loss": "{:.4f}", "lr": "{:.3g}", "grad_norm": "{:.3f}",
+    "tokens_per_second": "{:,.0f}", "peak_memory_gib": "{:.2f}", "peak_rss_gib": "{:.2f}",
+    "loss_scale": "{:.0f}", "skipped_step": "{:.0f}",
+}
+
+
 class StdoutLogger:
     """One line per logged step: step, loss, lr, tokens/s, peak memory."""
 
@@ -27,14 +34,7 @@ class StdoutLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         parts = [f"step {step}"]
         for key, value in metrics.items():
-            if key in ("epoch",):
-                parts.append(f"{key} {int(value)}")
-            elif key == "lr":
-                parts.append(f"lr {value:.3g}")
-            elif isinstance(value, float) and not value.is_integer():
-                parts.append(f"{key} {value:.4f}")
-            else:
-                parts.append(f"{key} {value:,.0f}")
+            parts.append(f"{key} {_FORMATS.get(key, '{:.4g}').format(value)}")
         self._write(" | ".join(parts))
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -206,7 +207,10 @@ class FullFinetuneRecipe:
 
     def _init_weights(self, model: torch.nn.Module) -> None:
         torch.manual_seed(self.cfg.seed)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # Sharded (DTensor) init on a CPU mesh warns that its random streams are not
+            # coordinated across ranks; that is expected and documented above.
+            warnings.filterwarnings("ignore", message="DTensor random operators")
             model.init_weights()
 
     def _read_weights(self, path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -557,11 +561,35 @@ def cli(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         if debug:
             raise
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"{prefix}error: {e}", file=sys.stderr)
+        _report(str(e))
+        return 1
+    except Exception as e:
+        if debug or not _lost_a_peer(e):
+            raise
+        # Another rank died (killed, out of memory, node lost): torchrun stops the job; a
+        # traceback from every survivor would only bury the cause.
+        _report(f"lost contact with another training process ({str(e).splitlines()[0][:200]})")
         return 1
     return 0
+
+
+def _report(message: str) -> None:
+    # Every process hits the same config mistake: one line per node, from its first process.
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        rank = os.environ.get("RANK", "0")
+        prefix = f"[rank {rank}] " if rank != "0" else ""
+        print(f"{prefix}error: {message}", file=sys.stderr)
+
+
+def _lost_a_peer(error: Exception) -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return False
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        mark in text for mark in ("Connection closed by peer", "Connection reset by peer",
+                                  "gloo", "NCCL", "Broken pipe"))
 
 
 if __name__ == "__main__":

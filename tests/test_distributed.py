@@ -1,0 +1,156 @@
+"""FSDP2 under real torchrun processes (CPU, gloo), launched the tutorial's way:
+``tune --nnodes 1 --nproc_per_node 2 full_finetune.py --config my.yaml``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from train_helpers import make_demo_files, tiny_config
+from tune_train.checkpointing import latest_checkpoint, read_trainer_state
+from tune_train.metrics import read_jsonl_metrics
+
+TUNE = str(Path(sys.executable).with_name("tune"))
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Demo data, tokenizer, and one seeded starting checkpoint every run loads."""
+    from tune_ckpt import save_native
+    from tune_models import Llama2, llama2_tiny
+
+    root = tmp_path_factory.mktemp("dist")
+    files = make_demo_files(root)
+    torch.manual_seed(0)
+    model_config = llama2_tiny(vocab_size=64)
+    model = Llama2(model_config)
+    model.init_weights()
+    start = root / "start" / "native_pytorch_model.pt"
+    start.parent.mkdir()
+    save_native(model.state_dict(), start, model_args=vars(model_config))
+    return root, files, start
+
+
+def _write_config(setup, name: str, **extra) -> tuple[Path, Path]:
+    root, files, start = setup
+    out = root / name
+    settings = dict(output_dir=str(out), model_checkpoint=str(start),
+                    model_args={"vocab_size": 64}, enable_fsdp=True,
+                    enable_activation_checkpointing=True, max_steps_per_epoch=STEPS,
+                    optimizer="AdamW", lr=1e-3)
+    cfg = tiny_config(files, **{**settings, **extra})
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, out
+
+
+def _launch(config: Path, nproc: int, *overrides: str) -> subprocess.Popen:
+    args = [TUNE, "--nnodes", "1", "--nproc_per_node", str(nproc), "full_finetune.py",
+            "--config", str(config), *overrides]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TUNE_DIST_TIMEOUT": "60"})
+
+
+def _run(config: Path, nproc: int, *overrides: str) -> str:
+    proc = _launch(config, nproc, *overrides)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return out + err
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl_metrics(out / "metrics.jsonl")}
+
+
+def test_two_process_fsdp_equals_one_process(setup):
+    """Same global batch (2 ranks x 2 samples x 2 micro-batches = 1 x 4 x 2), activation
+    checkpointing and gradient accumulation on: the losses agree for every step."""
+    config1, out1 = _write_config(setup, "one", batch_size=4, gradient_accumulation_steps=2)
+    config2, out2 = _write_config(setup, "two", batch_size=2, gradient_accumulation_steps=2,
+                                  metric_loggers=["stdout", "jsonl"])
+    _run(config1, 1)
+    log = _run(config2, 2)
+    one, two = _losses(out1), _losses(out2)
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5), step
+    assert one[STEPS] < one[1]
+    # Only rank 0 logs and reports: each line appears once.
+    assert log.count("step 3 |") == 1
+    assert log.count("epoch 1 done") == 1
+    # The gathered checkpoint loads on one device with the native schema and matches shapes.
+    ckpt = latest_checkpoint(out2)
+    state = torch.load(ckpt / "native_pytorch_model.pt", weights_only=True, mmap=True)
+    single = torch.load(latest_checkpoint(out1) / "native_pytorch_model.pt", weights_only=True)
+    assert state.keys() == single.keys()
+    for key in state:
+        torch.testing.assert_close(state[key], single[key], atol=1e-4, rtol=1e-3, msg=key)
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_on_a_different_number_of_processes(setup, before, after):
+    """Epoch 1 on `before` processes, epoch 2 resumed on `after`; the global batch stays 4,
+    so the losses follow a run that never stopped."""
+    per_rank = {1: 4, 2: 2}
+    reference_config, reference = _write_config(setup, f"ref-{before}{after}", epochs=2,
+                                                batch_size=4, max_steps_per_epoch=3)
+    _run(reference_config, 1)
+    config, out = _write_config(setup, f"switch-{before}{after}", epochs=1,
+                                batch_size=per_rank[before], max_steps_per_epoch=3)
+    _run(config, before)
+    assert read_trainer_state(latest_checkpoint(out))["world_size"] == before
+    log = _run(config, after, "epochs=2", f"batch_size={per_rank[after]}",
+               "resume_from_checkpoint=True")
+    assert "resumed from" in log
+    expected, got = _losses(reference), _losses(out)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(4, 7):
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_a_killed_rank_stops_the_job_and_resume_matches(setup):
+    reference_config, reference = _write_config(setup, "kill-ref", save_every_n_steps=2,
+                                                batch_size=2, max_steps_per_epoch=8)
+    _run(reference_config, 2)
+    config, out = _write_config(setup, "kill", save_every_n_steps=2, batch_size=2,
+                                max_steps_per_epoch=8)
+    proc = _launch(config, 2)
+    deadline = time.monotonic() + 180
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    ranks = _children(proc.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(max(ranks), signal.SIGKILL)  # rank 1 (started last) dies without a word
+    killed_at = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.monotonic() - killed_at < 60, "the job hung after a rank died"
+    assert "error:" in err and "Traceback" not in err
+    _run(config, 2, "resume_from_checkpoint=True")
+    expected, got = _losses(reference), _losses(out)
+    assert sorted(got) == list(range(1, 9))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
