@@ -61,6 +61,20 @@ def sample_token(
     return (probs / race).argmax(dim=-1)
 
 
+def _logits(model: Llama2, hidden: torch.Tensor) -> torch.Tensor:
+    """(B, D) final hidden states -> (B, V) logits."""
+    if hidden.device.type != "cpu":
+        return model.output(hidden)
+    # On CPU, MKL computes (V, D) @ (D, B) 2-4x faster than the same product as
+    # (B, D) @ (D, V) (F.linear's order), and a single column falls into its slow
+    # matrix-vector path, so a lone row is paired with itself. For llama2_20m's 32000 x 256
+    # output matrix on 2 cores: 1.6 ms instead of 4.6 ms at batch 1, 3.8 instead of 8.5 at 8.
+    weight = model.output.weight  # (V, D)
+    if hidden.shape[0] == 1:
+        return (weight @ hidden.repeat(2, 1).t())[:, :1].t()  # (1, V)
+    return (weight @ hidden.t()).t()  # (B, V)
+
+
 def _decode_step(
     model: Llama2, token: torch.Tensor, pos: torch.Tensor, pad_start: torch.Tensor
 ) -> torch.Tensor:
@@ -68,7 +82,8 @@ def _decode_step(
     cache_len = model.layers[0].attention.kv_cache.max_seq_len
     slots = torch.arange(cache_len, device=token.device)  # (S,)
     mask = (slots <= pos) & (slots >= pad_start[:, None])  # (B, S): seen so far, not padding
-    return model(token, input_pos=pos, mask=mask[:, None, :])[:, -1]  # (B, V)
+    hidden = model.hidden_states(token, input_pos=pos, mask=mask[:, None, :])  # (B, 1, D)
+    return _logits(model, hidden[:, -1])  # (B, V)
 
 
 _compiled_steps: dict[str, object] = {}
@@ -183,7 +198,7 @@ def _decode(
             (slots >= pad_start[:, None, None]) | (slots == pos[:, None])
         )  # (B, T, S)
         hidden = model.hidden_states(tokens, input_pos=pos, mask=mask)
-        logits = model.output(hidden[:, -1])  # (B, V): only the last position is needed
+        logits = _logits(model, hidden[:, -1])  # (B, V): only the last position is needed
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         next_pos = torch.tensor([prompt_len], dtype=torch.long, device=device)
         for i in range(max_new_tokens):
