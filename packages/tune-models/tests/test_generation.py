@@ -232,3 +232,18 @@ def test_zero_new_tokens_and_bf16(model):
     out = generate(small, [[1, 2, 3], [4]], 6)
     # bf16 weights give a bf16 cache, and decoding still follows the bf16 full forward.
     assert out == [_greedy_by_full_forward(small, p, 6) for p in [[1, 2, 3], [4]]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_generation_on_gpu_equals_eager(model):
+    """The real thing: inductor + CUDA graphs, bf16, ragged batch, EOS, repeated calls."""
+    gpu = Llama2(CFG).to("cuda", torch.bfloat16)
+    gpu.load_state_dict(model.state_dict())
+    expected = generate(gpu, PROMPTS, 24)
+    assert generate(gpu, PROMPTS, 24, compile=True) == expected
+    assert generate(gpu, PROMPTS, 24, compile=True) == expected  # replays the CUDA graph
+    eos = expected[0][5]
+    assert generate(gpu, PROMPTS, 24, stop_tokens=eos, compile=True) == generate(
+        gpu, PROMPTS, 24, stop_tokens=eos
+    )
