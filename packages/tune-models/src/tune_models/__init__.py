@@ -1,5 +1,6 @@
 """tune-models: Llama 2 model code (torch only), importable by any project."""
 
+from tune_models.generation import generate, generate_stream, sample_token
 from tune_models.kv_cache import KVCache
 from tune_models.llama2 import (
     Attention,
@@ -37,6 +38,8 @@ __all__ = [
     "RMSNorm",
     "TransformerBlock",
     "apply_rope",
+    "generate",
+    "generate_stream",
     "linear_cross_entropy",
     "llama2_7b",
     "llama2_13b",
@@ -44,4 +47,5 @@ __all__ = [
     "llama2_70b",
     "llama2_tiny",
     "rope_cache",
+    "sample_token",
 ]

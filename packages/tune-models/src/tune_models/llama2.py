@@ -343,6 +343,34 @@ class Llama2(nn.Module):
         Raises:
             ValueError: If the sequence is longer than max_seq_len or arguments do not fit.
         """
+        h = self.hidden_states(tokens, input_pos, mask)
+        if labels is not None:
+            return linear_cross_entropy(h, self.output.weight, labels)
+        return self.output(h)
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final, normalised hidden states: ``forward`` without the output projection.
+
+        For callers that need logits at a few positions only (the last prompt position when
+        decoding, the continuation tokens when scoring): ``model.output(h[:, -1])`` costs one
+        row of the (dim x vocab_size) projection instead of T.
+
+        Args:
+            tokens: (B, T) token ids.
+            input_pos: As in ``forward``.
+            mask: As in ``forward``.
+
+        Returns:
+            (B, T, dim) hidden states, in the model's dtype.
+
+        Raises:
+            ValueError: If the sequence is longer than max_seq_len or arguments do not fit.
+        """
         b, t = tokens.shape
         if t > self.config.max_seq_len:
             raise ValueError(
@@ -369,7 +397,4 @@ class Llama2(nn.Module):
                 h = checkpoint(layer, h, rope, mask, cache_pos, use_reentrant=False)
             else:
                 h = layer(h, rope, mask, cache_pos)
-        h = self.norm(h)
-        if labels is not None:
-            return linear_cross_entropy(h, self.output.weight, labels)
-        return self.output(h)
+        return self.norm(h)

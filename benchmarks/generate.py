@@ -1,0 +1,148 @@
+"""Decode throughput of tune_models.generate vs transformers' generate, CPU fp32.
+
+    uv run python benchmarks/generate.py [--rounds 3] [--new-tokens 128]
+
+A ~20M-parameter Llama 2 (tune_models.llama2_20m, random weights) is built once in
+transformers and mapped into tune_models.Llama2, so both decode with the same weights. For
+batch 1 and batch 8 (prompts of different lengths, left-padded for both) each round runs
+greedy decoding of --new-tokens tokens with ours, then with transformers' generate
+(sdpa attention, its default dynamic cache), alternating. New tokens per second counts every
+row's new tokens over the whole call (prefill included). Prints medians, spread, whether the
+tokens agree, and the ratio last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from _timing import alternate, median, summary
+from transformers import LlamaConfig, LlamaForCausalLM
+from tune_models import Llama2, Llama2Config, generate, llama2_20m
+
+
+def hf_llama(cfg: Llama2Config) -> LlamaForCausalLM:
+    """transformers' LlamaForCausalLM of the same shape, eos disabled (random weights)."""
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads, rms_norm_eps=cfg.norm_eps,
+            max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
+            attn_implementation="sdpa", pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+    ).eval()
+    # Random weights emit any token, EOS included: decode the full length in both.
+    hf.generation_config.eos_token_id = None
+    return hf
+
+
+def hf_to_native(sd: dict[str, torch.Tensor], cfg: Llama2Config) -> dict[str, torch.Tensor]:
+    """Benchmark-only key map from transformers' Llama names to the native schema."""
+
+    def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+        # HF rotates halves of each head; native rotates adjacent pairs (Meta's layout).
+        rows, cols = w.shape
+        return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+    out = {
+        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
+        "norm.weight": sd["model.norm.weight"],
+        "output.weight": sd["lm_head.weight"],
+    }
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        q = unpermute(sd[p + "self_attn.q_proj.weight"], cfg.n_heads)
+        k = unpermute(sd[p + "self_attn.k_proj.weight"], cfg.n_kv_heads)
+        out[f"layers.{i}.attention.wqkv.weight"] = torch.cat(
+            [q, k, sd[p + "self_attn.v_proj.weight"]]
+        )
+        out[f"layers.{i}.attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
+        out[f"layers.{i}.feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
+        out[f"layers.{i}.feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
+        out[f"layers.{i}.feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
+        out[f"layers.{i}.attention_norm.weight"] = sd[p + "input_layernorm.weight"]
+        out[f"layers.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+    return out
+
+
+def same_weights(cfg: Llama2Config) -> tuple[Llama2, LlamaForCausalLM]:
+    hf = hf_llama(cfg)
+    with torch.device("meta"):
+        ours = Llama2(cfg)
+    ours.load_state_dict(hf_to_native(hf.state_dict(), cfg), strict=True, assign=True)
+    return ours.eval(), hf
+
+
+def hf_generate(hf: LlamaForCausalLM, prompts: list[list[int]], n: int) -> list[list[int]]:
+    width = max(len(p) for p in prompts)
+    device = hf.lm_head.weight.device
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    attention = torch.tensor(
+        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device
+    )
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=ids, attention_mask=attention, do_sample=False, max_new_tokens=n,
+            min_new_tokens=n, pad_token_id=0,
+        )
+    return out[:, width:].tolist()
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Share of rows whose first half of the tokens agree (random weights: near-ties later)."""
+    half = len(a[0]) // 2
+    return sum(x[:half] == y[:half] for x, y in zip(a, b)) / len(a)
+
+
+def bench(ours: Llama2, hf: LlamaForCausalLM, batch: int, n: int, rounds: int) -> float:
+    g = torch.Generator().manual_seed(batch)
+    lengths = [16 + 3 * i for i in range(batch)]  # ragged prompts, 16..37 tokens
+    prompts = [torch.randint(3, ours.config.vocab_size, (k,), generator=g).tolist()
+               for k in lengths]
+    outputs = {}
+
+    def runner(name, fn):
+        def run() -> float:
+            start = time.perf_counter()
+            outputs[name] = fn()
+            return batch * n / (time.perf_counter() - start)
+
+        return run
+
+    runs = {
+        "tune": runner("tune", lambda: generate(ours, prompts, n)),
+        "transformers": runner("transformers", lambda: hf_generate(hf, prompts, n)),
+    }
+    for run in runs.values():  # warm-up
+        run()
+    res = alternate(runs, rounds)
+    ratio = median(res["tune"]) / median(res["transformers"])
+    print(f"batch {batch}, prompts {lengths[0]}..{lengths[-1]} tokens, {n} new tokens each:")
+    for k, v in res.items():
+        print(f"  {k:13s} new tokens/s {summary(v)}")
+    agree = agreement(outputs["tune"], outputs["transformers"])
+    print(f"  greedy tokens agree (first half) in {agree:.0%} of rows")
+    print(f"  ratio tune / transformers: {ratio:.2f}")
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    cfg = llama2_20m()
+    ours, hf = same_weights(cfg)
+    params = sum(p.numel() for p in ours.parameters())
+    print(f"llama2_20m ({params / 1e6:.1f}M params), CPU fp32, greedy, "
+          f"{torch.get_num_threads()} threads")
+    ratios = [bench(ours, hf, batch, args.new_tokens, args.rounds) for batch in (1, 8)]
+    print(f"ratio tune / transformers: batch 1 {ratios[0]:.2f}, batch 8 {ratios[1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
