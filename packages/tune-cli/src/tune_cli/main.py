@@ -8,6 +8,7 @@ click sees the arguments.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,254 @@ def cli(debug: bool) -> None:
 
     Try it offline in two minutes: tune run full_finetune --config demo
     """
+
+
+# ----------------------------------------------------------------------------- checkpoints
+@cli.command(context_settings=CONTEXT)
+@click.argument("repo_id_arg", metavar="REPO_ID", required=False)
+@click.option("--repo_id", "--repo-id", "repo_id", help="Hub repository, e.g. "
+              "meta-llama/Llama-2-7b (or give it as the first argument).")
+@click.option("--output_dir", "--output-dir", "output_dir", type=click.Path(path_type=Path),
+              required=True, help="Folder to download into.")
+@click.option("--hf-token", "--hf_token", "hf_token", default=None,
+              help="Hugging Face access token (default: $HF_TOKEN or your `hf auth login`). "
+              "Never printed or stored.")
+@click.option("--ignore-patterns", "--ignore_patterns", "ignore_patterns", multiple=True,
+              help="Glob of files to skip, e.g. '*.safetensors' (repeatable).")
+@click.option("--revision", default=None, help="Branch, tag or commit.")
+def download(repo_id_arg: str | None, repo_id: str | None, output_dir: Path,
+             hf_token: str | None, ignore_patterns: tuple[str, ...], revision: str | None) -> None:
+    """Download a model repository from the Hugging Face Hub (re-running resumes)."""
+    from tune_ckpt.cli import run_download
+
+    repo = repo_id or repo_id_arg
+    if not repo:
+        raise click.UsageError("name the repository: tune download meta-llama/Llama-2-7b "
+                               "--output-dir /tmp/llama2")
+    run_download(repo, output_dir, hf_token=hf_token, ignore_patterns=list(ignore_patterns),
+                 revision=revision)
+
+
+def _convert_options(function):
+    options = [
+        click.option("--checkpoint_path", "--checkpoint-path", "checkpoint_path",
+                     type=click.Path(path_type=Path), required=True,
+                     help="A checkpoint file (e.g. consolidated.00.pth) or its folder."),
+        click.option("--output_path", "--output-path", "-o", "output_path", default=None,
+                     type=click.Path(path_type=Path),
+                     help="Where to write (default: native_pytorch_model.pt beside the input "
+                     "for Meta checkpoints)."),
+        click.option("--from", "source_format", type=click.Choice(["meta", "hf", "native"]),
+                     default=None, help="Input format (default: detected)."),
+        click.option("--to", "target_format", type=click.Choice(["native", "hf", "meta"]),
+                     default="native", show_default=True, help="Output format."),
+        click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                     help="Cast the weights (default: keep)."),
+        click.option("--force", is_flag=True, help="Overwrite existing output."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@cli.command("convert_checkpoint", context_settings=CONTEXT)
+@_convert_options
+def convert_checkpoint(checkpoint_path: Path, output_path: Path | None, source_format: str | None,
+                       target_format: str, dtype: str | None, force: bool) -> None:
+    """Convert a checkpoint between Meta, Hugging Face and tune's native format."""
+    from tune_ckpt.cli import run_convert
+
+    run_convert(checkpoint_path, source_format=source_format, target_format=target_format,
+                output_path=output_path, dtype=dtype, force=force)
+
+
+# The dash spelling works too, without a second line in `tune --help`.
+_dash_alias = copy.copy(convert_checkpoint)
+_dash_alias.hidden = True
+cli.add_command(_dash_alias, "convert-checkpoint")
+
+
+# ----------------------------------------------------------------------------- generate / eval
+def _model_options(function):
+    options = [
+        click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+                     help="Weights file, checkpoint folder, or a training output_dir (its latest "
+                     "checkpoint)."),
+        click.option("--config", "config_name", default=None,
+                     help="Or a training config: its output_dir and tokenizer are used."),
+        click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+                     help="tokenizer.model (default: beside the checkpoint or the run's)."),
+        click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto."),
+        click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                     help="Compute dtype (default: the checkpoint's)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _load(checkpoint: Path | None, config_name: str | None, tokenizer: Path | None,
+          device: str, dtype: str | None):
+    import torch
+    from tune_data import Llama2Tokenizer
+    from tune_train.loading import load_model, resolve_checkpoint, resolve_tokenizer
+
+    if checkpoint is None and config_name is None:
+        raise click.UsageError("pass --checkpoint (a weights file or output_dir) or --config")
+    if checkpoint is None:
+        from tune_train.config import load_config
+
+        cfg = load_config(config_name)
+        checkpoint = Path(cfg.output_dir)
+        tokenizer = tokenizer or Path(cfg.tokenizer_checkpoint)
+    weights = resolve_checkpoint(checkpoint)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        dtype or "")
+    model, _ = load_model(weights, device=device, dtype=torch_dtype)
+    return model, Llama2Tokenizer(resolve_tokenizer(weights, tokenizer)), weights
+
+
+@cli.command(context_settings=CONTEXT)
+@_model_options
+@click.option("--prompt", "-p", "prompts", multiple=True, required=True,
+              help="Prompt text (repeat for a batch).")
+@click.option("--template", default="none", show_default=True,
+              help="Wrap each prompt as an instruction: none, alpaca, demo.")
+@click.option("--max-new-tokens", "--max_new_tokens", "max_new_tokens", default=256,
+              show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="0 is greedy decoding.")
+@click.option("--top-k", "--top_k", "top_k", type=click.IntRange(min=1), default=None)
+@click.option("--top-p", "--top_p", "top_p", type=click.FloatRange(0.0, 1.0), default=None)
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the decode step (GPU).")
+def generate(checkpoint, config_name, tokenizer, device, dtype, prompts, template,
+             max_new_tokens, temperature, top_k, top_p, seed, compile_) -> None:
+    """Generate text from a checkpoint; prints each answer, then tokens/s on stderr."""
+    import time
+
+    from tune_data import TEMPLATES
+    from tune_models import generate as generate_tokens
+
+    if template != "none" and template not in TEMPLATES:
+        raise click.UsageError(f"unknown template '{template}'; choose none, "
+                               f"{', '.join(TEMPLATES)}")
+    model, tok, weights = _load(checkpoint, config_name, tokenizer, device, dtype)
+    texts = [p if template == "none" else TEMPLATES[template].render(
+        {"instruction": p, "input": ""} if template == "alpaca" else _split_demo(p))
+        for p in prompts]
+    encoded = [tok.encode(t, add_bos=True) for t in texts]
+    limit = model.config.max_seq_len - max(len(e) for e in encoded)
+    if limit < 1:
+        raise click.ClickException(f"the prompt fills the model's whole context "
+                                   f"({model.config.max_seq_len} tokens); shorten it")
+    start = time.perf_counter()
+    outputs = generate_tokens(model, encoded, min(max_new_tokens, limit),
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              stop_tokens=tok.eos_id, compile=compile_)
+    elapsed = time.perf_counter() - start
+    for prompt, out in zip(prompts, outputs):
+        answer = tok.decode([t for t in out if t != tok.eos_id])
+        if len(prompts) > 1:
+            click.echo(f"### {prompt}")
+        click.echo(answer)
+    new_tokens = sum(len(o) for o in outputs)
+    click.echo(f"[{weights}] {new_tokens} new tokens in {elapsed:.2f} s: "
+               f"{new_tokens / max(elapsed, 1e-9):.1f} tokens/s", err=True)
+
+
+def _split_demo(prompt: str) -> dict[str, str]:
+    instruction, sep, text = prompt.partition(":")
+    if not sep:
+        raise click.UsageError("demo prompts look like 'Reverse: tune' or 'Add: 12+30'")
+    return {"instruction": instruction.strip(), "input": text.strip()}
+
+
+@cli.command("eval", context_settings=CONTEXT)
+@_model_options
+@click.option("--tasks", default=None, help="Comma-separated lm-eval tasks, e.g. "
+              "hellaswag,arc_easy (needs the eval extra: pip install 'tune-train[eval]').")
+@click.option("--include-path", "--include_path", "include_path", default=None,
+              type=click.Path(path_type=Path), help="Folder of your own lm-eval task YAMLs.")
+@click.option("--limit", type=float, default=None, help="Documents per task (or a fraction).")
+@click.option("--num-fewshot", "--num_fewshot", "num_fewshot", type=int, default=None)
+@click.option("--batch-size", "--batch_size", "batch_size", type=int, default=8, show_default=True)
+@click.option("--perplexity", "perplexity_file", type=click.Path(path_type=Path), default=None,
+              help="A text file: report perplexity over it (no lm-eval needed).")
+@click.option("--max-seq-len", "--max_seq_len", "max_seq_len", type=int, default=None,
+              help="Window length for perplexity (default: the model's).")
+def eval_(checkpoint, config_name, tokenizer, device, dtype, tasks, include_path, limit,
+          num_fewshot, batch_size, perplexity_file, max_seq_len) -> None:
+    """Evaluate a checkpoint: lm-eval harness tasks and/or perplexity over a text file."""
+    if not tasks and perplexity_file is None:
+        raise click.UsageError("pass --tasks (lm-eval) and/or --perplexity FILE")
+    model, tok, weights = _load(checkpoint, config_name, tokenizer, device, dtype)
+    if perplexity_file is not None:
+        from tune_train.eval import perplexity
+
+        result = perplexity(model, tok, perplexity_file.read_text(), max_seq_len=max_seq_len,
+                            batch_size=batch_size)
+        click.echo(f"perplexity {result.perplexity:.3f} (nll {result.nll:.4f} nats/token over "
+                   f"{result.num_tokens:,} tokens of {perplexity_file})")
+    if tasks:
+        from tune_train.eval import evaluate
+
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        results = evaluate(model, tok, names, include_path=str(include_path) if include_path
+                           else None, limit=int(limit) if limit and limit >= 1 else limit,
+                           num_fewshot=num_fewshot, batch_size=batch_size)
+        for task, metrics in results["results"].items():
+            shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
+                              if isinstance(v, float) and "stderr" not in k)
+            click.echo(f"{task}: {shown}")
+
+
+# ----------------------------------------------------------------------------- data
+@cli.group(context_settings=CONTEXT)
+def data() -> None:
+    """Look at a config's training data before training on it."""
+
+
+@data.command("show", context_settings={"ignore_unknown_options": True})
+@click.argument("config_name")
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@click.option("--index", "-i", "indices", type=int, multiple=True, default=(0,),
+              show_default=True, help="Sample(s) to print.")
+@click.option("--ids", is_flag=True, help="Show token ids too.")
+def data_show(config_name: str, overrides: tuple[str, ...], indices: tuple[int, ...],
+              ids: bool) -> None:
+    """Print samples of CONFIG's dataset decoded, with the tokens that take no loss marked."""
+    from tune_data import render_sample
+
+    dataset = _build_dataset(config_name, overrides)
+    for i in indices:
+        click.echo(render_sample(dataset, i, show_ids=ids, color=sys.stdout.isatty()))
+
+
+@data.command("stats", context_settings={"ignore_unknown_options": True})
+@click.argument("config_name")
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+def data_stats(config_name: str, overrides: tuple[str, ...]) -> None:
+    """Counts, lengths, truncated and dropped samples, and samples with no loss tokens."""
+    from tune_data import describe
+
+    click.echo(describe(_build_dataset(config_name, overrides)))
+
+
+def _build_dataset(config_name: str, overrides: tuple[str, ...]):
+    from tune_train import registry
+    from tune_train.config import load_config
+
+    cfg = load_config(config_name, list(overrides))
+    tokenizer = registry.lookup(registry.TOKENIZERS, cfg.tokenizer, "tokenizer")(
+        cfg.tokenizer_checkpoint)
+    builder = registry.lookup(registry.DATASETS, cfg.dataset, "dataset")
+    kwargs = dict(data_files=cfg.data_files, split=cfg.dataset_split,
+                  train_on_input=cfg.train_on_input, max_seq_len=cfg.max_seq_len,
+                  **cfg.dataset_args)
+    if cfg.dataset_source is not None:
+        kwargs["source"] = cfg.dataset_source
+    return builder(tokenizer, **kwargs)
 
 
 # ----------------------------------------------------------------------------- config

@@ -1,0 +1,103 @@
+"""Finding and loading a trained or converted model for generation and evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tune_train.recipes.full_finetune import RecipeError
+
+_WEIGHT_FILES = ("native_pytorch_model.pt", "model.safetensors")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The weights file a user means by ``path``.
+
+    Accepts a weights file, a checkpoint folder, or a training output_dir (its latest
+    checkpoint).
+
+    Raises:
+        RecipeError: If nothing loadable is there.
+    """
+    from tune_train.checkpointing import latest_checkpoint
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        folder = latest if latest is not None else path
+        for name in _WEIGHT_FILES:
+            if (folder / name).is_file():
+                return folder / name
+        raise RecipeError(f"{path} holds no model weights ({' or '.join(_WEIGHT_FILES)}) and "
+                          "no checkpoints; pass a checkpoint file or a training output_dir")
+    raise RecipeError(f"checkpoint {path} does not exist")
+
+
+def resolve_tokenizer(checkpoint: Path, tokenizer: str | Path | None) -> Path:
+    """The tokenizer file: as given, else beside the checkpoint, else the training run's.
+
+    Raises:
+        RecipeError: If none is found.
+    """
+    if tokenizer is not None:
+        return Path(tokenizer)
+    for folder in (checkpoint.parent, checkpoint.parent.parent.parent):
+        if (folder / "tokenizer.model").is_file():
+            return folder / "tokenizer.model"
+        config = folder / "config.yaml"
+        if config.is_file():  # a training run's output_dir names its tokenizer
+            from tune_train.config import read_yaml
+
+            named = read_yaml(config).get("tokenizer_checkpoint")
+            if named and Path(named).is_file():
+                return Path(named)
+    raise RecipeError(f"no tokenizer found for {checkpoint}; pass --tokenizer "
+                      "path/to/tokenizer.model")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device '{name}' asked for but no CUDA GPU is visible; use cpu")
+    return device
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "auto",
+               dtype: torch.dtype | None = None):
+    """Build a Llama2 of the checkpoint's shape and load its weights (mmap, weights only).
+
+    The shape comes from the ``tune_model.json`` written beside every native checkpoint (or
+    Meta's params.json / HF's config.json there).
+
+    Returns:
+        (model in eval mode, its Llama2Config).
+
+    Raises:
+        RecipeError: If the checkpoint or its shape cannot be found, or does not fit.
+    """
+    from tune_ckpt import CheckpointError, load_native, read_model_args
+    from tune_models import Llama2, Llama2Config
+
+    path = resolve_checkpoint(checkpoint)
+    try:
+        args = read_model_args(path)
+        state = load_native(path)
+    except CheckpointError as e:
+        raise RecipeError(str(e)) from e
+    fields = Llama2Config.__dataclass_fields__
+    config = Llama2Config(**{k: v for k, v in args.items() if k in fields})
+    with torch.device("meta"):
+        model = Llama2(config)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise RecipeError(f"{path} does not fit the shape in its tune_model.json: {first}") from e
+    device = pick_device(device) if isinstance(device, str) else device
+    model = model.to(device=device, dtype=dtype) if dtype else model.to(device=device)
+    return model.eval(), config
