@@ -50,6 +50,7 @@ def launch(argv: list[str], debug: bool = False) -> int:
     if not argv or all(a.startswith("-") for a in argv):
         raise click.UsageError("name a recipe to run, e.g. `tune run full_finetune --config "
                                "alpaca_llama2_full_finetune` (`tune recipe ls` lists them)")
+    resolve_recipe(_recipe_token(argv))  # a misspelt recipe fails before torch is imported
     from torch.distributed.run import get_args_parser
 
     parser = get_args_parser()
@@ -92,6 +93,24 @@ def launch(argv: list[str], debug: bool = False) -> int:
                    err=True)
         return first.exitcode if first.exitcode and first.exitcode > 0 else 1
     return 0
+
+
+# torchrun options that take no value; every other option before the recipe takes one.
+_TORCHRUN_FLAGS = {"--standalone", "--no-python", "--no_python", "-m", "--module", "--run-path",
+                   "--run_path", "--use-env", "--use_env", "--virtual-local-rank",
+                   "--virtual_local_rank"}
+
+
+def _recipe_token(argv: list[str]) -> str:
+    """The recipe among torchrun's arguments, found without importing torch."""
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("-"):
+            return token
+        takes_value = token not in _TORCHRUN_FLAGS and "=" not in token
+        i += 2 if takes_value else 1
+    raise click.UsageError("name a recipe to run, e.g. `tune run full_finetune --config demo`")
 
 
 def _run_in_process(recipe: Path, recipe_args: list[str]) -> int:
