@@ -51,7 +51,15 @@ class JsonlLogger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A kill can cut the last line short; start on a fresh line so it stays the only loss.
+        cut = False
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with self.path.open("rb") as f:
+                f.seek(-1, 2)
+                cut = f.read(1) != b"\n"
         self._file = self.path.open("a", buffering=1)
+        if cut:
+            self._file.write("\n")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         record = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}

@@ -1,0 +1,74 @@
+"""Metric loggers write what a user later reads: stdout lines, JSONL, TensorBoard events,
+Weights & Biases runs (offline), and the loss-curve picture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tune_train.config import load_config
+from tune_train.metrics import JsonlLogger, StdoutLogger, read_jsonl_metrics
+from tune_train.plot import PlotError, plot_metrics
+from tune_train.recipes.full_finetune import main
+
+
+def test_every_logger_records_the_run(tiny_run, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_API_KEY", "")  # offline: nothing leaves the machine
+    cfg = tiny_run(metric_loggers=["stdout", "jsonl", "tensorboard", "wandb"],
+                   wandb={"mode": "offline", "project": "tune-test"}, plot=True,
+                   max_steps_per_epoch=5, log_every_n_steps=1)
+    main(load_config(cfg))
+    out = Path(cfg["output_dir"])
+
+    records = read_jsonl_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    for key in ("loss", "lr", "tokens_per_second", "grad_norm", "peak_rss_gib"):
+        assert all(isinstance(r[key], float) for r in records), key
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("loss")]
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5]
+    assert losses == pytest.approx([r["loss"] for r in records], rel=1e-6)
+
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert "step 5 | epoch 1 | loss " in text and "tokens_per_second" in text
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stdout_line_format():
+    lines = []
+    StdoutLogger(write=lines.append).log(
+        {"epoch": 1.0, "loss": 2.345678, "lr": 2e-5, "tokens_per_second": 12345.6}, step=7)
+    assert lines == ["step 7 | epoch 1 | loss 2.3457 | lr 2e-05 | tokens_per_second 12,346"]
+
+
+def test_jsonl_survives_a_cut_line_and_a_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    logger = JsonlLogger(path)
+    logger.log({"loss": 3.0}, 1)
+    logger.log({"loss": 2.0}, 2)
+    logger.close()
+    with path.open("a") as f:
+        f.write('{"step": 3, "lo')  # killed mid-write
+    logger = JsonlLogger(path)  # resumed from step 1
+    logger.log({"loss": 2.5}, 2)
+    logger.close()
+    assert [(r["step"], r["loss"]) for r in read_jsonl_metrics(path)] == [(1, 3.0), (2, 2.5)]
+
+
+def test_plot_needs_metrics(tmp_path):
+    with pytest.raises(PlotError, match="no metrics at"):
+        plot_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(PlotError, match="holds no loss values"):
+        plot_metrics(tmp_path)
