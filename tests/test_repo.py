@@ -23,3 +23,14 @@ def test_ruff_finds_nothing():
         [sys.executable, "-m", "ruff", "check", str(REPO)], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stdout
+
+
+def test_readme_config_reference_is_current():
+    from tune_train.config import config_reference_markdown
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- config-reference:start -->\n")[1].split(
+        "<!-- config-reference:end -->")[0]
+    assert block == config_reference_markdown(), (
+        "README's config reference is stale; regenerate it from "
+        "tune_train.config.config_reference_markdown()")

@@ -142,6 +142,15 @@ def config_keys(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, st
     return rows
 
 
+def config_reference_markdown() -> str:
+    """Every key as a Markdown table (the README's reference is this, checked by a test)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, type_name, default, help_text in config_keys():
+        type_name = type_name.replace(" | ", " or ")
+        lines.append(f"| `{key}` | {type_name} | `{default}` | {help_text} |")
+    return "\n".join(lines) + "\n"
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
