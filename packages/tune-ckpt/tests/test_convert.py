@@ -283,3 +283,38 @@ def test_cli_disk_full_is_one_line_and_leaves_nothing_behind(meta_dir):
         "choose another output location (nothing was overwritten)"
     )
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_crc32_combine_matches_zlib():
+    import zlib
+
+    from tune_ckpt.storage import crc32_combine
+
+    a, b = os.urandom(1000), os.urandom(70001)
+    for x, y in [(b"", b""), (a, b""), (b"", b), (a, b), (b, a)]:
+        assert crc32_combine(zlib.crc32(x), zlib.crc32(y), len(y)) == zlib.crc32(x + y)
+
+
+@pytest.mark.parametrize("case", ["no kernel copy", "source without CRCs"])
+def test_the_slow_paths_write_the_same_valid_file(meta_dir, monkeypatch, case):
+    import errno
+
+    folder, reference = meta_dir
+    if case == "no kernel copy":  # e.g. a kernel or file system without copy_file_range
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    else:  # torch.save can skip CRCs; then they are computed from the data
+        sd = torch.load(folder / "consolidated.00.pth", weights_only=True)
+        torch.serialization.set_crc32_options(False)
+        try:
+            torch.save(sd, folder / "consolidated.00.pth")
+        finally:
+            torch.serialization.set_crc32_options(True)
+        with zipfile.ZipFile(folder / "consolidated.00.pth") as zf:
+            assert {i.CRC for i in zf.infolist() if "/data/" in i.filename} == {0}
+    out = convert(folder, progress=False)
+    with zipfile.ZipFile(out) as zf:
+        assert zf.testzip() is None
+    _equal(load_native(out), meta_to_native(reference, n_heads=8, n_kv_heads=2))

@@ -42,6 +42,7 @@ from tune_ckpt.model_args import (
 from tune_ckpt.plan import DictSource, PlanSource, TensorPlan, TensorSource, cast_plans
 from tune_ckpt.storage import (
     dtype_name,
+    file_ranges,
     find_native_file,
     parse_dtype,
     read_tensor_file,
@@ -122,6 +123,7 @@ def _file_source(files: list[Path]) -> TensorSource:
     tensors: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}
     mapped: set[str] = set()
+    ranges: dict = {}
     for file in files:
         sd, is_mapped = read_tensor_file(file)
         for key, tensor in sd.items():
@@ -130,7 +132,9 @@ def _file_source(files: list[Path]) -> TensorSource:
             tensors[key], where[key] = tensor, str(file)
             if is_mapped:
                 mapped.add(key)
-    return DictSource(tensors, where, mapped)
+        if is_mapped:  # just mapped, never written: the file holds exactly these bytes
+            ranges.update(file_ranges(sd, file))
+    return DictSource(tensors, where, mapped, ranges)
 
 
 def _open_meta(path: Path) -> Checkpoint:

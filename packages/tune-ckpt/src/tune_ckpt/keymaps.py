@@ -24,7 +24,14 @@ from dataclasses import dataclass
 import torch
 
 from tune_ckpt.errors import CheckpointError
-from tune_ckpt.plan import DictSource, TensorPlan, TensorSource, materialize
+from tune_ckpt.plan import (
+    DictSource,
+    FileRange,
+    TensorPlan,
+    TensorSource,
+    materialize,
+    slice_ranges,
+)
 
 FORMATS = ("meta", "hf", "native")
 FORMAT_NAMES = {"meta": "Meta", "hf": "Hugging Face", "native": "native"}
@@ -206,8 +213,13 @@ def check_source(source: TensorSource, fmt: str, shape: ModelShape, origin: str 
 def _plan(
     source: TensorSource, key: str, shape: tuple[int, ...], inputs: tuple[str, ...],
     make: Callable[..., torch.Tensor] | None = None,
+    ranges: Callable[[], list[FileRange] | None] | None = None,
 ) -> TensorPlan:
-    """One output tensor made from ``inputs`` by ``make`` (identity for one input)."""
+    """One output tensor made from ``inputs`` by ``make`` (identity for one input).
+
+    ``ranges`` says where the output's bytes lie in the source files, when they are file bytes
+    as they are (identity: the input's own bytes).
+    """
     dtype = source.dtype(inputs[0])
     for k in inputs[1:]:
         dtype = torch.promote_types(dtype, source.dtype(k))
@@ -216,7 +228,32 @@ def _plan(
         tensors = [source.get(k) for k in inputs]
         return tensors[0] if make is None else make(*tensors).to(dtype)
 
-    return TensorPlan(key, shape, dtype, build, lambda: source.release(*inputs))
+    if make is None and ranges is None:
+        ranges = lambda: source.file_ranges(inputs[0])  # noqa: E731
+    return TensorPlan(key, shape, dtype, build, lambda: source.release(*inputs), ranges)
+
+
+def _joined_ranges(source: TensorSource, keys: tuple[str, ...]):
+    """Ranges of the row-wise concatenation of ``keys``: their bytes one after another."""
+
+    def ranges() -> list[FileRange] | None:
+        if len({source.dtype(k) for k in keys}) != 1:
+            return None
+        parts = [source.file_ranges(k) for k in keys]
+        return None if any(p is None for p in parts) else [r for p in parts for r in p]
+
+    return ranges
+
+
+def _row_ranges(source: TensorSource, key: str, lo: int, hi: int):
+    """Ranges of rows [lo, hi) of the 2-D tensor ``key``."""
+
+    def ranges() -> list[FileRange] | None:
+        found = source.file_ranges(key)
+        row = source.shape(key)[1] * source.dtype(key).itemsize
+        return None if found is None else slice_ranges(found, lo * row, hi * row)
+
+    return ranges
 
 
 def _cat(*tensors: torch.Tensor) -> torch.Tensor:
@@ -246,8 +283,9 @@ def plan_meta_to_native(source: TensorSource, shape: ModelShape) -> list[TensorP
     for key, out_shape in target.items():
         if key.endswith("attention.wqkv.weight"):
             p = key.removesuffix("wqkv.weight")
-            plans.append(_plan(source, key, out_shape, (p + "wq.weight", p + "wk.weight",
-                                                        p + "wv.weight"), _cat))
+            qkv = (p + "wq.weight", p + "wk.weight", p + "wv.weight")
+            # Row-wise concatenation of row-major tensors is their bytes end to end.
+            plans.append(_plan(source, key, out_shape, qkv, _cat, _joined_ranges(source, qkv)))
         else:
             plans.append(_plan(source, key, out_shape, (key,)))
     return plans
@@ -265,7 +303,8 @@ def plan_native_to_meta(source: TensorSource, shape: ModelShape) -> list[TensorP
             lo, hi = spans[name]
             fused = key.replace(f".{name}.", ".wqkv.")
             plans.append(_plan(source, key, out_shape, (fused,),
-                               lambda w, lo=lo, hi=hi: w[lo:hi]))
+                               lambda w, lo=lo, hi=hi: w[lo:hi],
+                               _row_ranges(source, fused, lo, hi)))
         else:
             plans.append(_plan(source, key, out_shape, (key,)))
     return plans
@@ -330,7 +369,10 @@ def plan_native_to_hf(source: TensorSource, shape: ModelShape) -> list[TensorPla
         proj = key.split(".")[-2]
         if proj in split:
             fused = f"layers.{key.split('.')[2]}.attention.wqkv.weight"
-            plans.append(_plan(source, key, out_shape, (fused,), split[proj]))
+            # v keeps its rows as they are; q and k rows are permuted, so they are computed.
+            ranges = _row_ranges(source, fused, q + kv, q + 2 * kv) if proj == "v_proj" else \
+                (lambda: None)
+            plans.append(_plan(source, key, out_shape, (fused,), split[proj], ranges))
         else:
             plans.append(_plan(source, key, out_shape, (native_of[key],)))
     return plans
@@ -368,6 +410,9 @@ class _TiedOutput(TensorSource):
 
     def release(self, *keys: str) -> None:
         self._inner.release(*(self._key(k) for k in keys))
+
+    def file_ranges(self, key: str) -> list[FileRange] | None:
+        return self._inner.file_ranges(self._key(key))
 
 
 # --- Meta model-parallel shards ---------------------------------------------------------------
@@ -439,6 +484,15 @@ class MetaShardSource(TensorSource):
     def release(self, *keys: str) -> None:
         for shard in self._shards:
             shard.release(*keys)
+
+    def file_ranges(self, key: str) -> list[FileRange] | None:
+        dim = meta_shard_dim(key)
+        if len(self._shards) == 1 or dim is None:
+            return self._shards[0].file_ranges(key)
+        if dim != 0:
+            return None  # a column split interleaves the shards' bytes
+        parts = [shard.file_ranges(key) for shard in self._shards]
+        return None if any(p is None for p in parts) else [r for p in parts for r in p]
 
 
 # --- plain-function forms ---------------------------------------------------------------------

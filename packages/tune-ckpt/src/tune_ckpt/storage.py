@@ -19,12 +19,15 @@ import errno
 import hashlib
 import io
 import json
+import mmap
 import os
 import pickle
 import re
 import secrets
 import struct
 import sys
+import threading
+import zipfile
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +37,7 @@ from typing import BinaryIO
 import torch
 
 from tune_ckpt.errors import CheckpointError
-from tune_ckpt.plan import DictSource, TensorPlan
+from tune_ckpt.plan import DictSource, FileRange, TensorPlan
 
 NATIVE_SUFFIXES = (".pt", ".safetensors")
 
@@ -203,6 +206,58 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def file_ranges(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, FileRange]:
+    """Where each contiguous tensor of a freshly mapped ``path`` lies in the file.
+
+    Found through /proc/self/maps (Linux): the mapping of this file's inode that holds the
+    tensor gives its file offset. Only call it on tensors nobody has written to: a private
+    mapping keeps writes in memory, and the file would then hold stale bytes.
+    """
+    try:
+        st = os.stat(path)
+        with open("/proc/self/maps") as f:
+            lines = [line.split(maxsplit=5) for line in f]
+    except OSError:
+        return {}
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    maps = []
+    for fields in lines:
+        if len(fields) >= 5 and fields[4] == str(st.st_ino) and fields[3] == device:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            maps.append((start, end, int(fields[2], 16)))
+    crcs = _zip_record_crcs(path) if maps else {}
+    out = {}
+    for key, tensor in tensors.items():
+        if not tensor.is_contiguous() or tensor.device.type != "cpu":
+            continue
+        ptr, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        for start, end, offset in maps:
+            if start <= ptr and ptr + size <= end:
+                where = offset + ptr - start
+                out[key] = FileRange(str(path), where, size, crcs.get((where, size)))
+                break
+    return out
+
+
+def _zip_record_crcs(path: Path) -> dict[tuple[int, int], int]:
+    """(data offset, size) -> CRC-32 of each record of a torch zip archive (else empty).
+
+    A tensor copied whole keeps its bytes, so its record's CRC carries over to the output
+    without reading the data; a source whose stored CRC is wrong passes that on, visibly.
+    """
+    if _sniff(path) != "zip":
+        return {}
+    out = {}
+    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+        for info in zf.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or info.CRC == 0:
+                continue  # torch can save without CRCs (zero): those are computed instead
+            f.seek(info.header_offset + 26)
+            name_len, extra_len = struct.unpack("<HH", f.read(4))
+            out[(info.header_offset + 30 + name_len + extra_len, info.file_size)] = info.CRC
+    return out
+
+
 def read_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     """Any supported tensor file (torch zip, legacy torch pickle, safetensors), weights only."""
     path = Path(path)
@@ -254,9 +309,12 @@ def load_native(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _write_all(fd: int, data: memoryview | bytes) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[os.write(fd, view) :]
+    # Index, do not keep slices in locals: a traceback would pin them, and an mmap with
+    # live views cannot be closed.
+    with memoryview(data) as view, view.cast("B") as flat:
+        done = 0
+        while done < flat.nbytes:
+            done += os.write(fd, flat[done:])
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -320,19 +378,136 @@ def write_text_atomic(path: Path, text: str, force: bool = True) -> None:
         _write_all(f.fileno(), text.encode())
 
 
-def _produce(plans: list[TensorPlan]) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
-    """Yield (plan, tensor), making the next tensor in a thread while this one is written."""
+def _produce(
+    plans: list[TensorPlan],
+) -> Iterator[tuple[TensorPlan, list[FileRange] | None, torch.Tensor | None]]:
+    """Yield (plan, file ranges, None) for plans whose bytes can be copied file to file, and
+    (plan, None, tensor) for the rest, making the next tensor in a thread while this one is
+    written."""
+    ranges = [plan.file_ranges() for plan in plans]
+    todo = [i for i, r in enumerate(ranges) if r is None]
     with ThreadPoolExecutor(1, thread_name_prefix="tune-ckpt-make") as pool:
-        pending = pool.submit(plans[0].make) if plans else None
+        pending = {i: pool.submit(plans[i].make) for i in todo[:1]}
         for i, plan in enumerate(plans):
-            tensor = pending.result()
-            pending = pool.submit(plans[i + 1].make) if i + 1 < len(plans) else None
+            if ranges[i] is not None:
+                yield plan, ranges[i], None
+                continue
+            tensor = pending.pop(i).result()
+            later = [j for j in todo if j > i]
+            if later:
+                pending[later[0]] = pool.submit(plans[later[0]].make)
             if tuple(tensor.shape) != plan.shape or tensor.dtype != plan.dtype:
                 raise CheckpointError(
                     f"internal error: '{plan.key}' came out {tuple(tensor.shape)} {tensor.dtype}, "
                     f"planned {plan.shape} {plan.dtype}"
                 )
-            yield plan, tensor
+            yield plan, None, tensor
+
+
+class _RangeCopier:
+    """Copies byte ranges of source files into an open output file, in the kernel."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()  # the CRC thread opens files too
+        self._kernel_copy = hasattr(os, "copy_file_range")
+
+    def _fd(self, path: str) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def copy(self, ranges: list[FileRange], out_fd: int) -> None:
+        for path, offset, length, _ in ranges:
+            src = self._fd(path)
+            while length and self._kernel_copy:
+                try:
+                    n = os.copy_file_range(src, out_fd, length, offset)
+                except OSError as e:  # e.g. across file systems on older kernels
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP,
+                                       errno.EINVAL):
+                        raise
+                    self._kernel_copy = False
+                    break
+                if n == 0:
+                    raise CheckpointError(f"{path} ended early: the file is truncated")
+                offset, length = offset + n, length - n
+            for start in range(offset, offset + length, _WINDOW):
+                with _window(src, start, min(_WINDOW, offset + length - start)) as view:
+                    _write_all(out_fd, view)
+
+    def crc32(self, ranges: list[FileRange]) -> int:
+        """CRC-32 of the ranges laid end to end: combined from the sources' recorded CRCs,
+        reading only the bytes whose CRC is not recorded."""
+        crc = 0
+        for path, offset, length, known in ranges:
+            if known is None:
+                known = 0
+                for start in range(offset, offset + length, _WINDOW):
+                    size = min(_WINDOW, offset + length - start)
+                    with _window(self._fd(path), start, size) as view:
+                        known = zlib.crc32(view, known)
+            crc = crc32_combine(crc, known, length)
+        return crc
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+_WINDOW = 64 << 20  # bytes mapped at a time to read a range: bounds the resident memory
+
+
+def _crc_multiply(a: int, b: int) -> int:
+    """a * b modulo the CRC-32 polynomial, both in zlib's bit-reversed representation."""
+    product, bit = 0, 1 << 31
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ 0xEDB88320 if b & 1 else b >> 1
+    return product
+
+
+# _X8N[k] = x^(8 * 2^k) mod P: appending 2^k zero bytes multiplies a CRC register by it.
+_X8N = [1 << 23]  # x^8
+for _ in range(63):
+    _X8N.append(_crc_multiply(_X8N[-1], _X8N[-1]))
+
+
+def crc32_combine(crc_a: int, crc_b: int, length_b: int) -> int:
+    """``zlib.crc32(a + b)`` from ``crc32(a)``, ``crc32(b)`` and ``len(b)``, reading nothing.
+
+    CRC-32 is linear: the CRC of a then b is a's register shifted past len(b) bytes (a
+    multiplication by x^(8 len(b)) mod P) XOR b's CRC; the pre- and post-inversions cancel.
+    """
+    shift, k = 1 << 31, 0  # x^0
+    while length_b:
+        if length_b & 1:
+            shift = _crc_multiply(_X8N[k], shift)
+        length_b >>= 1
+        k += 1
+    return _crc_multiply(shift, crc_a) ^ crc_b
+
+
+@contextlib.contextmanager
+def _window(fd: int, offset: int, length: int) -> Iterator[memoryview]:
+    """A read-only memory view of file bytes, unmapped afterwards (so it never stays in RSS)."""
+    if length == 0:
+        yield memoryview(b"")
+        return
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, length + offset - start, offset=start, access=mmap.ACCESS_READ) as m:
+        whole = memoryview(m)
+        part = whole[offset - start :]
+        try:
+            yield part
+        finally:
+            part.release()
+            whole.release()
 
 
 def _progress(plans: list[TensorPlan], desc: str, enabled: bool):
@@ -407,10 +582,10 @@ class _ZipWriter:
         _write_all(self._fd, data)
         self._pos += memoryview(data).nbytes
 
-    def record(self, name: str, data: bytes | memoryview) -> None:
-        data = memoryview(data).cast("B")
+    def _header(self, name: str, size: int) -> int:
+        """Write a record's local header (CRC patched later); return the record's offset."""
         name_b = f"{self._prefix}/{name}".encode()
-        size, offset = data.nbytes, self._pos
+        offset = self._pos
         zip64 = struct.pack("<HHQQ", 0x0001, 16, size, size)
         # Pad with an extra field (id "FB", as torch does) so the data starts on ALIGN bytes.
         before_pad = offset + 30 + len(name_b) + len(zip64) + 4
@@ -421,11 +596,27 @@ class _ZipWriter:
             len(name_b), len(extra),
         )
         self._write(header + name_b + extra)
+        return offset
+
+    def _finish_record(self, name: str, offset: int, size: int, crc: int) -> None:
+        os.pwrite(self._fd, struct.pack("<I", crc), offset + 14)
+        self._entries.append((f"{self._prefix}/{name}".encode(), crc, size, offset))
+
+    def record(self, name: str, data: bytes | memoryview) -> None:
+        data = memoryview(data).cast("B")
+        offset = self._header(name, data.nbytes)
         crc = self._crc_pool.submit(zlib.crc32, data)
         self._write(data)
-        crc = crc.result()
-        os.pwrite(self._fd, struct.pack("<I", crc), offset + 14)
-        self._entries.append((name_b, crc, size, offset))
+        self._finish_record(name, offset, data.nbytes, crc.result())
+
+    def record_ranges(self, name: str, ranges: list[FileRange], copier: _RangeCopier) -> None:
+        """A record whose bytes are copied from source files; its CRC read alongside."""
+        size = sum(r.length for r in ranges)
+        offset = self._header(name, size)
+        crc = self._crc_pool.submit(copier.crc32, ranges)
+        copier.copy(ranges, self._fd)
+        self._pos += size
+        self._finish_record(name, offset, size, crc.result())
 
     def close(self) -> None:
         self._crc_pool.shutdown()
@@ -461,12 +652,17 @@ def write_torch_file(
         bar = stack.enter_context(_progress(plans, f"Writing {path.name}", progress))
         zf = _ZipWriter(f, "archive")
         stack.callback(zf.close)
+        copier = _RangeCopier()
+        stack.callback(copier.close)
         zf.record("data.pkl", pickled)
         zf.record(".format_version", b"1")
         zf.record(".storage_alignment", b"64")
         zf.record("byteorder", sys.byteorder.encode())
-        for i, (plan, tensor) in enumerate(_produce(plans)):
-            zf.record(f"data/{i}", _tensor_bytes(tensor))
+        for i, (plan, ranges, tensor) in enumerate(_produce(plans)):
+            if ranges is not None:
+                zf.record_ranges(f"data/{i}", ranges, copier)
+            else:
+                zf.record(f"data/{i}", _tensor_bytes(tensor))
             del tensor
             plan.release()
             bar.update(plan.nbytes)
@@ -497,10 +693,17 @@ def write_safetensors_file(
         offset += plan.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 64)  # the format allows trailing spaces: align the data
-    with atomic_write(path, force) as f, _progress(plans, f"Writing {path.name}", progress) as bar:
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(atomic_write(path, force))
+        bar = stack.enter_context(_progress(plans, f"Writing {path.name}", progress))
+        copier = _RangeCopier()
+        stack.callback(copier.close)
         _write_all(f.fileno(), len(text).to_bytes(8, "little") + text)
-        for plan, tensor in _produce(plans):
-            _write_all(f.fileno(), _tensor_bytes(tensor))
+        for plan, ranges, tensor in _produce(plans):
+            if ranges is not None:
+                copier.copy(ranges, f.fileno())
+            else:
+                _write_all(f.fileno(), _tensor_bytes(tensor))
             del tensor
             plan.release()
             bar.update(plan.nbytes)
