@@ -378,30 +378,45 @@ def write_text_atomic(path: Path, text: str, force: bool = True) -> None:
         _write_all(f.fileno(), text.encode())
 
 
-def _produce(
-    plans: list[TensorPlan],
-) -> Iterator[tuple[TensorPlan, list[FileRange] | None, torch.Tensor | None]]:
-    """Yield (plan, file ranges, None) for plans whose bytes can be copied file to file, and
-    (plan, None, tensor) for the rest, making the next tensor in a thread while this one is
-    written."""
+def _write_order(plans: list[TensorPlan]) -> list[tuple[int, list[FileRange] | None]]:
+    """(plan index, file ranges or None) in the order to write the plans' data.
+
+    Neither format ties where a tensor's bytes sit to the order of its keys (torch finds
+    records by name, safetensors by offsets), so copied tensors go in source-file order: the
+    source is then read front to back, as ``cp`` reads it, and read-ahead keeps up. Tensors
+    that must be computed follow, in key order.
+    """
     ranges = [plan.file_ranges() for plan in plans]
-    todo = [i for i, r in enumerate(ranges) if r is None]
+    copied = sorted((i for i, r in enumerate(ranges) if r is not None),
+                    key=lambda i: (ranges[i][0].path, ranges[i][0].offset))
+    computed = [i for i, r in enumerate(ranges) if r is None]
+    return [(i, ranges[i]) for i in copied + computed]
+
+
+def _produce(
+    plans: list[TensorPlan], order: list[tuple[int, list[FileRange] | None]]
+) -> Iterator[tuple[int, TensorPlan, list[FileRange] | None, torch.Tensor | None]]:
+    """Yield (index, plan, ranges, None) for plans copied file to file and (index, plan,
+    None, tensor) for the rest, making the next tensor in a thread while this one is written."""
+    todo = [i for i, r in order if r is None]
     with ThreadPoolExecutor(1, thread_name_prefix="tune-ckpt-make") as pool:
         pending = {i: pool.submit(plans[i].make) for i in todo[:1]}
-        for i, plan in enumerate(plans):
-            if ranges[i] is not None:
-                yield plan, ranges[i], None
+        for i, ranges in order:
+            plan = plans[i]
+            if ranges is not None:
+                yield i, plan, ranges, None
                 continue
             tensor = pending.pop(i).result()
-            later = [j for j in todo if j > i]
-            if later:
-                pending[later[0]] = pool.submit(plans[later[0]].make)
+            following = todo.index(i) + 1
+            if following < len(todo):
+                j = todo[following]
+                pending[j] = pool.submit(plans[j].make)
             if tuple(tensor.shape) != plan.shape or tensor.dtype != plan.dtype:
                 raise CheckpointError(
                     f"internal error: '{plan.key}' came out {tuple(tensor.shape)} {tensor.dtype}, "
                     f"planned {plan.shape} {plan.dtype}"
                 )
-            yield plan, None, tensor
+            yield i, plan, None, tensor
 
 
 class _RangeCopier:
@@ -415,11 +430,20 @@ class _RangeCopier:
     def _fd(self, path: str) -> int:
         with self._lock:
             if path not in self._fds:
-                self._fds[path] = os.open(path, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY)
+                if hasattr(os, "posix_fadvise"):  # as cp does: a larger read-ahead window
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                self._fds[path] = fd
             return self._fds[path]
 
     def copy(self, ranges: list[FileRange], out_fd: int) -> None:
+        merged: list[list] = []  # adjacent runs (wq, wk, wv) become one copy
         for path, offset, length, _ in ranges:
+            if merged and merged[-1][0] == path and merged[-1][1] + merged[-1][2] == offset:
+                merged[-1][2] += length
+            else:
+                merged.append([path, offset, length])
+        for path, offset, length in merged:
             src = self._fd(path)
             while length and self._kernel_copy:
                 try:
@@ -658,7 +682,7 @@ def write_torch_file(
         zf.record(".format_version", b"1")
         zf.record(".storage_alignment", b"64")
         zf.record("byteorder", sys.byteorder.encode())
-        for i, (plan, ranges, tensor) in enumerate(_produce(plans)):
+        for i, plan, ranges, tensor in _produce(plans, _write_order(plans)):
             if ranges is not None:
                 zf.record_ranges(f"data/{i}", ranges, copier)
             else:
@@ -679,18 +703,20 @@ def write_safetensors_file(
     force: bool = False,
     progress: bool = True,
 ) -> None:
-    """Stream planned tensors into a ``.safetensors`` file: header first, then data in order."""
+    """Stream planned tensors into a ``.safetensors`` file: header first, then the data."""
     path = Path(path)
-    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    offset = 0
     for plan in plans:
         if plan.dtype not in _SAFETENSORS_NAMES:
             raise CheckpointError(f"cannot store '{plan.key}' ({plan.dtype}) in safetensors")
-        header[plan.key] = {
-            "dtype": _SAFETENSORS_NAMES[plan.dtype], "shape": list(plan.shape),
-            "data_offsets": [offset, offset + plan.nbytes],
-        }
-        offset += plan.nbytes
+    order = _write_order(plans)
+    offsets, offset = {}, 0
+    for i, _ in order:
+        offsets[i] = [offset, offset + plans[i].nbytes]
+        offset += plans[i].nbytes
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    for i, plan in enumerate(plans):  # keys in plan order, data in write order
+        header[plan.key] = {"dtype": _SAFETENSORS_NAMES[plan.dtype], "shape": list(plan.shape),
+                            "data_offsets": offsets[i]}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 64)  # the format allows trailing spaces: align the data
     with contextlib.ExitStack() as stack:
@@ -699,7 +725,7 @@ def write_safetensors_file(
         copier = _RangeCopier()
         stack.callback(copier.close)
         _write_all(f.fileno(), len(text).to_bytes(8, "little") + text)
-        for plan, ranges, tensor in _produce(plans):
+        for _, plan, ranges, tensor in _produce(plans, order):
             if ranges is not None:
                 copier.copy(ranges, f.fileno())
             else:
