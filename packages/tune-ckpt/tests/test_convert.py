@@ -234,7 +234,7 @@ def test_pickles_that_would_run_code_are_refused_and_not_run(meta_dir):
 
 def test_a_failure_mid_write_leaves_no_partial_file(meta_dir):
     from tune_ckpt.plan import TensorPlan
-    from tune_ckpt.storage import write_torch_file
+    from tune_ckpt.writing import write_torch_file
 
     folder, _ = meta_dir
     target = folder / "out.pt"
@@ -292,7 +292,7 @@ def test_cli_disk_full_is_one_line_and_leaves_nothing_behind(meta_dir):
 def test_crc32_combine_matches_zlib():
     import zlib
 
-    from tune_ckpt.storage import crc32_combine
+    from tune_ckpt.writing import crc32_combine
 
     a, b = os.urandom(1000), os.urandom(70001)
     for x, y in [(b"", b""), (a, b""), (b"", b), (a, b), (b, a)]:

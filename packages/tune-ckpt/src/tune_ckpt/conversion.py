@@ -23,7 +23,6 @@ from tune_ckpt.keymaps import (
     FORMAT_NAMES,
     FORMATS,
     PLANS_TO_NATIVE,
-    MetaShardSource,
     ModelShape,
     plan_native_to_hf,
     plan_native_to_meta,
@@ -40,12 +39,15 @@ from tune_ckpt.model_args import (
     write_model_args,
 )
 from tune_ckpt.plan import DictSource, PlanSource, TensorPlan, TensorSource, cast_plans
-from tune_ckpt.storage import (
+from tune_ckpt.reading import (
     dtype_name,
     file_ranges,
     find_native_file,
     parse_dtype,
     read_tensor_file,
+)
+from tune_ckpt.shards import MetaShardSource
+from tune_ckpt.writing import (
     write_safetensors_file,
     write_tensor_file,
     write_text_atomic,
