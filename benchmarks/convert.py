@@ -15,6 +15,11 @@ weights, 13.5 GB at 32 layers) into a temporary folder, then alternates, each ro
   benchmarks/.venv-torchtune): torch.load(mmap) + meta_to_tune + torch.save + fsync, timed
   inside its process (its ~9 s import excluded).
 
+Every timed run starts from the same state: the source's pages are dropped from the page cache
+(posix_fadvise DONTNEED on that file only) so each run reads it from disk, and the previous
+run's output is deleted and the deletion committed (directory fsync, then a short pause) so
+its clean-up does not land in the next run's time.
+
 Prints medians (min, max) and the ratios last. Needs 40 GB free disk (input + one output);
 skips with a message otherwise. Everything it writes is deleted at the end.
 """
@@ -85,21 +90,40 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def cold(src: Path) -> None:
+    """Drop the source's cached pages so the next run reads it from disk."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def remove(path: Path) -> None:
+    """Delete a run's output and let the file system finish with it before the next run."""
+    path.unlink()
+    fsync(path.parent)
+    time.sleep(1)
+
+
 def run_cp(src: Path, dst: Path) -> tuple[float, float]:
+    cold(src)
     start = time.perf_counter()
     subprocess.run(["cp", str(src), str(dst)], check=True)
     copied = time.perf_counter() - start
     fsync(dst)
     total = time.perf_counter() - start
-    dst.unlink()
+    remove(dst)
     return copied, total
 
 
 def run_ours(src: Path, out_dir: Path) -> tuple[float, float, float]:
     """Wall seconds, peak RSS (GB), peak anonymous RSS (GB) of `tune-ckpt convert`."""
-    cmd = [sys.executable, "-m", "tune_ckpt.cli", "convert", "--checkpoint-path", str(src),
+    script = Path(sys.executable).with_name("tune-ckpt")  # the console script users run
+    cmd = [str(script), "convert", "--checkpoint-path", str(src),
            "--output-path", str(out_dir / "native_pytorch_model.pt"), "--quiet"]
     peak = {"VmHWM:": 0, "RssAnon:": 0}
+    cold(src)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     stop = threading.Event()
@@ -127,9 +151,10 @@ def run_ours(src: Path, out_dir: Path) -> tuple[float, float, float]:
 
 
 def run_torchtune(python: Path, src: Path, dst: Path) -> float:
+    cold(src)
     out = subprocess.run([str(python), "-c", TORCHTUNE_RUNNER, str(src), str(dst)],
                          capture_output=True, text=True, check=True)
-    dst.unlink()
+    remove(dst)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -190,7 +215,7 @@ def main() -> None:
             wall, peak, peak_anon = run_ours(src, out_dir)
             if r == 0:
                 check_output(src, out_dir / "native_pytorch_model.pt", args.layers)
-            (out_dir / "native_pytorch_model.pt").unlink()
+            remove(out_dir / "native_pytorch_model.pt")
             ours.append(wall)
             rss.append(peak)
             anon.append(peak_anon)
