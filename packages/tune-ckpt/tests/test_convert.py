@@ -215,6 +215,15 @@ def test_truncated_and_non_tensor_files_are_refused(meta_dir, tmp_path):
         convert(path, source_format="meta", progress=False)
 
 
+def test_truncated_safetensors_is_refused(meta_dir):
+    folder, _ = meta_dir
+    out = convert(folder, output_path=folder / "model.safetensors", progress=False)
+    data = out.read_bytes()
+    out.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is truncated: .* fetch it again"):
+        load_native(out)
+
+
 class _RunsCode:
     def __init__(self, marker: str):
         self.marker = marker
