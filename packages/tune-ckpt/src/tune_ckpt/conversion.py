@@ -20,7 +20,6 @@ import torch
 
 from tune_ckpt.errors import CheckpointError
 from tune_ckpt.keymaps import (
-    FORMAT_NAMES,
     FORMATS,
     PLANS_TO_NATIVE,
     ModelShape,
@@ -312,10 +311,13 @@ def _write_hf(ckpt: Checkpoint, native: list[TensorPlan], out: Path | None, forc
     out = out if out is not None else ckpt.folder / HF_EXPORT_DIR
     plans = plan_native_to_hf(PlanSource(native), ckpt.shape)
     shards: list[list[TensorPlan]] = [[]]
+    size = 0
     for plan in plans:  # greedy, in key order, as transformers shards
-        if shards[-1] and sum(p.nbytes for p in shards[-1]) + plan.nbytes > max_shard_size:
+        if shards[-1] and size + plan.nbytes > max_shard_size:
             shards.append([])
+            size = 0
         shards[-1].append(plan)
+        size += plan.nbytes
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else \
         [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
@@ -396,10 +398,3 @@ def convert(
         return _write_hf(ckpt, native, out, force, progress, shard_bytes)
     return _write_meta(ckpt, native, out, force, progress)
 
-
-def describe(ckpt: Checkpoint) -> str:
-    """A one-line summary: format, size and shape."""
-    a = ckpt.args
-    return (f"{FORMAT_NAMES[ckpt.fmt]} checkpoint, {len(ckpt.files)} file(s): dim {a['dim']}, "
-            f"{a['n_layers']} layers, {a['n_heads']} heads ({a['n_kv_heads']} KV), "
-            f"vocab {a['vocab_size']}")
