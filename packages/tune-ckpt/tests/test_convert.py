@@ -49,6 +49,10 @@ def test_round_trip_meta_native_hf_native_meta_is_bit_identical(meta_dir):
     hf = convert(native, target_format="hf", max_shard_size="40KB", progress=False)
     assert (hf / "model.safetensors.index.json").is_file(), "small shards make an index"
     again = convert(hf, output_path=hf / "native.safetensors", progress=False)
+    # Copied tensors are laid out in source order, not key order: the library must agree.
+    from safetensors.torch import load_file
+
+    _equal(load_file(again), load_native(native))
     meta = convert(again, target_format="meta", progress=False)
     back = torch.load(meta / "consolidated.00.pth", weights_only=True, mmap=True)
     _equal(back, reference)  # rope.freqs is the one key dropped on the way
@@ -211,6 +215,15 @@ def test_truncated_and_non_tensor_files_are_refused(meta_dir, tmp_path):
         convert(path, source_format="meta", progress=False)
 
 
+def test_truncated_safetensors_is_refused(meta_dir):
+    folder, _ = meta_dir
+    out = convert(folder, output_path=folder / "model.safetensors", progress=False)
+    data = out.read_bytes()
+    out.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is truncated: .* fetch it again"):
+        load_native(out)
+
+
 class _RunsCode:
     def __init__(self, marker: str):
         self.marker = marker
@@ -230,7 +243,7 @@ def test_pickles_that_would_run_code_are_refused_and_not_run(meta_dir):
 
 def test_a_failure_mid_write_leaves_no_partial_file(meta_dir):
     from tune_ckpt.plan import TensorPlan
-    from tune_ckpt.storage import write_torch_file
+    from tune_ckpt.writing import write_torch_file
 
     folder, _ = meta_dir
     target = folder / "out.pt"
@@ -283,3 +296,38 @@ def test_cli_disk_full_is_one_line_and_leaves_nothing_behind(meta_dir):
         "choose another output location (nothing was overwritten)"
     )
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_crc32_combine_matches_zlib():
+    import zlib
+
+    from tune_ckpt.writing import crc32_combine
+
+    a, b = os.urandom(1000), os.urandom(70001)
+    for x, y in [(b"", b""), (a, b""), (b"", b), (a, b), (b, a)]:
+        assert crc32_combine(zlib.crc32(x), zlib.crc32(y), len(y)) == zlib.crc32(x + y)
+
+
+@pytest.mark.parametrize("case", ["no kernel copy", "source without CRCs"])
+def test_the_slow_paths_write_the_same_valid_file(meta_dir, monkeypatch, case):
+    import errno
+
+    folder, reference = meta_dir
+    if case == "no kernel copy":  # e.g. a kernel or file system without copy_file_range
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    else:  # torch.save can skip CRCs; then they are computed from the data
+        sd = torch.load(folder / "consolidated.00.pth", weights_only=True)
+        torch.serialization.set_crc32_options(False)
+        try:
+            torch.save(sd, folder / "consolidated.00.pth")
+        finally:
+            torch.serialization.set_crc32_options(True)
+        with zipfile.ZipFile(folder / "consolidated.00.pth") as zf:
+            assert {i.CRC for i in zf.infolist() if "/data/" in i.filename} == {0}
+    out = convert(folder, progress=False)
+    with zipfile.ZipFile(out) as zf:
+        assert zf.testzip() is None
+    _equal(load_native(out), meta_to_native(reference, n_heads=8, n_kv_heads=2))

@@ -160,3 +160,8 @@ def test_interrupted_download_completes_on_rerun_without_refetching_finished_fil
     assert fetched == [big], "finished files were fetched again"
     data = server.repos[("model", tiny_meta_repo.repo_id)].files[big]
     assert (out / big).read_bytes() == data
+
+
+def test_malformed_repo_id(hub_server, tmp_path):
+    with pytest.raises(CheckpointError, match="'a/b/c' is not a valid repository id"):
+        download("a/b/c", tmp_path)

@@ -17,8 +17,8 @@ _EXPORTS = {
     "convert": "tune_ckpt.conversion",
     "detect_format": "tune_ckpt.conversion",
     "open_checkpoint": "tune_ckpt.conversion",
-    "load_native": "tune_ckpt.storage",
-    "save_native": "tune_ckpt.storage",
+    "load_native": "tune_ckpt.reading",
+    "save_native": "tune_ckpt.writing",
     "read_model_args": "tune_ckpt.model_args",
     "write_model_args": "tune_ckpt.model_args",
     "meta_hidden_dim": "tune_ckpt.model_args",
@@ -26,8 +26,8 @@ _EXPORTS = {
     "native_to_meta": "tune_ckpt.keymaps",
     "hf_to_native": "tune_ckpt.keymaps",
     "native_to_hf": "tune_ckpt.keymaps",
-    "merge_meta_shards": "tune_ckpt.keymaps",
-    "meta_shard_dim": "tune_ckpt.keymaps",
+    "merge_meta_shards": "tune_ckpt.shards",
+    "meta_shard_dim": "tune_ckpt.shards",
     "native_shapes": "tune_ckpt.keymaps",
     "ModelShape": "tune_ckpt.keymaps",
 }
@@ -60,15 +60,15 @@ if TYPE_CHECKING:
     from tune_ckpt.keymaps import (
         ModelShape,
         hf_to_native,
-        merge_meta_shards,
-        meta_shard_dim,
         meta_to_native,
         native_shapes,
         native_to_hf,
         native_to_meta,
     )
     from tune_ckpt.model_args import meta_hidden_dim, read_model_args, write_model_args
-    from tune_ckpt.storage import load_native, save_native
+    from tune_ckpt.reading import load_native
+    from tune_ckpt.shards import merge_meta_shards, meta_shard_dim
+    from tune_ckpt.writing import save_native
 
 
 def __getattr__(name: str):

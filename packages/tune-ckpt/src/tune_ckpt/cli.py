@@ -218,5 +218,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def console_main() -> None:
+    """The ``tune-ckpt`` console script: :func:`main`, then exit without interpreter teardown.
+
+    Unloading torch at exit takes 0.6-0.8 s and does nothing for a finished command (every
+    file is already fsync'd and closed), so skip it. Only for the console script: never call
+    this from a process that has other work to do.
+    """
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

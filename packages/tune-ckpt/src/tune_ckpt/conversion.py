@@ -20,10 +20,8 @@ import torch
 
 from tune_ckpt.errors import CheckpointError
 from tune_ckpt.keymaps import (
-    FORMAT_NAMES,
     FORMATS,
     PLANS_TO_NATIVE,
-    MetaShardSource,
     ModelShape,
     plan_native_to_hf,
     plan_native_to_meta,
@@ -40,11 +38,15 @@ from tune_ckpt.model_args import (
     write_model_args,
 )
 from tune_ckpt.plan import DictSource, PlanSource, TensorPlan, TensorSource, cast_plans
-from tune_ckpt.storage import (
+from tune_ckpt.reading import (
     dtype_name,
+    file_ranges,
     find_native_file,
     parse_dtype,
     read_tensor_file,
+)
+from tune_ckpt.shards import MetaShardSource
+from tune_ckpt.writing import (
     write_safetensors_file,
     write_tensor_file,
     write_text_atomic,
@@ -122,6 +124,7 @@ def _file_source(files: list[Path]) -> TensorSource:
     tensors: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}
     mapped: set[str] = set()
+    ranges: dict = {}
     for file in files:
         sd, is_mapped = read_tensor_file(file)
         for key, tensor in sd.items():
@@ -130,7 +133,9 @@ def _file_source(files: list[Path]) -> TensorSource:
             tensors[key], where[key] = tensor, str(file)
             if is_mapped:
                 mapped.add(key)
-    return DictSource(tensors, where, mapped)
+        if is_mapped:  # just mapped, never written: the file holds exactly these bytes
+            ranges.update(file_ranges(sd, file))
+    return DictSource(tensors, where, mapped, ranges)
 
 
 def _open_meta(path: Path) -> Checkpoint:
@@ -306,10 +311,13 @@ def _write_hf(ckpt: Checkpoint, native: list[TensorPlan], out: Path | None, forc
     out = out if out is not None else ckpt.folder / HF_EXPORT_DIR
     plans = plan_native_to_hf(PlanSource(native), ckpt.shape)
     shards: list[list[TensorPlan]] = [[]]
+    size = 0
     for plan in plans:  # greedy, in key order, as transformers shards
-        if shards[-1] and sum(p.nbytes for p in shards[-1]) + plan.nbytes > max_shard_size:
+        if shards[-1] and size + plan.nbytes > max_shard_size:
             shards.append([])
+            size = 0
         shards[-1].append(plan)
+        size += plan.nbytes
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else \
         [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
@@ -390,10 +398,3 @@ def convert(
         return _write_hf(ckpt, native, out, force, progress, shard_bytes)
     return _write_meta(ckpt, native, out, force, progress)
 
-
-def describe(ckpt: Checkpoint) -> str:
-    """A one-line summary: format, size and shape."""
-    a = ckpt.args
-    return (f"{FORMAT_NAMES[ckpt.fmt]} checkpoint, {len(ckpt.files)} file(s): dim {a['dim']}, "
-            f"{a['n_layers']} layers, {a['n_heads']} heads ({a['n_kv_heads']} KV), "
-            f"vocab {a['vocab_size']}")

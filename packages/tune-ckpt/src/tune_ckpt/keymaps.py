@@ -24,14 +24,21 @@ from dataclasses import dataclass
 import torch
 
 from tune_ckpt.errors import CheckpointError
-from tune_ckpt.plan import DictSource, TensorPlan, TensorSource, materialize
+from tune_ckpt.plan import (
+    DictSource,
+    FileRange,
+    TensorPlan,
+    TensorSource,
+    materialize,
+    slice_ranges,
+)
 
 FORMATS = ("meta", "hf", "native")
 FORMAT_NAMES = {"meta": "Meta", "hf": "Hugging Face", "native": "native"}
 
 # Keys some checkpoints carry that hold no weights: Meta's rotary table, and the rotary
 # buffer old transformers versions saved. Dropped on the way in.
-_IGNORED = re.compile(r"^rope\.freqs$|^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+IGNORED_KEYS = re.compile(r"^rope\.freqs$|^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
 
@@ -146,7 +153,7 @@ def infer_shape(
     n_heads (and n_kv_heads) cannot be read off shapes: a (4096, 4096) projection fits 32 heads
     of 128 as well as 64 of 64, so the caller supplies them.
     """
-    keys = [k for k in source.keys() if not _IGNORED.match(k)]
+    keys = [k for k in source.keys() if not IGNORED_KEYS.match(k)]
     where = source.where(keys[0]) if keys else "the state dict"
     for key in (_EMBED[fmt], _FFN[fmt]):
         if key not in keys:
@@ -171,7 +178,7 @@ def check_source(source: TensorSource, fmt: str, shape: ModelShape, origin: str 
         origin: Where the expected sizes came from, for the message (e.g. "params.json").
     """
     expected = _SHAPES[fmt](shape)
-    found = [k for k in source.keys() if not _IGNORED.match(k)]
+    found = [k for k in source.keys() if not IGNORED_KEYS.match(k)]
     name = FORMAT_NAMES[fmt]
     origin = f" (sizes from {origin})" if origin else ""
     missing = [k for k in expected if k not in set(found)]
@@ -206,8 +213,13 @@ def check_source(source: TensorSource, fmt: str, shape: ModelShape, origin: str 
 def _plan(
     source: TensorSource, key: str, shape: tuple[int, ...], inputs: tuple[str, ...],
     make: Callable[..., torch.Tensor] | None = None,
+    ranges: Callable[[], list[FileRange] | None] | None = None,
 ) -> TensorPlan:
-    """One output tensor made from ``inputs`` by ``make`` (identity for one input)."""
+    """One output tensor made from ``inputs`` by ``make`` (identity for one input).
+
+    ``ranges`` says where the output's bytes lie in the source files, when they are file bytes
+    as they are (identity: the input's own bytes).
+    """
     dtype = source.dtype(inputs[0])
     for k in inputs[1:]:
         dtype = torch.promote_types(dtype, source.dtype(k))
@@ -216,7 +228,32 @@ def _plan(
         tensors = [source.get(k) for k in inputs]
         return tensors[0] if make is None else make(*tensors).to(dtype)
 
-    return TensorPlan(key, shape, dtype, build, lambda: source.release(*inputs))
+    if make is None and ranges is None:
+        ranges = lambda: source.file_ranges(inputs[0])  # noqa: E731
+    return TensorPlan(key, shape, dtype, build, lambda: source.release(*inputs), ranges)
+
+
+def _joined_ranges(source: TensorSource, keys: tuple[str, ...]):
+    """Ranges of the row-wise concatenation of ``keys``: their bytes one after another."""
+
+    def ranges() -> list[FileRange] | None:
+        if len({source.dtype(k) for k in keys}) != 1:
+            return None
+        parts = [source.file_ranges(k) for k in keys]
+        return None if any(p is None for p in parts) else [r for p in parts for r in p]
+
+    return ranges
+
+
+def _row_ranges(source: TensorSource, key: str, lo: int, hi: int):
+    """Ranges of rows [lo, hi) of the 2-D tensor ``key``."""
+
+    def ranges() -> list[FileRange] | None:
+        found = source.file_ranges(key)
+        row = source.shape(key)[1] * source.dtype(key).itemsize
+        return None if found is None else slice_ranges(found, lo * row, hi * row)
+
+    return ranges
 
 
 def _cat(*tensors: torch.Tensor) -> torch.Tensor:
@@ -246,8 +283,9 @@ def plan_meta_to_native(source: TensorSource, shape: ModelShape) -> list[TensorP
     for key, out_shape in target.items():
         if key.endswith("attention.wqkv.weight"):
             p = key.removesuffix("wqkv.weight")
-            plans.append(_plan(source, key, out_shape, (p + "wq.weight", p + "wk.weight",
-                                                        p + "wv.weight"), _cat))
+            qkv = (p + "wq.weight", p + "wk.weight", p + "wv.weight")
+            # Row-wise concatenation of row-major tensors is their bytes end to end.
+            plans.append(_plan(source, key, out_shape, qkv, _cat, _joined_ranges(source, qkv)))
         else:
             plans.append(_plan(source, key, out_shape, (key,)))
     return plans
@@ -265,7 +303,8 @@ def plan_native_to_meta(source: TensorSource, shape: ModelShape) -> list[TensorP
             lo, hi = spans[name]
             fused = key.replace(f".{name}.", ".wqkv.")
             plans.append(_plan(source, key, out_shape, (fused,),
-                               lambda w, lo=lo, hi=hi: w[lo:hi]))
+                               lambda w, lo=lo, hi=hi: w[lo:hi],
+                               _row_ranges(source, fused, lo, hi)))
         else:
             plans.append(_plan(source, key, out_shape, (key,)))
     return plans
@@ -330,7 +369,10 @@ def plan_native_to_hf(source: TensorSource, shape: ModelShape) -> list[TensorPla
         proj = key.split(".")[-2]
         if proj in split:
             fused = f"layers.{key.split('.')[2]}.attention.wqkv.weight"
-            plans.append(_plan(source, key, out_shape, (fused,), split[proj]))
+            # v keeps its rows as they are; q and k rows are permuted, so they are computed.
+            ranges = _row_ranges(source, fused, q + kv, q + 2 * kv) if proj == "v_proj" else \
+                (lambda: None)
+            plans.append(_plan(source, key, out_shape, (fused,), split[proj], ranges))
         else:
             plans.append(_plan(source, key, out_shape, (native_of[key],)))
     return plans
@@ -369,101 +411,11 @@ class _TiedOutput(TensorSource):
     def release(self, *keys: str) -> None:
         self._inner.release(*(self._key(k) for k in keys))
 
-
-# --- Meta model-parallel shards ---------------------------------------------------------------
-
-# How Meta's model-parallel layers split each weight across shards (fairscale): column-parallel
-# weights (wq, wk, wv, w1, w3, output) are split along the output rows, row-parallel ones (wo,
-# w2) and the parallel embedding along the input columns; norms are replicated.
-_ROWS = re.compile(r"attention\.w[qkv]\.weight$|feed_forward\.w[13]\.weight$|^output\.weight$")
-_COLS = re.compile(r"attention\.wo\.weight$|feed_forward\.w2\.weight$|^tok_embeddings\.weight$")
-
-
-def meta_shard_dim(key: str) -> int | None:
-    """The dimension Meta splits ``key`` along across model-parallel shards (None: replicated)."""
-    if _ROWS.search(key):
-        return 0
-    if _COLS.search(key):
-        return 1
-    return None
-
-
-class MetaShardSource(TensorSource):
-    """Meta model-parallel shards seen as one merged checkpoint; merging happens per tensor."""
-
-    def __init__(self, shards: list[TensorSource]):
-        self._shards = shards
-        keys = [k for k in shards[0].keys() if not _IGNORED.match(k)]
-        for shard in shards[1:]:
-            other = [k for k in shard.keys() if not _IGNORED.match(k)]
-            if set(other) != set(keys):
-                diff = sorted(set(keys) ^ set(other))[0]
-                holder = shard if diff in other else shards[0]
-                raise CheckpointError(
-                    f"model-parallel shards differ: '{diff}' is in {holder.where(diff)} but not in "
-                    f"{(shards[0] if holder is shard else shard).where(keys[0])}"
-                )
-            for k in keys:
-                if shard.shape(k) != shards[0].shape(k):
-                    raise CheckpointError(
-                        f"{shard.where(k)}: '{k}' has shape {shard.shape(k)} but "
-                        f"{shards[0].shape(k)} in {shards[0].where(k)}; shards must match"
-                    )
-        self._keys = keys
-
-    def keys(self) -> list[str]:
-        return self._keys
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        shape = list(self._shards[0].shape(key))
-        dim = meta_shard_dim(key)
-        if dim is not None and dim < len(shape):
-            shape[dim] *= len(self._shards)
-        return tuple(shape)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._shards[0].dtype(key)
-
-    def get(self, key: str) -> torch.Tensor:
-        parts = [shard.get(key) for shard in self._shards]
-        dim = meta_shard_dim(key)
-        if len(parts) == 1 or dim is None:
-            return parts[0]
-        return torch.cat(parts, dim=dim)
-
-    def where(self, key: str) -> str:
-        if len(self._shards) == 1:
-            return self._shards[0].where(key)
-        return f"{self._shards[0].where(key)} (+{len(self._shards) - 1} model-parallel shards)"
-
-    def release(self, *keys: str) -> None:
-        for shard in self._shards:
-            shard.release(*keys)
+    def file_ranges(self, key: str) -> list[FileRange] | None:
+        return self._inner.file_ranges(self._key(key))
 
 
 # --- plain-function forms ---------------------------------------------------------------------
-
-
-def merge_meta_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Merge Meta model-parallel shards (consolidated.00.pth, .01, ...) into one state dict.
-
-    wq, wk, wv, w1, w3 and output concatenate on dim 0; wo, w2 and tok_embeddings on dim 1;
-    norms are replicated; ``rope.freqs`` is dropped.
-
-    Args:
-        shards: The shards' state dicts, in shard order.
-
-    Returns:
-        The merged Meta state dict.
-
-    Raises:
-        CheckpointError: If the shards do not hold the same keys and shapes.
-    """
-    if not shards:
-        raise CheckpointError("no model-parallel shards to merge")
-    source = MetaShardSource([DictSource(s, {k: f"shard {i}" for k in s})
-                              for i, s in enumerate(shards)])
-    return {k: source.get(k) for k in source.keys()}
 
 
 def meta_to_native(

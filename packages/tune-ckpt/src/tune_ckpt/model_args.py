@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 
 from tune_ckpt.errors import CheckpointError
-from tune_ckpt.storage import read_tensor_meta, write_text_atomic
+from tune_ckpt.reading import read_tensor_meta
+from tune_ckpt.writing import write_text_atomic
 
 MODEL_ARGS_FILE = "tune_model.json"
 FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "multiple_of",

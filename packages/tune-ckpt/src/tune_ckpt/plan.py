@@ -14,12 +14,34 @@ import mmap
 import sys
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 
 def _noop() -> None:
     pass
+
+
+class FileRange(NamedTuple):
+    """A run of bytes in a file, with their CRC-32 when the file's index records it."""
+
+    path: str
+    offset: int
+    length: int
+    crc: int | None = None
+
+
+def slice_ranges(ranges: list[FileRange], start: int, stop: int) -> list[FileRange]:
+    """Bytes [start, stop) of the concatenation of ``ranges``, as ranges."""
+    out, pos = [], 0
+    for r in ranges:
+        lo, hi = max(start, pos), min(stop, pos + r.length)
+        if lo < hi:
+            whole = lo == pos and hi == pos + r.length
+            out.append(FileRange(r.path, r.offset + lo - pos, hi - lo, r.crc if whole else None))
+        pos += r.length
+    return out
 
 
 @dataclass(frozen=True)
@@ -32,6 +54,9 @@ class TensorPlan:
         dtype: Its dtype.
         make: Builds the tensor (reads, concatenates, permutes or casts source tensors).
         release: Called once the tensor is written, to drop the source pages it read.
+        ranges: When the tensor's bytes are runs of source-file bytes laid end to end (a
+            renamed tensor, or Meta's wq, wk, wv fused into wqkv), returns those runs, and the
+            writer copies them file to file in the kernel without reading them into memory.
     """
 
     key: str
@@ -39,6 +64,13 @@ class TensorPlan:
     dtype: torch.dtype
     make: Callable[[], torch.Tensor]
     release: Callable[[], None] = field(default=_noop, compare=False)
+    ranges: Callable[[], list[FileRange] | None] | None = field(default=None, compare=False)
+
+    def file_ranges(self) -> list[FileRange] | None:
+        found = self.ranges() if self.ranges is not None else None
+        if found is None or sum(r.length for r in found) != self.nbytes:
+            return None
+        return found
 
     @property
     def nbytes(self) -> int:
@@ -87,6 +119,10 @@ class TensorSource:
     def release(self, *keys: str) -> None:
         """Drop the pages these keys occupy in memory (they are re-read if asked for again)."""
 
+    def file_ranges(self, key: str) -> list[FileRange] | None:
+        """The file bytes that hold this tensor as it is, if it is stored contiguously."""
+        return None
+
 
 class DictSource(TensorSource):
     """Tensors held in a dict, optionally views of mmap'd files.
@@ -94,6 +130,8 @@ class DictSource(TensorSource):
     Args:
         tensors: The tensors by name.
         files: Optional name -> file name, for error messages.
+        ranges: For tensors stored contiguously in a file nobody has modified since it was
+            mapped, where their bytes are (see :attr:`TensorPlan.ranges`).
         mapped: True (or the set of keys) only for tensors that are views of a read-only
             file mapping. For those ``release`` tells the kernel to drop the pages (they stay
             in the page cache), which keeps resident memory flat while a 13 GB file streams
@@ -106,9 +144,11 @@ class DictSource(TensorSource):
         tensors: Mapping[str, torch.Tensor],
         files: Mapping[str, str] | None = None,
         mapped: bool | Collection[str] = False,
+        ranges: Mapping[str, FileRange] | None = None,
     ):
         self._tensors = dict(tensors)
         self._files = dict(files or {})
+        self._ranges = dict(ranges or {})
         self._mapped = set(self._tensors) if mapped is True else set(mapped or ())
 
     def keys(self) -> list[str]:
@@ -133,6 +173,9 @@ class DictSource(TensorSource):
         for key in keys:
             if key in self._mapped:
                 _madvise(self._tensors[key], _MADV_DONTNEED)
+
+    def file_ranges(self, key: str) -> list[FileRange] | None:
+        return [self._ranges[key]] if key in self._ranges else None
 
 
 class PlanSource(TensorSource):
@@ -161,6 +204,9 @@ class PlanSource(TensorSource):
         for key in keys:
             self._plans[key].release()
 
+    def file_ranges(self, key: str) -> list[FileRange] | None:
+        return self._plans[key].file_ranges()
+
 
 def materialize(plans: Iterable[TensorPlan]) -> dict[str, torch.Tensor]:
     """Make every planned tensor: the in-memory form of a conversion."""
@@ -174,6 +220,7 @@ def cast_plans(plans: list[TensorPlan], dtype: torch.dtype | None) -> list[Tenso
     out = []
     for plan in plans:
         if plan.dtype.is_floating_point and plan.dtype != dtype:
+            # A cast changes the bytes: no file ranges to copy any more.
             plan = TensorPlan(
                 plan.key, plan.shape, dtype, lambda make=plan.make: make().to(dtype), plan.release
             )
