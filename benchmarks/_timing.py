@@ -16,9 +16,9 @@ def alternate(runs: dict[str, Callable[[], float]], rounds: int = 3) -> dict[str
     return results
 
 
-def summary(values: list[float]) -> str:
+def summary(values: list[float], digits: int = 1) -> str:
     mid, low, high = statistics.median(values), min(values), max(values)
-    return f"median {mid:,.1f} (min {low:,.1f}, max {high:,.1f})"
+    return f"median {mid:,.{digits}f} (min {low:,.{digits}f}, max {high:,.{digits}f})"
 
 
 def median(values: list[float]) -> float:
