@@ -19,6 +19,7 @@ from tune_data.instruct import alpaca_cleaned_dataset, alpaca_dataset, instruct_
 from tune_data.packing import PackedDataset, pack, plan_rows
 from tune_data.report import DataStats, describe, render_sample
 from tune_data.sampler import ShardedBatchSampler
+from tune_data.synthetic import random_tokens_dataset
 from tune_data.templates import (
     ALPACA,
     NO_INPUT_PLACEHOLDERS,
@@ -37,6 +38,7 @@ DATASETS: dict[str, Callable[..., TokenizedDataset]] = {
     "instruct": instruct_dataset,
     "text_completion": text_completion_dataset,
     "demo": demo_dataset,
+    "random_tokens": random_tokens_dataset,
 }
 
 __all__ = [
@@ -45,5 +47,5 @@ __all__ = [
     "TEMPLATES", "TokenizedDataset", "alpaca_cleaned_dataset", "alpaca_dataset", "as_template",
     "collate", "demo_dataset", "demo_tokenizer", "describe",
     "document_mask", "instruct_dataset", "is_empty_input", "pack", "plan_rows",
-    "render_sample", "shifted_labels", "text_completion_dataset",
+    "random_tokens_dataset", "render_sample", "shifted_labels", "text_completion_dataset",
 ]

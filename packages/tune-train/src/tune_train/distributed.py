@@ -16,6 +16,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    initialized: bool = False  # a process group exists (launched by torchrun)
 
     @property
     def is_main(self) -> bool:
@@ -27,20 +28,23 @@ class DistInfo:
 
 
 def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group torchrun set up (env:// rendezvous); one process needs none.
+    """Join the process group torchrun set up (env:// rendezvous); without torchrun, none.
+
+    Under torchrun even one process gets a group, so FSDP (with CPU offload, say) works on a
+    single GPU too.
 
     nccl on GPU, gloo on CPU. The timeout is short enough that ranks waiting on a dead peer
     give up in minutes rather than the default half hour (torchrun also tears the job down as
     soon as one rank exits non-zero).
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    if "WORLD_SIZE" not in os.environ:  # plain `python recipe.py` or `tune run` in place
         return DistInfo()
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         timeout = timedelta(seconds=int(os.environ.get("TUNE_DIST_TIMEOUT", "600")))
         dist.init_process_group(backend=backend, timeout=timeout)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
+                    initialized=True)
 
 
 def cleanup_distributed() -> None:

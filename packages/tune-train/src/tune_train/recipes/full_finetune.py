@@ -113,7 +113,7 @@ class FullFinetuneRecipe:
         # under FSDP the mixed-precision policy does the casting instead.
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.float16)
-            if cfg.dtype == "fp16" and not cfg.enable_fsdp
+            if cfg.dtype == "fp16" and not self.sharded
             else nullcontext()
         )
         self._setup_data(dataset_fn)
@@ -169,17 +169,19 @@ class FullFinetuneRecipe:
         if cfg.compile:
             for layer in model.layers:
                 layer.compile()
-        if cfg.enable_fsdp and not self.dist.distributed:
-            _warn_once(self.dist, "enable_fsdp is on but this is a single process; launch "
-                       "with --nproc_per_node N to shard (running unsharded)")
-        if not self.dist.distributed:
+        self.sharded = cfg.enable_fsdp and self.dist.initialized
+        if cfg.enable_fsdp and not self.sharded:
+            _warn_once(self.dist, "enable_fsdp is on but the recipe was not launched by "
+                       "torchrun; running unsharded (launch with --nproc_per_node N to shard)")
+        if not self.sharded:
             if weights is not None:
                 # Straight from the mmap'd file into the parameters: no second copy in memory.
                 model.load_state_dict(self._read_weights(Path(weights), model), assign=True)
-            else:
-                model.to_empty(device="cpu")
-                self._init_weights(model)
-            return model.to(device=self.device, dtype=param_dtype)
+                return model.to(device=self.device, dtype=param_dtype)
+            # Initialise where training happens: a 7B model is minutes of CPU work.
+            model.to_empty(device=self.device)
+            self._init_weights(model)
+            return model
 
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,

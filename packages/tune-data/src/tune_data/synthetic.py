@@ -1,0 +1,42 @@
+"""Random token sequences: throughput and memory checks that need no data files.
+
+The GPU benchmark trains a 7B-shaped model on these, on machines that have torch and
+sentencepiece but not ``datasets``; nothing here imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tune_data.dataset import TokenizedDataset
+
+
+def random_tokens_dataset(
+    tokenizer: Any,
+    source: str | None = None,
+    data_files: Any = None,
+    split: str = "train",
+    train_on_input: bool = False,
+    max_seq_len: int | None = 2048,
+    *,
+    num_samples: int = 64,
+    seed: int = 0,
+) -> TokenizedDataset:
+    """``num_samples`` sequences of exactly ``max_seq_len`` uniform random tokens (never zeros:
+    they would make softmax and matmul work unrepresentative), every position a target.
+
+    Takes the same arguments as the other builders so a config can name it; the data
+    arguments are ignored.
+    """
+    length = max_seq_len or 2048
+    rng = np.random.default_rng(seed)
+    vocab = tokenizer.vocab_size if tokenizer is not None else 32000
+    tokens = rng.integers(3, vocab, size=num_samples * length, dtype=np.int32)
+    offsets = np.arange(0, num_samples * length + 1, length, dtype=np.int64)
+    return TokenizedDataset(
+        tokens, offsets, prompt_len=np.zeros(num_samples, dtype=np.int64),
+        rows=np.arange(num_samples), truncated=np.zeros(num_samples, dtype=bool),
+        tokenizer=tokenizer, name="random tokens", max_seq_len=length,
+    )
