@@ -1,6 +1,6 @@
 """Decode throughput of tune_models.generate vs transformers' generate, CPU fp32.
 
-    uv run python benchmarks/generate.py [--rounds 3] [--new-tokens 128]
+    uv run python benchmarks/generate.py [--rounds 3] [--new-tokens 128] [--threads 2]
 
 A ~20M-parameter Llama 2 (tune_models.llama2_20m, random weights) is built once in
 transformers and mapped into tune_models.Llama2, so both decode with the same weights. For
@@ -132,8 +132,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads for both (2 = this machine's cores)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = llama2_20m()
     ours, hf = same_weights(cfg)
