@@ -90,7 +90,7 @@ def test_perplexity_equals_a_direct_computation(small_model):
     torch.manual_seed(2)
     ids = torch.randint(0, 97, (150,)).tolist()
     # Fits in one window: the plain full-forward cross-entropy.
-    full = perplexity(small_model, None, ids[:60], progress=False)
+    full = perplexity(small_model, None, torch.tensor(ids[:60]), progress=False)
     direct = -_token_logprobs(small_model, ids[:60]).mean().item()
     assert full.num_tokens == 59
     assert full.nll == pytest.approx(direct, abs=1e-5)

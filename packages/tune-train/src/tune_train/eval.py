@@ -199,7 +199,7 @@ def perplexity(
     elif len(data) > 0 and all(isinstance(d, str) for d in data):
         documents = [_encode(tokenizer, d) for d in data]
     else:
-        documents = [data]  # token ids
+        documents = [[int(t) for t in data]]  # token ids (a list or a tensor)
     windows = [w for ids in documents for w in rolling_windows(ids, max_seq_len, stride)]
     num_tokens = sum(w.n_scored for w in windows)
     if num_tokens == 0:
