@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import yaml
-
 from _timing import median, summary
 
 HERE = Path(__file__).resolve().parent

@@ -135,6 +135,13 @@ def test_generate_and_plot_after_a_run(tmp_path, demo_files):
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.count("### ") == 2
     assert "tokens/s" in generated.stderr
+    text = tmp_path / "notes.txt"
+    text.write_text("Sort: abc\nabc\nAdd: 1+1\n2\n" * 20)
+    evaluated = tune("eval", "--checkpoint", str(out), "--perplexity", str(text))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert evaluated.stdout.startswith("perplexity ")
+    ppl = float(evaluated.stdout.split()[1])
+    assert 1.0 < ppl < 64.0  # better than uniform over the 64-piece vocabulary
     plotted = tune("plot", str(out), "-o", str(tmp_path / "curve.png"))
     assert plotted.returncode == 0
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"

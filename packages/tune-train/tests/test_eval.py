@@ -6,36 +6,17 @@ import math
 import sys
 
 import pytest
-import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 import tune_train.eval as tune_eval
+from tune_data import Llama2Tokenizer
 from tune_models import Llama2, Llama2Config, generate, llama2_tiny
 from tune_train.eval import Window, perplexity, rolling_windows, score_windows
 
 
-class SentencePieceTokenizer:
-    """Test-local stand-in with exactly tune_data.Llama2Tokenizer's contract (swap it in once
-    tune_data ships it): the real sentencepiece model, BOS/EOS ids, encode/decode."""
-
-    def __init__(self, path):
-        self._sp = spm.SentencePieceProcessor(model_file=str(path))
-        self.vocab_size = self._sp.vocab_size()
-        self.bos_id, self.eos_id, self.pad_id = self._sp.bos_id(), self._sp.eos_id(), 0
-
-    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
-        return [self.bos_id] * add_bos + self._sp.encode(text) + [self.eos_id] * add_eos
-
-    def encode_batch(self, texts, add_bos=True, add_eos=False):
-        return [self.encode(t, add_bos, add_eos) for t in texts]
-
-    def decode(self, ids: list[int]) -> str:
-        return self._sp.decode(ids)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(llama2_tokenizer_path):
-    return SentencePieceTokenizer(llama2_tokenizer_path)
+    return Llama2Tokenizer(llama2_tokenizer_path)
 
 
 @pytest.fixture(scope="module")

@@ -203,7 +203,8 @@ def _split_demo(prompt: str) -> dict[str, str]:
 @click.option("--tasks", default=None, help="Comma-separated lm-eval tasks, e.g. "
               "hellaswag,arc_easy (needs the eval extra: pip install 'tune-train[eval]').")
 @click.option("--include-path", "--include_path", "include_path", default=None,
-              type=click.Path(path_type=Path), help="Folder of your own lm-eval task YAMLs.")
+              type=click.Path(path_type=Path),
+              help="Folder of your own lm-eval task YAMLs (then only those are indexed).")
 @click.option("--limit", type=float, default=None, help="Documents per task (or a fraction).")
 @click.option("--num-fewshot", "--num_fewshot", "num_fewshot", type=int, default=None)
 @click.option("--batch-size", "--batch_size", "batch_size", type=int, default=8, show_default=True)
@@ -228,8 +229,11 @@ def eval_(checkpoint, config_name, tokenizer, device, dtype, tasks, include_path
         from tune_train.eval import evaluate
 
         names = [t.strip() for t in tasks.split(",") if t.strip()]
+        # With --include-path only that folder is indexed: lm-eval's own catalogue takes
+        # ~10 s to index and is not needed for local tasks.
         results = evaluate(model, tok, names, include_path=str(include_path) if include_path
-                           else None, limit=int(limit) if limit and limit >= 1 else limit,
+                           else None, include_defaults=include_path is None,
+                           limit=int(limit) if limit and limit >= 1 else limit,
                            num_fewshot=num_fewshot, batch_size=batch_size)
         for task, metrics in results["results"].items():
             shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
