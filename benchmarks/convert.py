@@ -38,9 +38,11 @@ import time
 from pathlib import Path
 
 import torch
-from _timing import median, summary
+
 from tune_ckpt.plan import TensorPlan
 from tune_ckpt.writing import write_torch_file
+
+from _timing import median, summary
 
 GB = 1e9
 LLAMA2_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,

@@ -23,9 +23,11 @@ import argparse
 import time
 
 import torch
-from _timing import alternate, median, summary
 from transformers import LlamaConfig, LlamaForCausalLM
+
 from tune_models import Llama2, Llama2Config, generate, llama2_20m
+
+from _timing import alternate, median, summary
 
 
 def hf_llama(cfg: Llama2Config) -> LlamaForCausalLM:

@@ -36,6 +36,7 @@ except ImportError:  # a bare torch + transformers environment: use this checkou
     import tune_models  # noqa: F401
 
 from generate import hf_generate, hf_llama, hf_to_native  # noqa: E402 (benchmarks/generate.py)
+
 from tune_models import Llama2, Llama2Config, generate, llama2_7b  # noqa: E402
 
 START = time.perf_counter()

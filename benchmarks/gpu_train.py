@@ -40,6 +40,7 @@ def flops_per_token(params: int, layers: int, dim: int) -> float:
 
 def phase_tune(args, work: Path) -> dict:
     import torch
+
     from tune_data.demo import train_demo_tokenizer
     from tune_train.config import load_config
     from tune_train.recipes.full_finetune import FullFinetuneRecipe
@@ -76,6 +77,7 @@ def phase_tune(args, work: Path) -> dict:
 def phase_hf(args, work: Path) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
     from tune_models import MODELS
 
     ours = MODELS[args.model]()  # the presets' vocabulary is Llama 2's 32000

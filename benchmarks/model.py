@@ -12,9 +12,11 @@ import argparse
 import time
 
 import torch
-from _timing import alternate, median, summary
 from transformers import LlamaConfig, LlamaForCausalLM
+
 from tune_models import Llama2, Llama2Config, llama2_20m, llama2_tiny
+
+from _timing import alternate, median, summary
 
 
 def hf_model(cfg: Llama2Config) -> LlamaForCausalLM:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import yaml
+
 from _timing import median, summary
 
 HERE = Path(__file__).resolve().parent

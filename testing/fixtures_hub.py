@@ -21,6 +21,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import pytest
+
 from hub_server import HubServer
 
 if TYPE_CHECKING:

@@ -10,9 +10,11 @@ import shutil
 
 import pytest
 import torch
-from fixtures_hub import write_meta_checkpoint
+
 from tune_ckpt import convert, load_native, read_model_args
 from tune_models import Llama2, Llama2Config, llama2_7b
+
+from fixtures_hub import write_meta_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

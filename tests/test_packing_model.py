@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from tune_data import Llama2Tokenizer, alpaca_dataset, collate, pack
 from tune_models import Llama2, llama2_tiny
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import yaml
+
 from tune_train.metrics import read_jsonl_metrics
 
 TUNE = str(Path(sys.executable).with_name("tune"))

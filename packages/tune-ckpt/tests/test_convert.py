@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_hub import meta_state_dict, write_meta_checkpoint
+
 from tune_ckpt import (
     CheckpointError,
     convert,
@@ -23,6 +23,8 @@ from tune_ckpt import (
     native_to_meta,
     read_model_args,
 )
+
+from fixtures_hub import meta_state_dict, write_meta_checkpoint
 
 # Grouped-query (like 70B) and small: 8 query heads share 2 KV heads.
 GQA = {"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2, "multiple_of": 32,

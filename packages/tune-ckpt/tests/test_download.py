@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+
 from tune_ckpt import CheckpointError, download
 
 CLI = [sys.executable, "-m", "tune_ckpt.cli"]

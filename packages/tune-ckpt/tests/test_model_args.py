@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+
 from tune_ckpt import (
     CheckpointError,
     load_native,

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_hub import write_meta_checkpoint
+
 from tune_ckpt import load_native, meta_to_native
+
+from fixtures_hub import write_meta_checkpoint
 
 REPO = Path(__file__).resolve().parents[3]
 UV = os.environ.get("UV") or shutil.which("uv")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from tune_data import Llama2Tokenizer, alpaca_dataset
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from tune_data import IGNORE_INDEX, TokenizedDataset, collate, document_mask, pack, plan_rows
 
 

@@ -1,6 +1,7 @@
 """What a user sees before training: describe() and render_sample()."""
 
 import numpy as np
+
 from tune_data import TokenizedDataset, describe, pack, render_sample
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
+
 from tune_data import ShardedBatchSampler, collate
 
 

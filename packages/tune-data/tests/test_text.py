@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+
 from tune_data import IGNORE_INDEX, DataError, describe, text_completion_dataset
 
 

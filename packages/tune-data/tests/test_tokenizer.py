@@ -1,6 +1,7 @@
 """The tokenizer contract other packages code against, on the real Llama 2 model."""
 
 import pytest
+
 from tune_data import DataError, Llama2Tokenizer
 
 TRICKY = [

@@ -3,6 +3,7 @@ transformers' generate() agrees, sampling is seeded and follows its distribution
 
 import pytest
 import torch
+
 import tune_models.generation as generation
 from tune_models import Llama2, Llama2Config, generate, generate_stream, sample_token
 

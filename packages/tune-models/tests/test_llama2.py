@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from tune_models import (
     Llama2,
     Llama2Config,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from train_helpers import make_demo_files, tiny_config
 
 

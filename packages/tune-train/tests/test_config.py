@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from tune_train.config import (
     ConfigError,
     TrainConfig,

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+
 import tune_train.eval as tune_eval
 from tune_data import Llama2Tokenizer
 from tune_models import Llama2, Llama2Config, generate, llama2_tiny

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_helpers import tiny_config
+
 from tune_train.checkpointing import latest_checkpoint, read_trainer_state
 from tune_train.metrics import read_jsonl_metrics
+
+from train_helpers import tiny_config
 
 STEPS = 12
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from tune_train.config import load_config
 from tune_train.metrics import JsonlLogger, StdoutLogger, read_jsonl_metrics
 from tune_train.plot import PlotError, plot_metrics

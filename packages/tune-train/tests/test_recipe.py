@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tune_train.checkpointing import latest_checkpoint, list_checkpoints
 from tune_train.config import ConfigError, builtin_configs, load_config, read_yaml
 from tune_train.metrics import read_jsonl_metrics

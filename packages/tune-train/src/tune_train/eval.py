@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
+
 from tune_models import Llama2, generate_stream
 
 if TYPE_CHECKING:

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
 from tune_data import DATASETS, Llama2Tokenizer, demo_tokenizer
 from tune_models import MODELS
-
 from tune_train.config import ConfigError
 
 TOKENIZERS: dict[str, Callable[..., Any]] = {

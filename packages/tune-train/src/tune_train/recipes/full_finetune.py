@@ -303,6 +303,7 @@ class FullFinetuneRecipe:
             StateDictOptions,
             get_model_state_dict,
         )
+
         from tune_ckpt import save_native, write_model_args
 
         cfg = self.cfg
