@@ -25,6 +25,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tune_ckpt import hf_to_native
 from tune_models import Llama2, Llama2Config, generate, llama2_20m
 
 from _timing import alternate, median, summary
@@ -46,40 +47,13 @@ def hf_llama(cfg: Llama2Config) -> LlamaForCausalLM:
     return hf
 
 
-def hf_to_native(sd: dict[str, torch.Tensor], cfg: Llama2Config) -> dict[str, torch.Tensor]:
-    """Benchmark-only key map from transformers' Llama names to the native schema."""
-
-    def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-        # HF rotates halves of each head; native rotates adjacent pairs (Meta's layout).
-        rows, cols = w.shape
-        return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-    out = {
-        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
-        "norm.weight": sd["model.norm.weight"],
-        "output.weight": sd["lm_head.weight"],
-    }
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        q = unpermute(sd[p + "self_attn.q_proj.weight"], cfg.n_heads)
-        k = unpermute(sd[p + "self_attn.k_proj.weight"], cfg.n_kv_heads)
-        out[f"layers.{i}.attention.wqkv.weight"] = torch.cat(
-            [q, k, sd[p + "self_attn.v_proj.weight"]]
-        )
-        out[f"layers.{i}.attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
-        out[f"layers.{i}.feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
-        out[f"layers.{i}.feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
-        out[f"layers.{i}.feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
-        out[f"layers.{i}.attention_norm.weight"] = sd[p + "input_layernorm.weight"]
-        out[f"layers.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
-    return out
-
-
 def same_weights(cfg: Llama2Config) -> tuple[Llama2, LlamaForCausalLM]:
     hf = hf_llama(cfg)
     with torch.device("meta"):
         ours = Llama2(cfg)
-    ours.load_state_dict(hf_to_native(hf.state_dict(), cfg), strict=True, assign=True)
+    # The real converter (tune-ckpt), as a user's HF checkpoint would go through it.
+    state = hf_to_native(hf.state_dict(), n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads)
+    ours.load_state_dict(state, strict=True, assign=True)
     return ours.eval(), hf
 
 

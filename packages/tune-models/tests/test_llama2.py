@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_reference import hf_to_native_reference
 
 from tune_models import (
     Llama2,
@@ -18,32 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def _hf_to_native(sd: dict, cfg: Llama2Config) -> dict:
-    """Test-only key map (the real converter lives in tune-ckpt and is tested there)."""
-
-    def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-        # HF rotates halves of each head; native rotates adjacent pairs (Meta's layout).
-        rows, cols = w.shape
-        return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-    out = {
-        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
-        "norm.weight": sd["model.norm.weight"],
-        "output.weight": sd["lm_head.weight"],
-    }
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        q = unpermute(sd[p + "self_attn.q_proj.weight"], cfg.n_heads)
-        k = unpermute(sd[p + "self_attn.k_proj.weight"], cfg.n_kv_heads)
-        out[f"layers.{i}.attention.wqkv.weight"] = torch.cat(
-            [q, k, sd[p + "self_attn.v_proj.weight"]]
-        )
-        out[f"layers.{i}.attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
-        out[f"layers.{i}.feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
-        out[f"layers.{i}.feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
-        out[f"layers.{i}.feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
-        out[f"layers.{i}.attention_norm.weight"] = sd[p + "input_layernorm.weight"]
-        out[f"layers.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
-    return out
+    return hf_to_native_reference(sd, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
 
 
 def _hf_pair(cfg: Llama2Config, seed: int = 0):
