@@ -311,7 +311,8 @@ def test_a_damaged_cache_file_is_rebuilt(tmp_path, tokenizer):
 
 
 def test_local_json_builds_without_importing_datasets(tmp_path, llama2_tokenizer_path):
-    # datasets takes about a second to import; a user's first build from a json file skips it.
+    # datasets (and pandas, which pyarrow's conversions pull in) take over a second to
+    # import; a build from a json file needs neither, the first time or from the cache.
     path = write_jsonl(tmp_path / "edge.jsonl", EDGE_RECORDS)
     code = (
         "import sys\n"
@@ -319,10 +320,12 @@ def test_local_json_builds_without_importing_datasets(tmp_path, llama2_tokenizer
         f"tok = Llama2Tokenizer({str(llama2_tokenizer_path)!r})\n"
         f"ds = alpaca_dataset(tok, data_files={str(path)!r}, max_seq_len=96, "
         f"cache_dir={str(tmp_path / 'c')!r})\n"
-        "print(len(ds), 'datasets' in sys.modules)\n"
+        "print(len(ds), ds.cache_file.is_file(), 'datasets' in sys.modules, "
+        "'pandas' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.stdout.split() == ["6", "False"], out.stderr
+    for _ in ("cold", "warm"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.stdout.split() == ["6", "True", "False", "False"], out.stderr
 
 
 def test_records_in_several_batches_give_the_same_samples(tmp_path, tokenizer, monkeypatch):

@@ -88,18 +88,15 @@ class TokenizedArrays:
     def from_arrow(cls, table: pa.Table) -> TokenizedArrays:
         """From the columns ``tokens``, ``prompt_len``, ``row``, ``truncated`` of a table."""
         tokens_col = table.column("tokens").combine_chunks()
-        offsets = tokens_col.offsets.to_numpy().astype(np.int64)
-        values = tokens_col.values.to_numpy()
+        offsets = _to_numpy(tokens_col.offsets, np.int32).astype(np.int64)
+        values = _to_numpy(tokens_col.values, np.int32)
         # A sliced list array shares its parent's buffers: rebase to this slice.
         values, offsets = values[offsets[0] : offsets[-1]], offsets - offsets[0]
-
-        def column(name: str, dtype: type) -> np.ndarray:
-            return np.array(table.column(name).to_numpy(), dtype=dtype)  # a writable copy
-
         return cls(
-            np.array(values, dtype=np.int32), offsets,  # a writable copy, off Arrow's buffer
-            column("prompt_len", np.int64), column("row", np.int64),
-            column("truncated", np.bool_),
+            values.copy(), offsets,  # a writable copy, off Arrow's buffer
+            _to_numpy(table.column("prompt_len").combine_chunks(), np.int32).astype(np.int64),
+            _to_numpy(table.column("row").combine_chunks(), np.int64).copy(),
+            _to_numpy(table.column("truncated").combine_chunks(), np.bool_),
         )
 
     def to_arrow(self) -> pa.Table:
@@ -108,12 +105,43 @@ class TokenizedArrays:
 
         return pa.table({
             "tokens": pa.ListArray.from_arrays(
-                pa.array(self.offsets.astype(np.int32)), pa.array(self.tokens, pa.int32())
+                _to_arrow(self.offsets.astype(np.int32)), _to_arrow(self.tokens.astype(np.int32))
             ),
-            "prompt_len": pa.array(self.prompt_len, type=pa.int32()),
-            "row": pa.array(self.rows, type=pa.int64()),
-            "truncated": pa.array(self.truncated, type=pa.bool_()),
+            "prompt_len": _to_arrow(self.prompt_len.astype(np.int32)),
+            "row": _to_arrow(self.rows.astype(np.int64)),
+            "truncated": _to_arrow(self.truncated.astype(np.bool_)),
         })
+
+
+# numpy <-> Arrow through raw buffers: pyarrow's own conversions import pandas (~0.3 s), which
+# a training process that never touches datasets would load just to read a cache.
+_ARROW_TYPES = {
+    np.dtype(np.int32): "int32", np.dtype(np.int64): "int64", np.dtype(np.bool_): "bool",
+}
+
+
+def _to_arrow(values: np.ndarray) -> pa.Array:
+    import pyarrow as pa
+
+    arrow_type = pa.type_for_alias(_ARROW_TYPES[values.dtype])
+    if values.dtype == np.bool_:  # Arrow packs booleans into bits, least significant first
+        data = np.packbits(values, bitorder="little")
+    else:
+        data = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(arrow_type, len(values), [None, pa.py_buffer(data)])
+
+
+def _to_numpy(array: pa.Array, dtype: type) -> np.ndarray:
+    """A null-free primitive Arrow array as numpy (a view, except for booleans)."""
+    expected = _ARROW_TYPES[np.dtype(dtype)]
+    if array.null_count or str(array.type) != expected:
+        raise ValueError(f"expected {expected} without nulls, got {array.type}")
+    data = array.buffers()[1]
+    if np.dtype(dtype) == np.bool_:
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+        return bits[array.offset : array.offset + len(array)].astype(np.bool_)
+    itemsize = np.dtype(dtype).itemsize
+    return np.frombuffer(data, dtype=dtype, count=len(array), offset=array.offset * itemsize)
 
 
 class TokenizedDataset(Dataset):
