@@ -82,8 +82,10 @@ def write(path: Path, arrays: TokenizedArrays, source_rows: int, key: str) -> bo
     except OSError:
         return False
     try:
-        with os.fdopen(fd, "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
-            writer.write_table(table)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide a shared cache
+            with pa.ipc.new_stream(f, table.schema) as writer:
+                writer.write_table(table)
         os.replace(tmp, path)
     except OSError:
         Path(tmp).unlink(missing_ok=True)
