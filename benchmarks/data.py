@@ -1,14 +1,21 @@
 """Alpaca data-pipeline throughput (template + tokenise + mask): tune-data vs torchtune 0.6.1.
 
-    uv run python benchmarks/data.py [--rounds 3] [--max-seq-len 512]
+    uv run python benchmarks/data.py [--rounds 3] [--max-seq-len 512] [--no-collect]
 
 Both sides build an Alpaca dataset from the same local file (alpaca_5000.json) with the same
 Llama 2 tokenizer, prompt masking on (train_on_input=False), then fetch every sample's tokens
-and labels: torchtune tokenises in ``__getitem__``, tune-data in a batched ``datasets.map``.
-Each measurement runs in a fresh process (imports not timed) with an empty ``datasets``
+and labels: torchtune loads the file with ``datasets`` and tokenises in ``__getitem__``;
+tune-data reads the json itself and tokenises everything up front (other sources go through
+``datasets.map``). Each measurement runs in a fresh process with an empty ``datasets``
 cache, so it is the *cold* figure: loading the json, templating, tokenising, masking, and
 for tune-data writing its cache. The same process then builds again from the now-warm cache
 (the *warm* figure: tune-data reads its cached tokens, torchtune tokenises again).
+
+Untimed on both sides: imports, ``datasets``' first-call set-up, and one ``gc.collect()``
+after them. The imports leave enough young objects behind that the next few hundred
+thousand allocations trigger a full collection (~0.13 s here) wherever they happen, so
+without it each side's first timed build pays for the imports' garbage; ``--no-collect``
+measures that way.
 Rounds alternate ours and torchtune's; medians, spread and the ratio are printed, the cold
 ratio last. Torchtune runs in its own virtual environment: $TORCHTUNE_VENV (default
 benchmarks/.venv-torchtune, made by benchmarks/setup_peers.sh).
@@ -17,6 +24,7 @@ benchmarks/.venv-torchtune, made by benchmarks/setup_peers.sh).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -29,7 +37,8 @@ HERE = Path(__file__).resolve().parent
 SHARED = Path(os.environ.get("TUNE_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
 
 
-def _worker(side: str, data: str, tokenizer: str, max_seq_len: int, dump: str | None) -> None:
+def _worker(side: str, data: str, tokenizer: str, max_seq_len: int, dump: str | None,
+            collect: bool) -> None:
     """Runs in a subprocess: build + fetch every sample, cold then warm; prints JSON."""
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     cache = tempfile.mkdtemp(prefix=f"bench-data-{side}-")
@@ -64,6 +73,8 @@ def _worker(side: str, data: str, tokenizer: str, max_seq_len: int, dump: str | 
                                 train_on_input=False, cache_dir=cache)
             return [ds[i] for i in range(len(ds))], list(range(len(ds)))
 
+    if collect:
+        gc.collect()
     start = time.perf_counter()
     samples, rows = build()
     cold = time.perf_counter() - start
@@ -82,6 +93,8 @@ def _worker(side: str, data: str, tokenizer: str, max_seq_len: int, dump: str | 
 def _run(python: str, side: str, args: argparse.Namespace, dump: str | None = None) -> dict:
     cmd = [python, __file__, "--worker", side, "--data", str(args.data),
            "--tokenizer", str(args.tokenizer), "--max-seq-len", str(args.max_seq_len)]
+    if args.no_collect:
+        cmd.append("--no-collect")
     if dump:
         cmd += ["--dump", dump]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -119,11 +132,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=SHARED / "alpaca" / "alpaca_5000.json")
     parser.add_argument("--tokenizer", type=Path,
                         default=SHARED / "llama2-tokenizer" / "tokenizer.model")
+    parser.add_argument("--no-collect", action="store_true",
+                        help="skip the untimed gc.collect() after imports")
     parser.add_argument("--worker", choices=["tune", "torchtune"], help=argparse.SUPPRESS)
     parser.add_argument("--dump", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        _worker(args.worker, str(args.data), str(args.tokenizer), args.max_seq_len, args.dump)
+        _worker(args.worker, str(args.data), str(args.tokenizer), args.max_seq_len, args.dump,
+                collect=not args.no_collect)
         return
     for path in (args.data, args.tokenizer):
         if not path.is_file():
@@ -151,7 +167,8 @@ def main() -> None:
         agreement = _compare(dumps["tune"], dumps["torchtune"], records)
 
     print(f"Alpaca {n:,} records ({args.data.name}), max_seq_len {args.max_seq_len}, "
-          f"{args.rounds} alternating rounds, CPU ({os.cpu_count()} cores)")
+          f"{args.rounds} alternating rounds, CPU ({os.cpu_count()} cores), "
+          f"gc.collect() after imports: {'no' if args.no_collect else 'yes'}")
     print(f"  check: {agreement}")
     for kind in ("warm", "cold"):
         for side in ("tune", "torchtune"):

@@ -18,6 +18,7 @@ from tune_data import (
     PromptTemplate,
     alpaca_dataset,
     describe,
+    instruct,
     instruct_dataset,
     is_empty_input,
 )
@@ -242,3 +243,98 @@ def test_registry_builds_by_name(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "edge.jsonl", EDGE_RECORDS[:2])
     ds = DATASETS["alpaca"](tokenizer, data_files=path, max_seq_len=96, cache_dir=tmp_path / "c")
     assert len(ds) == 2
+
+
+ARRAYS = ("_tokens", "_offsets", "_labels", "lengths", "prompt_len", "rows", "truncated")
+
+
+def _assert_same_samples(a, b):
+    for name in ARRAYS:
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+        assert getattr(a, name).dtype == getattr(b, name).dtype, name
+    assert a.source_rows == b.source_rows
+    assert str(describe(a)) == str(describe(b))
+
+
+@pytest.fixture
+def through_datasets(monkeypatch):
+    """Build as if no file were local JSON, so datasets' json loader reads every file."""
+    monkeypatch.setattr(instruct, "local_json_files", lambda *args, **kwargs: None)
+
+
+def test_json_read_directly_gives_what_datasets_gives(alpaca, alpaca_json_path, tmp_path,
+                                                      tokenizer, through_datasets):
+    # The fixture read the file with the json module (no datasets conversion, own cache).
+    assert alpaca.cache_file is not None and alpaca.cache_file.is_file()
+    via_datasets = alpaca_dataset(
+        tokenizer, data_files=alpaca_json_path, cache_dir=tmp_path / "c"
+    )
+    assert via_datasets.cache_file is None
+    _assert_same_samples(alpaca, via_datasets)
+
+
+def test_direct_and_datasets_routes_agree_on_truncation_drops_and_input_loss(
+    tmp_path, tokenizer, monkeypatch
+):
+    path = write_jsonl(tmp_path / "edge.jsonl", EDGE_RECORDS)
+    for train_on_input in (False, True):
+        kwargs = dict(data_files=path, max_seq_len=96, train_on_input=train_on_input)
+        direct = alpaca_dataset(tokenizer, cache_dir=tmp_path / "a", **kwargs)
+        with monkeypatch.context() as m:
+            m.setattr(instruct, "local_json_files", lambda *args, **kwargs: None)
+            via_datasets = alpaca_dataset(tokenizer, cache_dir=tmp_path / "b", **kwargs)
+        _assert_same_samples(direct, via_datasets)
+        assert direct.truncated.sum() == 1 and direct.source_rows - len(direct) == 1
+
+
+def test_values_that_are_not_text_are_read_as_datasets_reads_them(tmp_path, tokenizer):
+    records = [{"instruction": "Add 2 and 2.", "input": "", "output": 4},
+               {"instruction": "Halve 3.", "input": "", "output": 1.5}]
+    path = tmp_path / "numbers.json"
+    path.write_text(json.dumps(records))
+    ds = alpaca_dataset(tokenizer, data_files=path, cache_dir=tmp_path / "c")
+    answers = [tokenizer.decode(ds[i]["tokens"].tolist()).rsplit("\n", 1)[1] for i in (0, 1)]
+    assert answers == ["4.0", "1.5"]  # one Arrow column: the int became a float, as before
+
+
+def test_a_damaged_cache_file_is_rebuilt(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "edge.jsonl", EDGE_RECORDS)
+    first = alpaca_dataset(tokenizer, data_files=path, max_seq_len=96, cache_dir=tmp_path / "c")
+    cached = first.cache_file
+    cached.write_bytes(cached.read_bytes()[:100])  # cut short, as by a full disk
+    again = alpaca_dataset(tokenizer, data_files=path, max_seq_len=96, cache_dir=tmp_path / "c")
+    _assert_same_samples(first, again)
+    assert again.cache_file == cached and cached.stat().st_size > 100
+    # Changed records are new data, whatever the file is called.
+    write_jsonl(path, EDGE_RECORDS[:3])
+    changed = alpaca_dataset(tokenizer, data_files=path, max_seq_len=96, cache_dir=tmp_path / "c")
+    assert len(changed) == 3 and changed.cache_file != cached
+
+
+def test_local_json_builds_without_importing_datasets(tmp_path, llama2_tokenizer_path):
+    # datasets (and pandas, which pyarrow's conversions pull in) take over a second to
+    # import; a build from a json file needs neither, the first time or from the cache.
+    path = write_jsonl(tmp_path / "edge.jsonl", EDGE_RECORDS)
+    code = (
+        "import sys\n"
+        "from tune_data import Llama2Tokenizer, alpaca_dataset\n"
+        f"tok = Llama2Tokenizer({str(llama2_tokenizer_path)!r})\n"
+        f"ds = alpaca_dataset(tok, data_files={str(path)!r}, max_seq_len=96, "
+        f"cache_dir={str(tmp_path / 'c')!r})\n"
+        "print(len(ds), ds.cache_file.is_file(), 'datasets' in sys.modules, "
+        "'pandas' in sys.modules)\n"
+    )
+    for _ in ("cold", "warm"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.stdout.split() == ["6", "True", "False", "False"], out.stderr
+
+
+def test_records_in_several_batches_give_the_same_samples(tmp_path, tokenizer, monkeypatch):
+    # Big files are tokenised in batches (with a progress bar); rows keep counting across them.
+    path = write_jsonl(tmp_path / "edge.jsonl", EDGE_RECORDS * 3)
+    whole = alpaca_dataset(tokenizer, data_files=path, max_seq_len=96, cache_dir=tmp_path / "a")
+    monkeypatch.setattr(instruct, "_LOCAL_BATCH", 4)
+    batched = alpaca_dataset(tokenizer, data_files=path, max_seq_len=96,
+                             cache_dir=tmp_path / "b")
+    _assert_same_samples(whole, batched)
+    assert batched.rows.tolist() == [r for r in range(21) if r % 7 != 5]

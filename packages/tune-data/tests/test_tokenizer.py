@@ -1,6 +1,9 @@
 """The tokenizer contract other packages code against, on the real Llama 2 model."""
 
+import io
+
 import pytest
+import sentencepiece as spm
 
 from tune_data import DataError, Llama2Tokenizer
 
@@ -58,3 +61,47 @@ def test_non_sentencepiece_file_is_refused_with_one_clear_line(tmp_path):
 
     with pytest.raises(DataError, match="not found"):
         Llama2Tokenizer(tmp_path / "missing.model")
+
+
+def _continuations_whole(tokenizer, texts):
+    """The reference: each text encoded whole after a newline, the newline's ids cut off."""
+    cut = len(tokenizer.encode("\n", add_bos=False))
+    return [tokenizer.encode("\n" + t, add_bos=False)[cut:] for t in texts]
+
+
+def test_word_by_word_encoding_gives_the_whole_texts_ids(
+    tokenizer, tinyshakespeare_path, alpaca_records
+):
+    # Llama 2 texts are encoded one distinct word at a time; any spacing must give exactly
+    # the ids of the whole text.
+    assert tokenizer.splits_at_spaces
+    odd = [
+        "a  b", "  ", " x", "x ", "x \ny", "x\n y", "\u2581lead", "a \u2581b", "a\u2581 b",
+        "nbsp\u00a0x", "ideographic\u3000space", "\tfirst tab", "e\u0301 \ufb01 \uff46",
+    ]
+    paragraphs = tinyshakespeare_path.read_text().split("\n\n")[:400]
+    fields = [r[k] for r in alpaca_records[:300] for k in ("instruction", "input", "output")]
+    texts = TRICKY + odd + paragraphs + fields
+    ids, offsets = tokenizer.encode_continuations_flat(texts)
+    got = [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    assert got == _continuations_whole(tokenizer, texts)
+    assert tokenizer.encode_continuations(texts) == got
+
+
+def test_a_vocabulary_with_pieces_across_spaces_is_encoded_whole(tmp_path):
+    # A BPE model trained without splitting at whitespace has pieces such as "▁the▁cat":
+    # cutting its text at spaces would change the ids, so the tokenizer must not.
+    sentences = ["the cat sat on the mat", "the cat ate the rat", "a cat and a rat sat"] * 50
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, model_type="bpe",
+        vocab_size=300, split_by_whitespace=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, hard_vocab_limit=False, minloglevel=2, num_threads=1,
+    )
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    tok = Llama2Tokenizer(path)
+    assert tok.splits_at_newline and not tok.splits_at_spaces
+    texts = ["the cat sat", "a cat and a rat", "the  mat ", " the rat", ""]
+    assert tok.encode_continuations(texts) == _continuations_whole(tok, texts)

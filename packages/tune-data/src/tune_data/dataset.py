@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -12,6 +14,7 @@ from tune_data.tokenizer import Llama2Tokenizer
 
 if TYPE_CHECKING:
     import datasets
+    import pyarrow as pa
 
 IGNORE_INDEX = -100  # label of positions that take no loss (the Batch contract)
 
@@ -41,11 +44,104 @@ def _all_labels(
     """
     labels = np.full(len(tokens), IGNORE_INDEX, dtype=np.int32)
     labels[:-1] = tokens[1:]
-    starts = np.repeat(offsets[:-1].astype(np.int64), lengths)
-    position = np.arange(len(tokens), dtype=np.int64) - starts  # index within its sample
-    labels[position < np.repeat(np.maximum(prompt_len - 1, 0), lengths)] = IGNORE_INDEX
+    # Position j of the flat array is a target unless it lies before its sample's first target.
+    first_target = offsets[:-1] + np.maximum(prompt_len - 1, 0)
+    labels[np.arange(len(tokens)) < np.repeat(first_target, lengths)] = IGNORE_INDEX
     labels[offsets[1:][lengths > 0] - 1] = IGNORE_INDEX  # last position: nothing follows
     return labels
+
+
+@dataclass
+class TokenizedArrays:
+    """The columns a dataset is made of, as tokenisers produce them and caches store them.
+
+    Args:
+        tokens: Flat int32 token ids of all samples.
+        offsets: (N + 1,) int64 start of each sample in ``tokens``.
+        prompt_len: (N,) masked prefix length of each sample.
+        rows: (N,) the source record each sample came from.
+        truncated: (N,) whether the sample was cut to ``max_seq_len``.
+    """
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    prompt_len: np.ndarray
+    rows: np.ndarray
+    truncated: np.ndarray
+
+    @classmethod
+    def concatenate(cls, parts: list[TokenizedArrays]) -> TokenizedArrays:
+        """Batches joined in order."""
+        if len(parts) == 1:
+            return parts[0]
+        starts = np.cumsum([0] + [len(p.tokens) for p in parts[:-1]])
+        offsets = [p.offsets[:-1] + s for p, s in zip(parts, starts)]
+        return cls(
+            np.concatenate([p.tokens for p in parts]),
+            np.concatenate([*offsets, [sum(len(p.tokens) for p in parts)]]).astype(np.int64),
+            np.concatenate([p.prompt_len for p in parts]),
+            np.concatenate([p.rows for p in parts]),
+            np.concatenate([p.truncated for p in parts]),
+        )
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table) -> TokenizedArrays:
+        """From the columns ``tokens``, ``prompt_len``, ``row``, ``truncated`` of a table."""
+        tokens_col = table.column("tokens").combine_chunks()
+        offsets = _to_numpy(tokens_col.offsets, np.int32).astype(np.int64)
+        values = _to_numpy(tokens_col.values, np.int32)
+        # A sliced list array shares its parent's buffers: rebase to this slice.
+        values, offsets = values[offsets[0] : offsets[-1]], offsets - offsets[0]
+        return cls(
+            values.copy(), offsets,  # a writable copy, off Arrow's buffer
+            _to_numpy(table.column("prompt_len").combine_chunks(), np.int32).astype(np.int64),
+            _to_numpy(table.column("row").combine_chunks(), np.int64).copy(),
+            _to_numpy(table.column("truncated").combine_chunks(), np.bool_),
+        )
+
+    def to_arrow(self) -> pa.Table:
+        """The columns as ``datasets`` stores them (its map cache and ours share the layout)."""
+        import pyarrow as pa
+
+        return pa.table({
+            "tokens": pa.ListArray.from_arrays(
+                _to_arrow(self.offsets.astype(np.int32)), _to_arrow(self.tokens.astype(np.int32))
+            ),
+            "prompt_len": _to_arrow(self.prompt_len.astype(np.int32)),
+            "row": _to_arrow(self.rows.astype(np.int64)),
+            "truncated": _to_arrow(self.truncated.astype(np.bool_)),
+        })
+
+
+# numpy <-> Arrow through raw buffers: pyarrow's own conversions import pandas (~0.3 s), which
+# a training process that never touches datasets would load just to read a cache.
+_ARROW_TYPES = {
+    np.dtype(np.int32): "int32", np.dtype(np.int64): "int64", np.dtype(np.bool_): "bool",
+}
+
+
+def _to_arrow(values: np.ndarray) -> pa.Array:
+    import pyarrow as pa
+
+    arrow_type = pa.type_for_alias(_ARROW_TYPES[values.dtype])
+    if values.dtype == np.bool_:  # Arrow packs booleans into bits, least significant first
+        data = np.packbits(values, bitorder="little")
+    else:
+        data = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(arrow_type, len(values), [None, pa.py_buffer(data)])
+
+
+def _to_numpy(array: pa.Array, dtype: type) -> np.ndarray:
+    """A null-free primitive Arrow array as numpy (a view, except for booleans)."""
+    expected = _ARROW_TYPES[np.dtype(dtype)]
+    if array.null_count or str(array.type) != expected:
+        raise ValueError(f"expected {expected} without nulls, got {array.type}")
+    data = array.buffers()[1]
+    if np.dtype(dtype) == np.bool_:
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+        return bits[array.offset : array.offset + len(array)].astype(np.bool_)
+    itemsize = np.dtype(dtype).itemsize
+    return np.frombuffer(data, dtype=dtype, count=len(array), offset=array.offset * itemsize)
 
 
 class TokenizedDataset(Dataset):
@@ -67,6 +163,8 @@ class TokenizedDataset(Dataset):
         source_rows: Records in the source (to count dropped ones).
         max_seq_len: The length samples were cut to (None: not cut).
         hf_dataset: The cached ``datasets.Dataset`` the arrays were read from, if any.
+        cache_file: The Arrow file the arrays are cached in, if any; ``hf_dataset`` opens it
+            when first asked for.
     """
 
     def __init__(
@@ -82,6 +180,7 @@ class TokenizedDataset(Dataset):
         source_rows: int | None = None,
         max_seq_len: int | None = None,
         hf_dataset: datasets.Dataset | None = None,
+        cache_file: str | Path | None = None,
     ):
         self._tokens = tokens
         self._offsets = offsets
@@ -93,27 +192,33 @@ class TokenizedDataset(Dataset):
         self.name = name
         self.source_rows = len(prompt_len) if source_rows is None else source_rows
         self.max_seq_len = max_seq_len
-        self.hf_dataset = hf_dataset
+        self._hf_dataset = hf_dataset
+        self.cache_file = None if cache_file is None else Path(cache_file)
         self._labels = _all_labels(tokens, offsets, self.lengths, prompt_len)
+        self._bounds = offsets.tolist()  # Python ints index numpy arrays fastest
+
+    @classmethod
+    def from_arrays(cls, arrays: TokenizedArrays, **kwargs: Any) -> TokenizedDataset:
+        """From a tokeniser's or a cache's columns; keywords as for the constructor."""
+        return cls(
+            arrays.tokens, arrays.offsets, arrays.prompt_len, arrays.rows, arrays.truncated,
+            **kwargs,
+        )
 
     @classmethod
     def from_hf(cls, ds: datasets.Dataset, **kwargs: Any) -> TokenizedDataset:
         """From the columns ``tokens``, ``prompt_len``, ``row``, ``truncated`` of a dataset."""
         table = ds.with_format("arrow")[:]  # honours any indices mapping; no copy otherwise
-        tokens_col = table.column("tokens").combine_chunks()
-        offsets = tokens_col.offsets.to_numpy().astype(np.int64)
-        values = tokens_col.values.to_numpy()
-        # A sliced list array shares its parent's buffers: rebase to this slice.
-        values, offsets = values[offsets[0] : offsets[-1]], offsets - offsets[0]
+        return cls.from_arrays(TokenizedArrays.from_arrow(table), hf_dataset=ds, **kwargs)
 
-        def column(name: str, dtype: type) -> np.ndarray:
-            return table.column(name).to_numpy().astype(dtype, copy=False)
+    @property
+    def hf_dataset(self) -> datasets.Dataset | None:
+        """The arrays as a ``datasets.Dataset`` (memory-mapped from the cache file), if cached."""
+        if self._hf_dataset is None and self.cache_file is not None:
+            import datasets
 
-        return cls(
-            np.array(values, dtype=np.int32), offsets,  # a writable copy, off Arrow's buffer
-            column("prompt_len", np.int64), column("row", np.int64),
-            column("truncated", np.bool_), hf_dataset=ds, **kwargs,
-        )
+            self._hf_dataset = datasets.Dataset.from_file(str(self.cache_file))
+        return self._hf_dataset
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -125,10 +230,12 @@ class TokenizedDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"sample {index} out of range (dataset has {len(self)})")
-        start, end = self._offsets[index], self._offsets[index + 1]
-        return {
-            "tokens": torch.from_numpy(self._tokens[start:end]).long(),
-            "labels": torch.from_numpy(self._labels[start:end]).long(),
+        if index < 0:
+            index += len(self)
+        start, end = self._bounds[index], self._bounds[index + 1]
+        return {  # int32 -> int64 copies: a caller may change a sample without harm
+            "tokens": torch.from_numpy(self._tokens[start:end].astype(np.int64)),
+            "labels": torch.from_numpy(self._labels[start:end].astype(np.int64)),
         }
 
     @property

@@ -1,8 +1,10 @@
-"""Loading records through Hugging Face ``datasets``: a hub name or local files."""
+"""Loading records: through Hugging Face ``datasets`` (a hub name or local files), and a
+direct reader for local JSON that skips ``datasets``' Arrow conversion and its import."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,3 +142,85 @@ def check_columns(ds: datasets.Dataset, columns: Sequence[str], where: str, hint
                 f"{where}: row {row} (counting from 0) has no '{name}'; "
                 "fill it in (an empty string is fine) or remove the row"
             )
+
+
+def local_json_files(
+    source: str,
+    data_files: DataFiles | None,
+    split: str,
+    load_kwargs: Mapping[str, Any],
+) -> list[Path] | None:
+    """The files, when :func:`load_records` would read whole local files with the json builder.
+
+    That is the case a direct read can match exactly: existing local files, the whole
+    ``"train"`` split, no extra loading options. Anything else (hub names, globs, split slices
+    such as ``"train[:10%]"``, csv) is left to ``datasets``.
+    """
+    if data_files is None and _looks_like_local_path(source):
+        data_files, source = source, ""
+    if data_files is None or split != "train" or load_kwargs:
+        return None
+    files = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
+    paths = [Path(f) for f in files]
+    if not paths or not all(p.is_file() for p in paths):
+        return None
+    builder = source if source in set(BUILDERS.values()) else BUILDERS.get(paths[0].suffix.lower())
+    return paths if builder == "json" else None
+
+
+def read_json_columns(
+    blobs: Sequence[bytes], columns: Sequence[str]
+) -> tuple[dict[str, list[str]], int] | None:
+    """Text columns of JSON / JSON Lines file contents, read with the json module.
+
+    ``datasets`` would give the same strings, after converting the file to Arrow on disk
+    (~0.2 s for Alpaca 5k, where this takes ~20 ms). Whenever its conversions could matter, this
+    answers None and the caller goes through ``datasets``, so both routes give the same
+    records and the same errors: a value that is missing, null or not a string, a record that
+    is not an object, blank lines, text that is not UTF-8 or not JSON, no records at all.
+
+    Args:
+        blobs: Each file's bytes, in order (records are numbered across them).
+        columns: The columns to return.
+
+    Returns:
+        ``({column: values}, number of records)``, or None.
+    """
+    records: list[dict] = []
+    for blob in blobs:
+        part = _json_records(blob)
+        if part is None:
+            return None
+        records += part
+    if not records:
+        return None
+    out: dict[str, list[str]] = {}
+    for column in columns:
+        try:
+            values = [r[column] for r in records]
+        except KeyError:
+            return None
+        if set(map(type, values)) != {str}:
+            return None
+        out[column] = values
+    return out, len(records)
+
+
+def _json_records(blob: bytes) -> list[dict] | None:
+    """The objects of a JSON array or of JSON Lines, as ``datasets``' json builder reads them."""
+    try:
+        text = blob.decode("utf-8").removeprefix("\ufeff")
+        if text.startswith("["):  # what datasets takes for a JSON array
+            records = json.loads(text)
+        else:
+            lines = text.split("\n")
+            while lines and not lines[-1].strip():
+                lines.pop()
+            if not all(map(str.strip, lines)):
+                return None
+            records = list(map(json.loads, lines))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(records, list) or set(map(type, records)) - {dict}:
+        return None
+    return records

@@ -7,11 +7,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tune_data.dataset import TokenizedDataset
+import numpy as np
+
+from tune_data.dataset import TokenizedArrays, TokenizedDataset
 from tune_data.errors import DataError
-from tune_data.instruct import _Columns, _describe_source, _features
+from tune_data.instruct import _describe_source, _features
 from tune_data.sources import DataFiles, check_columns, load_records
-from tune_data.tokenizer import Llama2Tokenizer
+from tune_data.tokenizer import Llama2Tokenizer, _flatten
 
 _FORMAT_VERSION = "text-1"
 
@@ -26,15 +28,21 @@ class _Chunker:
         texts = [t if isinstance(t, str) else str(t) for t in batch[self.column]]
         keep = [i for i, t in enumerate(texts) if t.strip()]  # empty documents teach nothing
         encoded = self._encode([texts[i] for i in keep])
-        out = _Columns()
+        chunks, rows = [], []
         for i, ids in zip(keep, encoded):
             step = self.max_seq_len or len(ids)
             for start in range(0, len(ids), step):
                 chunk = ids[start : start + step]
                 if len(chunk) < 2:
                     continue  # a lone token has no next token to learn
-                out.add(chunk, 0, indices[i], False)
-        return out.table()
+                chunks.append(chunk)
+                rows.append(indices[i])
+        tokens, offsets = _flatten(chunks)
+        n = len(chunks)
+        return TokenizedArrays(
+            tokens, offsets, np.zeros(n, np.int64), np.array(rows, dtype=np.int64),
+            np.zeros(n, dtype=bool),
+        ).to_arrow()
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         """BOS + ids + EOS of each text; long texts are cut at newlines and encoded in parallel.

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Sequence
 from functools import cached_property
+from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from tune_data.errors import DataError
@@ -76,7 +80,10 @@ class Llama2Tokenizer:
     def encode_batch(
         self, texts: list[str], add_bos: bool = True, add_eos: bool = False
     ) -> list[list[int]]:
-        """Token ids of many texts, encoded on all CPU cores by SentencePiece's thread pool.
+        """Token ids of many texts in one SentencePiece call.
+
+        SentencePiece is asked for a thread per core; measured with sentencepiece 0.2.3 on
+        this project's 2-core machine, its batch call still spends one core's time.
 
         Args:
             texts: The texts.
@@ -88,7 +95,7 @@ class Llama2Tokenizer:
         """
         return self._sp.encode(list(texts), add_bos=add_bos, add_eos=add_eos, num_threads=-1)
 
-    def encode_continuations(self, texts: list[str]) -> list[list[int]]:
+    def encode_continuations(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of texts that follow a newline, as they come out when encoding the whole text.
 
         SentencePiece puts a "▁" (space) before every text it encodes, so
@@ -102,9 +109,57 @@ class Llama2Tokenizer:
         Returns:
             One list of ids per text, without BOS or EOS.
         """
-        cut = len(self._newline)
-        encoded = self._sp.encode(["\n" + t for t in texts], num_threads=-1)
-        return [ids[cut:] for ids in encoded]
+        ids, offsets = self.encode_continuations_flat(texts)
+        bounds = offsets.tolist()
+        return [ids[a:b].tolist() for a, b in zip(bounds, bounds[1:])]
+
+    def encode_continuations_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`encode_continuations` of all texts as one flat int32 array and offsets.
+
+        Where spaces are boundaries too (:attr:`splits_at_spaces`, true for Llama 2), each
+        distinct word is encoded once and the texts are assembled from their words: the same
+        ids as encoding every text whole, with about a quarter of SentencePiece's work on
+        English text (Alpaca 5k: 287k words, 37k distinct).
+
+        Args:
+            texts: Texts that each follow a newline.
+
+        Returns:
+            ``(ids, offsets)``: text i's ids are ``ids[offsets[i]:offsets[i + 1]]`` (int32;
+            offsets int64, length ``len(texts) + 1``).
+        """
+        if not self.splits_at_spaces:
+            cut = len(self._newline)
+            encoded = self._sp.encode(["\n" + t for t in texts], num_threads=-1)
+            return _flatten([ids[cut:] for ids in encoded])
+        # Every text is encoded as "\n" + text and loses the newline's ids, as above. Cut at
+        # spaces, its first word keeps the "\n" and the others stand alone: SentencePiece's
+        # "▁" before a lone word is the space it followed. A text with a space where no word
+        # follows (double, trailing) or a literal "▁" is one word, encoded whole.
+        words: list[str] = []
+        firsts: list[int] = []  # index in words of each text's first word
+        for text in texts:
+            firsts.append(len(words))
+            parts = text.split(" ")
+            parts[0] = "\n" + parts[0]
+            if "" in parts or "\u2581" in text:
+                parts = ["\n" + text]
+            words += parts
+        distinct = list(dict.fromkeys(words))
+        word_ids, word_offsets = _flatten(self._sp.encode(distinct, num_threads=-1))
+        index = dict(zip(distinct, range(len(distinct))))
+        which = np.fromiter(map(index.__getitem__, words), dtype=np.int64, count=len(words))
+        first = np.asarray(firsts, dtype=np.int64)
+        skip = np.zeros(len(words), dtype=np.int64)
+        skip[first] = len(self._newline)  # the leading newline's ids of each text
+        starts = word_offsets[which] + skip
+        ids, offsets = gather(word_ids, starts, word_offsets[which + 1] - starts)
+        return ids, np.append(offsets[first], offsets[-1])
+
+    @cached_property
+    def _vocabulary(self) -> str:
+        """Every piece, joined by NUL: one string a single search scans in a millisecond."""
+        return "\0".join(self._sp.id_to_piece(list(range(self._sp.get_piece_size()))))
 
     @cached_property
     def splits_at_newline(self) -> bool:
@@ -112,10 +167,29 @@ class Llama2Tokenizer:
 
         True for Llama 2, where "\\n" is always the byte piece <0x0A>.
         """
-        sp = self._sp
-        pieces = sp.id_to_piece(list(range(sp.get_piece_size())))
-        no_piece_spans_newline = not any("\n" in piece for piece in pieces)
-        return no_piece_spans_newline and self._newline[-1:] == [sp.piece_to_id("<0x0A>")]
+        no_piece_spans_newline = "\n" not in self._vocabulary
+        return no_piece_spans_newline and self._newline[-1:] == [self._sp.piece_to_id("<0x0A>")]
+
+    @cached_property
+    def splits_at_spaces(self) -> bool:
+        """True when text can also be encoded word by word, cut before each single space.
+
+        That holds when no piece has a "▁" right after another character (pieces may start
+        with "▁" or be runs of "▁", never span a word boundary), and normalisation only turns
+        spaces into "▁" and adds one in front (no NFKC, no whitespace folding). Then BPE's
+        merges never cross such a boundary and each word merges alone exactly as in the whole
+        text. True for Llama 2.
+        """
+        probe = " a  b\t\u00a0c\u3000\uff46 \ufb01 e\u0301 \u2460\n "
+        plain = self._sp.normalize(probe) == "\u2581" + probe.replace(" ", "\u2581")
+        vocabulary = self._vocabulary
+        separable = vocabulary.count("\0") == self._sp.get_piece_size() - 1  # no NUL in pieces
+        return (
+            plain
+            and separable
+            and self.splits_at_newline
+            and _GLUED_SPACE.search(vocabulary) is None
+        )
 
     def decode(self, ids: list[int]) -> str:
         """Text of token ids (BOS, EOS and pad ids are dropped).
@@ -134,3 +208,29 @@ class Llama2Tokenizer:
 
     def __repr__(self) -> str:
         return f"Llama2Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+# A "▁" after another character of the same piece: a piece that would span a word boundary.
+_GLUED_SPACE = re.compile("[^\u2581\0]\u2581")
+
+
+def _flatten(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of ids as one flat int32 array and (N + 1,) int64 offsets."""
+    offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, lists), dtype=np.int64, count=len(lists)), out=offsets[1:])
+    flat = np.fromiter(chain.from_iterable(lists), dtype=np.int32, count=int(offsets[-1]))
+    return flat, offsets
+
+
+def gather(
+    source: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Slices ``source[starts[i]:starts[i] + lengths[i]]`` joined, and their (N + 1,) offsets.
+
+    The ragged-array workhorse: one vectorised index instead of a Python loop over slices.
+    """
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    index = np.arange(offsets[-1], dtype=np.int64)
+    index += np.repeat(starts - offsets[:-1], lengths)
+    return source[index], offsets
