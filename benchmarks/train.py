@@ -78,8 +78,11 @@ def torchtune_config(work: Path, meta_dir: Path, data: Path, tokenizer: Path) ->
         "output_dir": str(work / "torchtune-out"),
         "tokenizer": {"_component_": "torchtune.models.llama2.llama2_tokenizer",
                       "path": str(tokenizer), "max_seq_len": 512},
+        # torchtune's alpaca_dataset trains on the prompt by default; ours does not. Same task
+        # on both sides: loss on the response only.
         "dataset": {"_component_": "torchtune.datasets.alpaca_dataset", "source": "json",
-                    "data_files": str(data), "split": "train", "packed": False},
+                    "data_files": str(data), "split": "train", "packed": False,
+                    "train_on_input": False},
         "seed": 0, "shuffle": True,
         "model": {"_component_": "torchtune.models.llama2.llama2", "vocab_size": c.vocab_size,
                   "num_layers": c.n_layers, "num_heads": c.n_heads, "num_kv_heads": c.n_kv_heads,

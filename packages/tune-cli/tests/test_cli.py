@@ -163,3 +163,24 @@ def demo_files(tmp_path_factory):
     from train_helpers import make_demo_files
 
     return make_demo_files(tmp_path_factory.mktemp("demo"), records=300)
+
+
+def test_data_show_and_stats(tmp_path, demo_files):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(_tiny(demo_files, tmp_path / "out")))
+    shown = tune("data", "show", str(config), "--index", "0", "--index", "3")
+    assert shown.returncode == 0, shown.stderr
+    first = json.loads(demo_files["data"].read_text().splitlines()[0])
+    assert first["input"] in shown.stdout and first["output"] in shown.stdout
+    stats = tune("data", "stats", str(config))
+    assert stats.returncode == 0, stats.stderr
+    assert "300" in stats.stdout  # every generated record became a sample
+
+
+def test_shell_completion_offers_commands():
+    import os
+
+    env = {**os.environ, "COMP_WORDS": "tune con", "COMP_CWORD": "1",
+           "_TUNE_COMPLETE": "bash_complete"}
+    result = tune(env=env)
+    assert "plain,config" in result.stdout and "plain,convert_checkpoint" in result.stdout

@@ -52,12 +52,13 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path | None = None,
     ax_loss.plot(steps, losses, color="tab:blue", alpha=0.35 if many else 1.0, linewidth=1,
                  marker=None if many else "o", label="loss")
     if many:
-        # An exponential moving average shows the trend through per-batch noise.
-        smooth, ema = [], losses[0]
-        for value in losses:
-            ema = 0.9 * ema + 0.1 * value
-            smooth.append(ema)
-        ax_loss.plot(steps, smooth, color="tab:blue", linewidth=2, label="loss (EMA 0.9)")
+        # A centred moving average over ~1/20 of the run shows the trend through per-batch
+        # noise without lagging behind it (an EMA drawn late in the run sits above the curve).
+        half = max(1, len(losses) // 40)
+        smooth = [sum(losses[max(0, i - half): i + half + 1])
+                  / len(losses[max(0, i - half): i + half + 1]) for i in range(len(losses))]
+        ax_loss.plot(steps, smooth, color="tab:blue", linewidth=2,
+                     label=f"loss (mean of {2 * half + 1} points)")
     ax_loss.set_ylabel("training loss")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(loc="upper right")
