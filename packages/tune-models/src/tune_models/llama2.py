@@ -152,10 +152,8 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     Returns:
         Tensor shaped and typed like x.
     """
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
-    rope = rope.unsqueeze(-3)  # (B?, T, 1, D/2, 2): broadcast over heads
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = rope[..., 0], rope[..., 1]
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, D/2) each
+    cos, sin = rope.unsqueeze(-3).unbind(-1)  # (B?, T, 1, D/2) each: broadcast over heads
     # Compute in fp32 like Meta's reference: bf16 angles lose position resolution at 4k.
     out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
     return out.flatten(-2).type_as(x)  # (B, T, H, D)
@@ -168,10 +166,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One op instead of eight: what matters when decoding one token at a time.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 and cast back before the gain, as the reference does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return normed.type_as(x) * self.weight
 
 
 class Attention(nn.Module):
@@ -195,12 +195,12 @@ class Attention(nn.Module):
         cache_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(b, t, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        h, kv = self.n_heads, self.n_kv_heads
+        qkv = self.wqkv(x).view(b, t, h + 2 * kv, self.head_dim)  # (B, T, H+2KV, D)
+        # Queries and keys are rotated together: one set of kernels instead of two.
+        qk = apply_rope(qkv[:, :, : h + kv], rope)  # (B, T, H+KV, D)
+        q, k = qk.split([h, kv], dim=2)  # (B, T, H, D), (B, T, KV, D)
+        v = qkv[:, :, h + kv :]  # (B, T, KV, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T, D)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, KV, S, D)
@@ -214,7 +214,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))
-        y = y.transpose(1, 2).reshape(b, t, q_size)  # (B, T, H*D)
+        y = y.transpose(1, 2).reshape(b, t, h * self.head_dim)  # (B, T, H*D)
         return self.wo(y)
 
 
