@@ -1,7 +1,7 @@
 """Decode throughput of tune_models.generate vs transformers' generate, CPU fp32.
 
     uv run python benchmarks/generate.py [--rounds 3] [--new-tokens 128] [--threads 2]
-                                         [--clock wall|cpu]
+                                         [--clock wall|cpu] [--compile]
 
 A ~20M-parameter Llama 2 (tune_models.llama2_20m, random weights) is built once in
 transformers and mapped into tune_models.Llama2, so both decode with the same weights. For
@@ -9,7 +9,9 @@ batch 1 and batch 8 (prompts of different lengths, left-padded for both) each ro
 greedy decoding of --new-tokens tokens with ours, then with transformers' generate
 (sdpa attention, its default dynamic cache), alternating. New tokens per second counts every
 row's new tokens over the whole call (prefill included). Prints medians, spread, whether the
-tokens agree, and the ratio last.
+tokens agree, and the ratio last. `--compile` adds a third contender, our decode step under
+torch.compile (inductor's C++ code on CPU; it removes the per-op overhead that dominates a
+one-token step of a model this small).
 
 On a shared machine, two OpenMP threads that compete with other processes spend most of a
 decode step waiting for each other, and wall-clock figures say more about the neighbours
@@ -79,8 +81,9 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def bench(
-    ours: Llama2, hf: LlamaForCausalLM, batch: int, n: int, rounds: int, clock
-) -> float:
+    ours: Llama2, hf: LlamaForCausalLM, batch: int, n: int, rounds: int, clock,
+    compiled: bool = False,
+) -> tuple[float, float | None]:
     g = torch.Generator().manual_seed(batch)
     lengths = [16 + 3 * i for i in range(batch)]  # ragged prompts, 16..37 tokens
     prompts = [torch.randint(3, ours.config.vocab_size, (k,), generator=g).tolist()
@@ -99,8 +102,21 @@ def bench(
         "tune": runner("tune", lambda: generate(ours, prompts, n)),
         "transformers": runner("transformers", lambda: hf_generate(hf, prompts, n)),
     }
-    for run in runs.values():  # warm-up
+    if compiled:
+        # A cache set up by the caller is kept between calls, so the compiled step (static
+        # shapes) is built once in the warm-up and replayed in every round.
+        def compiled_generate():
+            ours.setup_caches(batch, max(lengths) + n)
+            try:
+                return generate(ours, prompts, n, compile=True)
+            finally:
+                ours.clear_caches()
+
+        runs["tune compiled"] = runner("tune compiled", compiled_generate)
+    start = time.perf_counter()
+    for run in runs.values():  # warm-up (and compilation)
         run()
+    warm_up = time.perf_counter() - start
     res = alternate(runs, rounds)
     ratio = median(res["tune"]) / median(res["transformers"])
     print(f"batch {batch}, prompts {lengths[0]}..{lengths[-1]} tokens, {n} new tokens each:")
@@ -108,8 +124,15 @@ def bench(
         print(f"  {k:13s} new tokens/s {summary(v)}")
     agree = agreement(outputs["tune"], outputs["transformers"])
     print(f"  greedy tokens agree (first half) in {agree:.0%} of rows")
+    c_ratio = None
+    if compiled:
+        print(f"  warm-up incl. compilation: {warm_up:.0f} s")
+        same = outputs["tune compiled"] == outputs["tune"]
+        print(f"  compiled tokens equal eager ones: {same}")
+        c_ratio = median(res["tune compiled"]) / median(res["transformers"])
+        print(f"  ratio tune compiled / transformers: {c_ratio:.2f}")
     print(f"  ratio tune / transformers: {ratio:.2f}")
-    return ratio
+    return ratio, c_ratio
 
 
 def main() -> None:
@@ -120,6 +143,8 @@ def main() -> None:
                         help="torch threads for both (2 = this machine's cores)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: the thread's CPU time (needs --threads 1)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time generate(..., compile=True) (needs a C++ compiler)")
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu counts one thread's CPU time: use it with --threads 1")
@@ -131,8 +156,12 @@ def main() -> None:
     params = sum(p.numel() for p in ours.parameters())
     print(f"llama2_20m ({params / 1e6:.1f}M params), CPU fp32, greedy, "
           f"{torch.get_num_threads()} threads, {args.clock} clock")
-    ratios = [bench(ours, hf, batch, args.new_tokens, args.rounds, clock) for batch in (1, 8)]
-    print(f"ratio tune / transformers: batch 1 {ratios[0]:.2f}, batch 8 {ratios[1]:.2f}")
+    ratios = [bench(ours, hf, batch, args.new_tokens, args.rounds, clock, args.compile)
+              for batch in (1, 8)]
+    if args.compile:
+        print(f"ratio tune compiled / transformers: batch 1 {ratios[0][1]:.2f}, "
+              f"batch 8 {ratios[1][1]:.2f}")
+    print(f"ratio tune / transformers: batch 1 {ratios[0][0]:.2f}, batch 8 {ratios[1][0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -156,7 +156,9 @@ def _load(checkpoint: Path | None, config_name: str | None, tokenizer: Path | No
 @click.option("--top-k", "--top_k", "top_k", type=click.IntRange(min=1), default=None)
 @click.option("--top-p", "--top_p", "top_p", type=click.FloatRange(0.0, 1.0), default=None)
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the decode step (GPU).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the decode step: faster after a one-off compile "
+                   "(on CPU it needs a C++ compiler).")
 def generate(checkpoint, config_name, tokenizer, device, dtype, prompts, template,
              max_new_tokens, temperature, top_k, top_p, seed, compile_) -> None:
     """Generate text from a checkpoint; prints each answer, then tokens/s on stderr."""
