@@ -97,6 +97,27 @@ def test_two_process_fsdp_equals_one_process(setup):
         torch.testing.assert_close(state[key], single[key], atol=1e-4, rtol=1e-3, msg=key)
 
 
+def test_fsdp_cpu_offload_trains_like_one_process(setup):
+    """fsdp_cpu_offload keeps the shards and optimizer state in host memory: the same
+    losses as plain single-process training (on CPU the offload copies are no-ops, so this
+    checks the option is wired through FSDP2, the optimizer and checkpointing)."""
+    config1, out1 = _write_config(setup, "offload-ref", batch_size=4, max_steps_per_epoch=3)
+    config2, out2 = _write_config(setup, "offload", batch_size=2, max_steps_per_epoch=3,
+                                  fsdp_cpu_offload=True)
+    _run(config1, 1)
+    _run(config2, 2)
+    one, two = _losses(out1), _losses(out2)
+    assert sorted(two) == [1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5), step
+    # The offloaded shards are gathered into the same full checkpoint.
+    state = torch.load(latest_checkpoint(out2) / "native_pytorch_model.pt", weights_only=True)
+    single = torch.load(latest_checkpoint(out1) / "native_pytorch_model.pt", weights_only=True)
+    assert state.keys() == single.keys()
+    for key in state:
+        torch.testing.assert_close(state[key], single[key], atol=1e-4, rtol=1e-3, msg=key)
+
+
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
 def test_resume_on_a_different_number_of_processes(setup, before, after):
     """Epoch 1 on `before` processes, epoch 2 resumed on `after`; the global batch stays 4,

@@ -86,7 +86,9 @@ def shard_model(
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype,
                                                    reduce_dtype=reduce_dtype)
     if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # Pinned host memory speeds up the copies to and from a GPU; without one it cannot
+        # be allocated at all (and offloading from CPU to CPU is only a cheap no-op).
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for i, block in enumerate(model.layers):
         # The last block is gathered again right away by backward: keep it unsharded.
         fully_shard(block, reshard_after_forward=i < len(model.layers) - 1, **kwargs)

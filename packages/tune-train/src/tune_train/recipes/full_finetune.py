@@ -173,6 +173,9 @@ class FullFinetuneRecipe:
         if cfg.enable_fsdp and not self.sharded:
             _warn_once(self.dist, "enable_fsdp is on but the recipe was not launched by "
                        "torchrun; running unsharded (launch with --nproc_per_node N to shard)")
+        if cfg.fsdp_cpu_offload and not self.sharded:
+            _warn_once(self.dist, "fsdp_cpu_offload only applies to FSDP: set enable_fsdp: "
+                       "True and launch with torchrun (tune --nproc_per_node N ...)")
         if not self.sharded:
             if weights is not None:
                 # Straight from the mmap'd file into the parameters: no second copy in memory.
