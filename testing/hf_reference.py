@@ -37,3 +37,33 @@ def hf_to_native_reference(sd: dict[str, torch.Tensor], n_layers: int, n_heads: 
         out[f"layers.{i}.attention_norm.weight"] = sd[p + "input_layernorm.weight"]
         out[f"layers.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
     return out
+
+
+def hf_and_native(cfg, seed: int = 0, **hf_config):
+    """transformers' LlamaForCausalLM of cfg's shape with random weights, and a
+    tune_models.Llama2 holding the same weights (through the map above); both in eval mode.
+
+    RMSNorm gains are randomised too (HF starts them at ones), so they are compared as well.
+    Extra keyword arguments go to ``transformers.LlamaConfig``.
+    """
+    import transformers
+
+    from tune_models import Llama2
+
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads, rms_norm_eps=cfg.norm_eps,
+        max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
+        attn_implementation="sdpa", **hf_config,
+    )).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    with torch.device("meta"):
+        ours = Llama2(cfg)
+    state = hf_to_native_reference(hf.state_dict(), cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
+    ours.load_state_dict(state, strict=True, assign=True)
+    return hf, ours.eval()

@@ -3,7 +3,7 @@ transformers' generate() agrees, sampling is seeded and follows its distribution
 
 import pytest
 import torch
-from hf_reference import hf_to_native_reference
+from hf_reference import hf_and_native
 
 import tune_models.generation as generation
 from tune_models import Llama2, Llama2Config, generate, generate_stream, sample_token
@@ -15,30 +15,11 @@ CFG = Llama2Config(vocab_size=256, dim=96, n_layers=3, n_heads=6, n_kv_heads=2, 
 PROMPTS = [[1, 17, 42, 99, 7, 3, 250, 11], [1, 5], [1, 200, 201, 202, 13]]
 
 
-def _hf_to_native(sd: dict, cfg: Llama2Config) -> dict:
-    return hf_to_native_reference(sd, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
-
-
 @pytest.fixture(scope="module")
 def hf_pair():
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=CFG.vocab_size, hidden_size=CFG.dim, intermediate_size=CFG.hidden_dim,
-        num_hidden_layers=CFG.n_layers, num_attention_heads=CFG.n_heads,
-        num_key_value_heads=CFG.n_kv_heads, rms_norm_eps=CFG.norm_eps,
-        max_position_embeddings=CFG.max_seq_len, rope_theta=CFG.rope_theta,
-        initializer_range=0.1,  # well-separated logits: no near-ties for rounding to flip
-        attn_implementation="sdpa", pad_token_id=0, bos_token_id=1, eos_token_id=None,
-    )
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    with torch.no_grad():  # HF inits norms to ones: randomise them so they are checked too
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    with torch.device("meta"):
-        ours = Llama2(CFG)
-    ours.load_state_dict(_hf_to_native(hf.state_dict(), CFG), strict=True, assign=True)
-    return hf, ours.eval()
+    # Well-separated logits (initializer_range 0.1): no near-ties for rounding to flip.
+    return hf_and_native(CFG, initializer_range=0.1, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=None)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_reference import hf_to_native_reference
+from hf_reference import hf_and_native, hf_to_native_reference
 
 from tune_models import (
     Llama2,
@@ -23,23 +23,7 @@ def _hf_to_native(sd: dict, cfg: Llama2Config) -> dict:
 
 
 def _hf_pair(cfg: Llama2Config, seed: int = 0):
-    torch.manual_seed(seed)
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads, rms_norm_eps=cfg.norm_eps,
-        max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
-        attn_implementation="sdpa",
-    )
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    with torch.no_grad():  # HF inits norms to ones: randomise them so they are checked too
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    with torch.device("meta"):
-        ours = Llama2(cfg)
-    ours.load_state_dict(_hf_to_native(hf.state_dict(), cfg), strict=True, assign=True)
-    return hf, ours.eval()
+    return hf_and_native(cfg, seed)
 
 
 CONFIGS = {
