@@ -348,16 +348,9 @@ def instruct_dataset(
     rename = {c: f for f, c in zip(fields, columns) if c != f}
     if rename:
         records = records.rename_columns(rename)
-    key = repr((_FORMAT_VERSION, records._fingerprint, *settings))
-    tokenized = records.map(
-        encoder, batched=True, with_indices=True, batch_size=_MAP_BATCH,
-        remove_columns=records.column_names, features=_features(),
-        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
-        desc=f"Tokenizing {Path(where).name if data_files else where}",
-    )
-    return TokenizedDataset.from_hf(
-        tokenized, tokenizer=tokenizer, name=where, source_rows=len(records),
-        max_seq_len=max_seq_len,
+    return _tokenize_records(
+        records, encoder, (_FORMAT_VERSION, *settings), tokenizer, max_seq_len, where,
+        short_name=data_files is not None, batch_size=_MAP_BATCH,
     )
 
 
@@ -457,6 +450,25 @@ def _describe_source(source: str, data_files: DataFiles | None) -> str:
     if isinstance(data_files, (str, Path)):
         return str(data_files)
     return ", ".join(str(f) for f in data_files)
+
+
+def _tokenize_records(
+    records, encode, settings: tuple, tokenizer: Llama2Tokenizer, max_seq_len: int | None,
+    where: str, *, short_name: bool, batch_size: int,
+) -> TokenizedDataset:
+    """Run encode over the records with ``datasets.map`` (cached under the records'
+    fingerprint and the settings that change the output) and wrap the result."""
+    key = repr((records._fingerprint, *settings))
+    tokenized = records.map(
+        encode, batched=True, with_indices=True, batch_size=batch_size,
+        remove_columns=records.column_names, features=_features(),
+        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
+        desc=f"Tokenizing {Path(where).name if short_name else where}",
+    )
+    return TokenizedDataset.from_hf(
+        tokenized, tokenizer=tokenizer, name=where, source_rows=len(records),
+        max_seq_len=max_seq_len,
+    )
 
 
 def _features():

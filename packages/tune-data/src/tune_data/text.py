@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import numpy as np
 
 from tune_data.dataset import TokenizedArrays, TokenizedDataset
 from tune_data.errors import DataError
-from tune_data.instruct import _describe_source, _features
+from tune_data.instruct import _describe_source, _tokenize_records
 from tune_data.sources import DataFiles, check_columns, load_records
 from tune_data.tokenizer import Llama2Tokenizer, _flatten
 
@@ -127,15 +126,9 @@ def text_completion_dataset(
     where = _describe_source(source, data_files)
     check_columns(records, [column], where, hint="pass column='your_text_column'")
     records = records.select_columns([column])
-    key = repr((_FORMAT_VERSION, records._fingerprint, tokenizer.fingerprint, column, max_seq_len))
-    tokenized = records.map(
-        _Chunker(tokenizer, column, max_seq_len), batched=True, with_indices=True,
+    return _tokenize_records(
+        records, _Chunker(tokenizer, column, max_seq_len),
+        (_FORMAT_VERSION, tokenizer.fingerprint, column, max_seq_len), tokenizer, max_seq_len,
+        where, short_name=data_files is not None,
         batch_size=64,  # documents can be whole books
-        remove_columns=records.column_names, features=_features(),
-        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
-        desc=f"Tokenizing {Path(where).name if data_files else where}",
-    )
-    return TokenizedDataset.from_hf(
-        tokenized, tokenizer=tokenizer, name=where, source_rows=len(records),
-        max_seq_len=max_seq_len,
     )
