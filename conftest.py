@@ -50,3 +50,44 @@ def llama2_7b_params_path() -> Path:
 def llama2_7b_hf_config_path() -> Path:
     """Hugging Face config.json for Llama-2-7b-hf."""
     return _shared_file("llama-2-7b-hf/config.json")
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer_path() -> Path:
+    """Mistral 7B v0.1's SentencePiece model."""
+    return _shared_file("mistral-tokenizer/tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_path() -> Path:
+    """Meta's Llama 3 tiktoken BPE file (special tokens are added in code)."""
+    return _shared_file("llama3-tokenizer/tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer_path() -> Path:
+    """Qwen2's tokenizer.json (tokenizer_config.json beside it)."""
+    return _shared_file("qwen2-tokenizer/tokenizer.json")
+
+
+def _vocab_vectors(folder: str) -> list[tuple[str, list[int]]]:
+    # llama.cpp's format: strings separated by "__ggml_vocab_test__" lines (the last one
+    # empty), and line N of the .out file the ids of string N.
+    inputs = _shared_file(f"{folder}/vectors.inp").read_text(encoding="utf-8")
+    outputs = _shared_file(f"{folder}/vectors.out").read_text(encoding="utf-8")
+    texts = inputs.split("\n__ggml_vocab_test__\n")
+    ids = [[int(i) for i in line.split()] for line in outputs.split("\n")]
+    assert texts[-1] == "" and len(ids) == len(texts), "unexpected vectors file layout"
+    return list(zip(texts[:-1], ids[:-1]))
+
+
+@pytest.fixture(scope="session")
+def llama3_vectors() -> list[tuple[str, list[int]]]:
+    """llama.cpp's 46 Llama 3 test strings with their expected ids (no special tokens)."""
+    return _vocab_vectors("llama3-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def qwen2_vectors() -> list[tuple[str, list[int]]]:
+    """The same 46 strings with their expected Qwen2 ids."""
+    return _vocab_vectors("qwen2-tokenizer")

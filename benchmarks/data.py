@@ -1,10 +1,12 @@
 """Alpaca data-pipeline throughput (template + tokenise + mask): tune-data vs torchtune 0.6.1.
 
     uv run python benchmarks/data.py [--rounds 3] [--max-seq-len 512] [--no-collect]
+                                     [--families llama2,llama3]
 
-Both sides build an Alpaca dataset from the same local file (alpaca_5000.json) with the same
-Llama 2 tokenizer, prompt masking on (train_on_input=False), then fetch every sample's tokens
-and labels: torchtune loads the file with ``datasets`` and tokenises in ``__getitem__``;
+For each tokenizer family (Llama 2's SentencePiece model, Llama 3's tiktoken file) both sides
+build an Alpaca dataset from the same local file (alpaca_5000.json) with that family's
+tokenizer, prompt masking on (train_on_input=False), then fetch every sample's tokens and
+labels: torchtune loads the file with ``datasets`` and tokenises in ``__getitem__``;
 tune-data reads the json itself and tokenises everything up front (other sources go through
 ``datasets.map``). Each measurement runs in a fresh process with an empty ``datasets``
 cache, so it is the *cold* figure: loading the json, templating, tokenising, masking, and
@@ -16,8 +18,14 @@ after them. The imports leave enough young objects behind that the next few hund
 thousand allocations trigger a full collection (~0.13 s here) wherever they happen, so
 without it each side's first timed build pays for the imports' garbage; ``--no-collect``
 measures that way.
-Rounds alternate ours and torchtune's; medians, spread and the ratio are printed, the cold
-ratio last. Torchtune runs in its own virtual environment: $TORCHTUNE_VENV (default
+Rounds alternate ours and torchtune's; medians, spread and the ratio are printed per
+family, the cold ratio last.
+
+With Llama 2 both sides make the same samples (checked token for token). With Llama 3,
+torchtune wraps the prompt and the response in Llama 3's chat headers (``<|start_header_id|>
+user<|end_header_id|>\n\n`` ... ``<|eot_id|>``) and strips them, where tune-data keeps the
+plain Alpaca text; the check then compares what both train on: the response's ids, and the
+prompt's text. Torchtune runs in its own virtual environment: $TORCHTUNE_VENV (default
 benchmarks/.venv-torchtune, made by benchmarks/setup_peers.sh).
 """
 
@@ -37,8 +45,8 @@ HERE = Path(__file__).resolve().parent
 SHARED = Path(os.environ.get("TUNE_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
 
 
-def _worker(side: str, data: str, tokenizer: str, max_seq_len: int, dump: str | None,
-            collect: bool) -> None:
+def _worker(side: str, family: str, data: str, tokenizer: str, max_seq_len: int,
+            dump: str | None, collect: bool) -> None:
     """Runs in a subprocess: build + fetch every sample, cold then warm; prints JSON."""
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     cache = tempfile.mkdtemp(prefix=f"bench-data-{side}-")
@@ -53,9 +61,9 @@ def _worker(side: str, data: str, tokenizer: str, max_seq_len: int, dump: str | 
                           cache_dir=f"{cache}/warmup")
 
     if side == "tune":
-        from tune_data import Llama2Tokenizer, alpaca_dataset
+        from tune_data import Llama2Tokenizer, Llama3Tokenizer, alpaca_dataset
 
-        tok = Llama2Tokenizer(tokenizer)
+        tok = (Llama3Tokenizer if family == "llama3" else Llama2Tokenizer)(tokenizer)
 
         def build():
             ds = alpaca_dataset(tok, data_files=data, train_on_input=False,
@@ -64,9 +72,12 @@ def _worker(side: str, data: str, tokenizer: str, max_seq_len: int, dump: str | 
     else:
         from torchtune.datasets import alpaca_dataset
         from torchtune.models.llama2 import llama2_tokenizer
+        from torchtune.models.llama3 import llama3_tokenizer
 
-        # No chat template: the Alpaca template alone, as on our side.
-        tok = llama2_tokenizer(tokenizer, max_seq_len=max_seq_len, prompt_template=None)
+        # No chat template: the Alpaca template alone, as on our side (Llama 3's tokenizer
+        # still adds its chat headers).
+        make = llama3_tokenizer if family == "llama3" else llama2_tokenizer
+        tok = make(tokenizer, max_seq_len=max_seq_len, prompt_template=None)
 
         def build():
             ds = alpaca_dataset(tok, source="json", data_files=data, split="train",
@@ -90,9 +101,11 @@ def _worker(side: str, data: str, tokenizer: str, max_seq_len: int, dump: str | 
     print(json.dumps({"cold_s": cold, "warm_s": warm, "samples": len(samples)}))
 
 
-def _run(python: str, side: str, args: argparse.Namespace, dump: str | None = None) -> dict:
-    cmd = [python, __file__, "--worker", side, "--data", str(args.data),
-           "--tokenizer", str(args.tokenizer), "--max-seq-len", str(args.max_seq_len)]
+def _run(python: str, side: str, family: str, args: argparse.Namespace,
+         dump: str | None = None) -> dict:
+    tokenizer = args.llama3_tokenizer if family == "llama3" else args.tokenizer
+    cmd = [python, __file__, "--worker", side, "--family", family, "--data", str(args.data),
+           "--tokenizer", str(tokenizer), "--max-seq-len", str(args.max_seq_len)]
     if args.no_collect:
         cmd.append("--no-collect")
     if dump:
@@ -104,25 +117,73 @@ def _run(python: str, side: str, args: argparse.Namespace, dump: str | None = No
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _compare(ours_path: str, theirs_path: str, records: list[dict]) -> str:
-    """How many samples have identical tokens and loss positions on both sides."""
+def _comparable(records: list[dict], ours: dict, theirs: dict, max_seq_len: int):
+    """(row, our tokens, our labels, their tokens, their labels) of the samples both sides
+    should make alike: not dropped, not truncated (we cut without EOS), and without a
+    placeholder input (we use the template without input for "<noinput>", torchtune not)."""
     from tune_data.templates import is_empty_input
 
-    ours = json.loads(Path(ours_path).read_text())
-    theirs = json.loads(Path(theirs_path).read_text())
     by_row = dict(zip(ours["rows"], zip(ours["tokens"], ours["labels"])))
-    same = comparable = 0
     for row, (t_tok, t_lab) in enumerate(zip(theirs["tokens"], theirs["labels"])):
         r = records[row]
         if row not in by_row or is_empty_input(r["input"]) != (r["input"] == ""):
-            continue  # placeholders (<noinput>) and dropped records are handled differently
+            continue
         o_tok, o_lab = by_row[row]
-        if len(o_tok) >= 512 or len(t_tok) >= 512:
-            continue  # truncation rules differ (we cut without EOS)
+        if len(o_tok) >= max_seq_len or len(t_tok) >= max_seq_len:
+            continue
+        yield row, o_tok, o_lab, t_tok, t_lab
+
+
+def _compare(ours_path: str, theirs_path: str, records: list[dict], max_seq_len: int) -> str:
+    """How many samples have identical tokens and loss positions on both sides."""
+    ours = json.loads(Path(ours_path).read_text())
+    theirs = json.loads(Path(theirs_path).read_text())
+    same = comparable = 0
+    for _, o_tok, o_lab, t_tok, t_lab in _comparable(records, ours, theirs, max_seq_len):
         comparable += 1
         # Our labels are shifted (labels[i] is the target of tokens[i]); torchtune's are not.
         same += o_tok == t_tok and o_lab[:-1] == t_lab[1:]
     return f"identical tokens and loss masks on {same:,} of {comparable:,} comparable samples"
+
+
+def _compare_llama3(ours_path: str, theirs_path: str, records: list[dict], tokenizer: Path,
+                    max_seq_len: int) -> str:
+    """What both sides train on agrees: the response ids (each side's loss covers exactly the
+    response and its end: our EOS; torchtune's assistant header and <|eot_id|>), and the
+    prompt's text (torchtune strips the message, so its prompt lacks the final newline)."""
+    from tune_data import Llama3Tokenizer
+
+    tok = Llama3Tokenizer(tokenizer)
+    header, end_header, eot = (tok.token_id(n) for n in
+                               ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+    ours = json.loads(Path(ours_path).read_text())
+    theirs = json.loads(Path(theirs_path).read_text())
+    same = comparable = 0
+    for row, o_tok, o_lab, t_tok, t_lab in _comparable(records, ours, theirs, max_seq_len):
+        r = records[row]
+        if r["output"] != r["output"].strip():
+            continue  # torchtune strips each message; the texts then differ by design
+        comparable += 1
+        trained = [t for t, lab in zip(o_tok[1:], o_lab) if lab != -100]  # ours: response + EOS
+        response, prompt = trained[:-1], o_tok[1 : len(o_tok) - len(trained)]
+        # torchtune: BOS, header user end \n\n, prompt, eot, header assistant end \n\n,
+        # response, eot, EOS
+        starts = [i for i, t in enumerate(t_tok) if t == header]
+        ends = [i for i, t in enumerate(t_tok) if t == end_header]
+        if len(starts) != 2 or len(ends) != 2:
+            continue
+        their_prompt = t_tok[ends[0] + 2 : starts[1] - 1]
+        their_response = t_tok[ends[1] + 2 : -2]
+        their_trained = [t for t, lab in zip(t_tok, t_lab) if lab != -100]
+        same += (
+            response == their_response
+            and trained[-1] == tok.eos_id
+            and their_trained == t_tok[starts[1] : -1]  # assistant header + response + eot
+            and t_tok[-2] == eot
+            and tok.decode(prompt) == tok.decode(their_prompt) + "\n"
+        )
+    return (f"identical response ids and loss on exactly the response, prompt text the same, "
+            f"on {same:,} of {comparable:,} comparable samples")
 
 
 def main() -> None:
@@ -131,17 +192,29 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--data", type=Path, default=SHARED / "alpaca" / "alpaca_5000.json")
     parser.add_argument("--tokenizer", type=Path,
-                        default=SHARED / "llama2-tokenizer" / "tokenizer.model")
+                        default=SHARED / "llama2-tokenizer" / "tokenizer.model",
+                        help="the Llama 2 tokenizer.model")
+    parser.add_argument("--llama3-tokenizer", type=Path,
+                        default=SHARED / "llama3-tokenizer" / "tokenizer.model")
+    parser.add_argument("--families", default="llama2,llama3",
+                        help="comma-separated: llama2, llama3")
     parser.add_argument("--no-collect", action="store_true",
                         help="skip the untimed gc.collect() after imports")
     parser.add_argument("--worker", choices=["tune", "torchtune"], help=argparse.SUPPRESS)
+    parser.add_argument("--family", default="llama2", help=argparse.SUPPRESS)
     parser.add_argument("--dump", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        _worker(args.worker, str(args.data), str(args.tokenizer), args.max_seq_len, args.dump,
-                collect=not args.no_collect)
+        _worker(args.worker, args.family, str(args.data), str(args.tokenizer),
+                args.max_seq_len, args.dump, collect=not args.no_collect)
         return
-    for path in (args.data, args.tokenizer):
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = set(families) - {"llama2", "llama3"}
+    if unknown:
+        sys.exit(f"unknown families {sorted(unknown)}; choose from llama2, llama3")
+    paths = [args.data] + [args.llama3_tokenizer if f == "llama3" else args.tokenizer
+                           for f in families]
+    for path in paths:
         if not path.is_file():
             sys.exit(f"{path} not found: set TUNE_SHARED_DATA to the shared/data folder")
     venv = Path(os.environ.get("TORCHTUNE_VENV", HERE / ".venv-torchtune"))
@@ -154,28 +227,38 @@ def main() -> None:
 
     records = json.loads(args.data.read_text())
     n = len(records)
-    results: dict[str, dict[str, list[float]]] = {
-        side: {"cold": [], "warm": []} for side in ("tune", "torchtune")
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        dumps = {"tune": f"{tmp}/tune.json", "torchtune": f"{tmp}/torchtune.json"}
-        for round_ in range(args.rounds):  # A B A B ...
-            for side, python in (("tune", sys.executable), ("torchtune", str(peer_python))):
-                out = _run(python, side, args, dumps[side] if round_ == 0 else None)
-                results[side]["cold"].append(n / out["cold_s"])
-                results[side]["warm"].append(n / out["warm_s"])
-        agreement = _compare(dumps["tune"], dumps["torchtune"], records)
-
     print(f"Alpaca {n:,} records ({args.data.name}), max_seq_len {args.max_seq_len}, "
           f"{args.rounds} alternating rounds, CPU ({os.cpu_count()} cores), "
           f"gc.collect() after imports: {'no' if args.no_collect else 'yes'}")
-    print(f"  check: {agreement}")
-    for kind in ("warm", "cold"):
-        for side in ("tune", "torchtune"):
-            print(f"  {kind:4s} {side:10s} examples/s {summary(results[side][kind])}")
-    for kind in ("warm", "cold"):
-        ratio = median(results["tune"][kind]) / median(results["torchtune"][kind])
-        print(f"  ratio tune / torchtune ({kind} datasets cache): {ratio:.2f}x")
+    ratios = []
+    for family in families:
+        results: dict[str, dict[str, list[float]]] = {
+            side: {"cold": [], "warm": []} for side in ("tune", "torchtune")
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            dumps = {"tune": f"{tmp}/tune.json", "torchtune": f"{tmp}/torchtune.json"}
+            for round_ in range(args.rounds):  # A B A B ...
+                for side, python in (("tune", sys.executable), ("torchtune", str(peer_python))):
+                    out = _run(python, side, family, args, dumps[side] if round_ == 0 else None)
+                    results[side]["cold"].append(n / out["cold_s"])
+                    results[side]["warm"].append(n / out["warm_s"])
+            if family == "llama3":
+                agreement = _compare_llama3(dumps["tune"], dumps["torchtune"], records,
+                                            args.llama3_tokenizer, args.max_seq_len)
+            else:
+                agreement = _compare(dumps["tune"], dumps["torchtune"], records,
+                                     args.max_seq_len)
+        name = {"llama2": "Llama 2 (SentencePiece)", "llama3": "Llama 3 (tiktoken)"}[family]
+        print(f"{name}")
+        print(f"  check: {agreement}")
+        for kind in ("warm", "cold"):
+            for side in ("tune", "torchtune"):
+                print(f"  {kind:4s} {side:10s} examples/s {summary(results[side][kind])}")
+        for kind in ("warm", "cold"):
+            ratio = median(results["tune"][kind]) / median(results["torchtune"][kind])
+            ratios.append(f"  {name}: ratio tune / torchtune ({kind} datasets cache): "
+                          f"{ratio:.2f}x")
+    print("\n".join(ratios))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,46 @@
-"""Fixtures for tune-data tests: the real tokenizer and the real Alpaca records, built once."""
+"""Fixtures for tune-data tests: the real tokenizers and the real Alpaca records, built once."""
 
 import json
 
 import pytest
 
-from tune_data import Llama2Tokenizer, alpaca_dataset
+from tune_data import (
+    HFTokenizer,
+    Llama2Tokenizer,
+    Llama3Tokenizer,
+    SentencePieceTokenizer,
+    alpaca_dataset,
+)
+
+# The real tokenizers of every family, by fixture name: tests that hold for any tokenizer
+# take ``any_tokenizer`` and run once per family.
+FAMILIES = ["tokenizer", "mistral_tokenizer", "llama3_tokenizer", "qwen2_tokenizer"]
 
 
 @pytest.fixture(scope="session")
 def tokenizer(llama2_tokenizer_path):
+    """Llama 2's SentencePiece tokenizer."""
     return Llama2Tokenizer(llama2_tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer(mistral_tokenizer_path):
+    return SentencePieceTokenizer(mistral_tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(llama3_tokenizer_path):
+    return Llama3Tokenizer(llama3_tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer(qwen2_tokenizer_path):
+    return HFTokenizer(qwen2_tokenizer_path)
+
+
+@pytest.fixture(params=FAMILIES)
+def any_tokenizer(request):
+    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -188,13 +188,83 @@ def test_template_without_newline_boundaries_still_masks_exactly(tmp_path, token
     assert tokenizer.decode(trained) == "Paris"
 
 
-def test_fast_and_whole_text_encoding_agree_on_real_records(tokenizer, alpaca_records):
+def test_fast_and_whole_text_encoding_agree_on_real_records(any_tokenizer, alpaca_records):
     batch = {k: [r[k] for r in alpaca_records[:400]] for k in ("instruction", "input", "output")}
-    fast = _Encoder(tokenizer, ALPACA, "output", False, 512)
-    slow = _Encoder(tokenizer, ALPACA, "output", False, 512)
+    fast = _Encoder(any_tokenizer, ALPACA, "output", False, 512)
+    slow = _Encoder(any_tokenizer, ALPACA, "output", False, 512)
     slow.fast = False
     assert fast.fast
     assert fast(batch, list(range(400))).equals(slow(batch, list(range(400))))
+
+
+def _reference(tokenizer, template, records, response_field, max_seq_len):
+    """What an instruction dataset means, spelled out plainly: BOS + the ids of the whole
+    prompt + response text + EOS, the prompt being where ``encode(prompt)`` stops agreeing;
+    cut to max_seq_len without EOS, dropped when no response token fits.
+
+    Returns:
+        {row: (tokens, number of leading tokens that take no loss)}.
+    """
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    out = {}
+    for row, record in enumerate(records):
+        prompt_text = template.render(record)
+        prompt = tokenizer.encode(prompt_text, add_bos=False)
+        whole = tokenizer.encode(prompt_text + record[response_field], add_bos=False)
+        agree = 0
+        while agree < min(len(prompt), len(whole)) and prompt[agree] == whole[agree]:
+            agree += 1
+        tokens = [*bos, *whole, tokenizer.eos_id]
+        head = len(bos) + agree
+        if len(tokens) > max_seq_len:
+            if head >= max_seq_len:
+                continue
+            tokens = tokens[:max_seq_len]
+        out[row] = (tokens, head)
+    return out
+
+
+def _assert_matches_reference(ds, expected):
+    assert ds.rows.tolist() == sorted(expected)
+    for j, row in enumerate(ds.rows.tolist()):
+        tokens, head = expected[row]
+        sample = ds[j]
+        assert sample["tokens"].tolist() == tokens, row
+        labels = [IGNORE_INDEX] * len(tokens)
+        labels[max(head - 1, 0) : -1] = tokens[max(head, 1) :]
+        assert sample["labels"].tolist() == labels, row
+
+
+def test_real_alpaca_with_every_family_is_the_whole_texts_ids(
+    any_tokenizer, alpaca_records, alpaca_json_path, tmp_path
+):
+    ds = alpaca_dataset(any_tokenizer, data_files=alpaca_json_path, cache_dir=tmp_path)
+    expected = _reference(any_tokenizer, ALPACA, alpaca_records, "output", 512)
+    _assert_matches_reference(ds, expected)
+    if any_tokenizer.bos_id is None:  # Qwen2: the prompt's first token comes first
+        assert ds[0]["tokens"][0] == any_tokenizer.encode("Below", add_bos=False)[0]
+
+
+WHITESPACE_RECORDS = [
+    {"q": "Plain question?", "c": "Some context.", "a": "Plain answer."},
+    {"q": "\nStarts with a newline.", "c": "x", "a": "y"},
+    {"q": "Context is empty.", "c": "", "a": "So the template's newlines meet."},
+    {"q": "Answer starts with a space.", "c": "ctx", "a": " leading space"},
+    {"q": "Answer starts with newlines.", "c": "ctx.", "a": "\n\n1. first\n2. second"},
+    {"q": "  indented", "c": "\ttab", "a": ""},
+    {"q": "Ends with a newline\n", "c": "ctx \n", "a": "ok\n"},
+]
+
+
+def test_fields_that_start_with_whitespace_are_encoded_whole(any_tokenizer, tmp_path):
+    # A cut before whitespace is no boundary for byte-level BPE (Llama 3's ".\n" + "\n"
+    # merge), so such records take the whole-text path; the others stay on the fast one.
+    template = PromptTemplate("### Question:\n{q}\n\n### Context:\n{c}\n\n### Answer:\n")
+    path = write_jsonl(tmp_path / "ws.jsonl", WHITESPACE_RECORDS)
+    ds = instruct_dataset(any_tokenizer, str(path), template, response_field="a",
+                          max_seq_len=512, cache_dir=tmp_path / "c")
+    assert _Encoder(any_tokenizer, template, "a", False, 512).fast
+    _assert_matches_reference(ds, _reference(any_tokenizer, template, WHITESPACE_RECORDS, "a", 512))
 
 
 def test_second_build_reads_the_cache(tmp_path, tokenizer):
@@ -322,11 +392,11 @@ def test_local_json_builds_without_importing_datasets(tmp_path, llama2_tokenizer
         f"ds = alpaca_dataset(tok, data_files={str(path)!r}, max_seq_len=96, "
         f"cache_dir={str(tmp_path / 'c')!r})\n"
         "print(len(ds), ds.cache_file.is_file(), 'datasets' in sys.modules, "
-        "'pandas' in sys.modules)\n"
+        "'pandas' in sys.modules, 'tiktoken' in sys.modules, 'tokenizers' in sys.modules)\n"
     )
-    for _ in ("cold", "warm"):
+    for _ in ("cold", "warm"):  # nor the other families' tokenizer libraries
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        assert out.stdout.split() == ["6", "True", "False", "False"], out.stderr
+        assert out.stdout.split() == ["6", "True"] + ["False"] * 4, out.stderr
 
 
 def test_records_in_several_batches_give_the_same_samples(tmp_path, tokenizer, monkeypatch):

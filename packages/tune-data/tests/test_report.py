@@ -1,8 +1,10 @@
 """What a user sees before training: describe() and render_sample()."""
 
+import json
+
 import numpy as np
 
-from tune_data import TokenizedDataset, describe, pack, render_sample
+from tune_data import ALPACA, TokenizedDataset, alpaca_dataset, describe, pack, render_sample
 
 
 def test_describe_real_alpaca(alpaca):
@@ -58,3 +60,16 @@ def test_render_a_packed_row_shows_each_document(alpaca):
     last = render_sample(packed, len(packed) - 1)
     padding = 512 - int(alpaca.lengths[packed.bins[-1]].sum())
     assert padding > 0 and last.endswith(f"── {padding} padding tokens ──")
+
+
+def test_render_shows_every_familys_special_tokens_by_name(any_tokenizer, alpaca_records,
+                                                           tmp_path):
+    path = tmp_path / "few.json"
+    path.write_text(json.dumps(alpaca_records[:5]))
+    ds = alpaca_dataset(any_tokenizer, data_files=path, cache_dir=tmp_path / "c")
+    names = {i: n for n, i in any_tokenizer.special_tokens.items()}
+    bos = names.get(any_tokenizer.bos_id, "")  # Qwen2 has no BOS
+    record = alpaca_records[int(ds.rows[1])]
+    masked, trained = render_sample(ds, 1).split("\n", 1)[1].split("⟧")
+    assert masked == "⟦" + bos + ALPACA.render(record)
+    assert trained == record["output"] + names[any_tokenizer.eos_id]

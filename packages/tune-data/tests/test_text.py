@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tune_data import IGNORE_INDEX, DataError, describe, text_completion_dataset
+from tune_data import text as text_module
 
 
 def test_tinyshakespeare_in_chunks(tokenizer, tinyshakespeare_path, datasets_cache):
@@ -37,3 +38,16 @@ def test_documents_from_jsonl_and_empty_ones_dropped(tmp_path, tokenizer):
     with pytest.raises(DataError, match="no 'content' column .*column='your_text_column'"):
         text_completion_dataset(tokenizer, data_files=path, column="content",
                                 cache_dir=tmp_path / "c")
+
+
+def test_a_long_document_in_blocks_has_the_whole_texts_ids(any_tokenizer, tinyshakespeare_path,
+                                                           tmp_path):
+    # A book is cut into ~64k-character blocks (after a newline followed by text) so the
+    # tokenizer gets a batch; joined, the blocks' ids are the whole book's.
+    text = tinyshakespeare_path.read_text()
+    assert len(text_module._blocks_at_newlines(text, text_module._BLOCK_CHARS)) > 10
+    ds = text_completion_dataset(any_tokenizer, data_files=tinyshakespeare_path,
+                                 max_seq_len=None, cache_dir=tmp_path)
+    assert len(ds) == 1
+    whole = any_tokenizer.encode(text, add_bos=True, add_eos=True)
+    assert ds[0]["tokens"].tolist() == whole

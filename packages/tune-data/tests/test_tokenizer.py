@@ -1,4 +1,4 @@
-"""The tokenizer contract other packages code against, on the real Llama 2 model."""
+"""The SentencePiece tokenizer (Llama 2, Mistral) on the real models: its own fast paths."""
 
 import io
 
@@ -12,6 +12,12 @@ TRICKY = [
     "naïve café 123 — 😀", "日本語のテキスト", "\n\nstarts with newlines", "a\n  b\n\n c ",
     "emoji 👩‍👩‍👧 zwj", "<noinput>", "x" * 3000,
 ]
+
+
+@pytest.fixture(params=["tokenizer", "mistral_tokenizer"])
+def sp_tokenizer(request):
+    """Llama 2's and Mistral's SentencePiece models."""
+    return request.getfixturevalue(request.param)
 
 
 def test_a_folder_means_its_tokenizer_model(llama2_tokenizer_path):
@@ -28,22 +34,22 @@ def test_hello_world_and_special_ids(tokenizer):
     )
 
 
-def test_encode_batch_matches_encode_and_decode_round_trips(tokenizer):
-    batch = tokenizer.encode_batch(TRICKY, add_bos=True, add_eos=True)
-    assert batch == [tokenizer.encode(t, add_bos=True, add_eos=True) for t in TRICKY]
+def test_encode_batch_matches_encode_and_decode_round_trips(sp_tokenizer):
+    batch = sp_tokenizer.encode_batch(TRICKY, add_bos=True, add_eos=True)
+    assert batch == [sp_tokenizer.encode(t, add_bos=True, add_eos=True) for t in TRICKY]
     for text, ids in zip(TRICKY, batch):
-        assert tokenizer.decode(ids) == text
+        assert sp_tokenizer.decode(ids) == text
 
 
-def test_continuations_join_like_the_whole_text(tokenizer):
-    # What lets instruction data be encoded field by field: a text after a newline gets the
-    # same ids as inside the whole string.
-    assert tokenizer.splits_at_newline
+def test_text_after_any_newline_joins_like_the_whole_text(sp_tokenizer):
+    # For SentencePiece every newline is a boundary, even one followed by whitespace.
+    tokenizer = sp_tokenizer
+    assert tokenizer.cuts_after_newline
     heads = ["Instruction:\n", "x\n", "\n", "ends with space \n"]
     for head in heads:
-        for tail in TRICKY:
+        tails = _after_newline(tokenizer, TRICKY)
+        for tail, tail_ids in zip(TRICKY, tails):
             whole = tokenizer.encode(head + tail, add_bos=False)
-            tail_ids = tokenizer.encode_continuations([tail])[0]
             assert tokenizer.encode(head, add_bos=False) + tail_ids == whole, (head, tail)
 
 
@@ -56,7 +62,8 @@ def test_non_sentencepiece_file_is_refused_with_one_clear_line(tmp_path):
 
     hf_json = tmp_path / "tokenizer.json"
     hf_json.write_text('{"version": "1.0", "model": {"type": "BPE"}}')
-    with pytest.raises(DataError, match="Hugging Face tokenizer.json: pass tokenizer.model"):
+    with pytest.raises(DataError, match="is a Hugging Face tokenizer.json, not a SentencePiece "
+                                        "model: use tokenizer hf_tokenizer"):
         Llama2Tokenizer(hf_json)
 
     with pytest.raises(DataError, match="not found"):
@@ -69,11 +76,17 @@ def _continuations_whole(tokenizer, texts):
     return [tokenizer.encode("\n" + t, add_bos=False)[cut:] for t in texts]
 
 
+def _after_newline(tokenizer, texts):
+    ids, offsets = tokenizer.encode_after_newline(texts)
+    return [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+
+
 def test_word_by_word_encoding_gives_the_whole_texts_ids(
-    tokenizer, tinyshakespeare_path, alpaca_records
+    sp_tokenizer, tinyshakespeare_path, alpaca_records
 ):
-    # Llama 2 texts are encoded one distinct word at a time; any spacing must give exactly
-    # the ids of the whole text.
+    # Llama 2 and Mistral texts are encoded one distinct word at a time; any spacing must
+    # give exactly the ids of the whole text.
+    tokenizer = sp_tokenizer
     assert tokenizer.splits_at_spaces
     odd = [
         "a  b", "  ", " x", "x ", "x \ny", "x\n y", "\u2581lead", "a \u2581b", "a\u2581 b",
@@ -82,10 +95,7 @@ def test_word_by_word_encoding_gives_the_whole_texts_ids(
     paragraphs = tinyshakespeare_path.read_text().split("\n\n")[:400]
     fields = [r[k] for r in alpaca_records[:300] for k in ("instruction", "input", "output")]
     texts = TRICKY + odd + paragraphs + fields
-    ids, offsets = tokenizer.encode_continuations_flat(texts)
-    got = [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
-    assert got == _continuations_whole(tokenizer, texts)
-    assert tokenizer.encode_continuations(texts) == got
+    assert _after_newline(tokenizer, texts) == _continuations_whole(tokenizer, texts)
 
 
 def test_a_vocabulary_with_pieces_across_spaces_is_encoded_whole(tmp_path):
@@ -102,6 +112,6 @@ def test_a_vocabulary_with_pieces_across_spaces_is_encoded_whole(tmp_path):
     path = tmp_path / "tokenizer.model"
     path.write_bytes(model.getvalue())
     tok = Llama2Tokenizer(path)
-    assert tok.splits_at_newline and not tok.splits_at_spaces
+    assert tok.cuts_after_newline and not tok.splits_at_spaces
     texts = ["the cat sat", "a cat and a rat", "the  mat ", " the rat", ""]
-    assert tok.encode_continuations(texts) == _continuations_whole(tok, texts)
+    assert _after_newline(tok, texts) == _continuations_whole(tok, texts)

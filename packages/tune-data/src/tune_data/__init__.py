@@ -1,10 +1,10 @@
-"""tune-data: the Llama 2 tokenizer, prompt templates, datasets, masking, packing, sampling.
+"""tune-data: tokenizers, prompt templates, datasets, masking, packing, sampling.
 
 ``datasets`` is imported only when a dataset is built, so tokenizer-only users (generation)
 start fast.
 
-    >>> from tune_data import Llama2Tokenizer, alpaca_dataset, pack, collate, ShardedBatchSampler
-    >>> tok = Llama2Tokenizer("tokenizer.model")
+    >>> from tune_data import load_tokenizer, alpaca_dataset, pack, collate, ShardedBatchSampler
+    >>> tok = load_tokenizer("tokenizer.model")  # SentencePiece, Llama 3 tiktoken or tokenizer.json
     >>> ds = alpaca_dataset(tok, data_files="alpaca_5000.json", max_seq_len=512)
     >>> print(describe(ds))
 """
@@ -29,7 +29,14 @@ from tune_data.templates import (
     is_empty_input,
 )
 from tune_data.text import text_completion_dataset
-from tune_data.tokenizer import Llama2Tokenizer
+from tune_data.tokenizers import (
+    HFTokenizer,
+    Llama2Tokenizer,
+    Llama3Tokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+)
 
 # Dataset builders by the name configs use; each takes the tokenizer first, then keywords.
 DATASETS: dict[str, Callable[..., TokenizedDataset]] = {
@@ -43,9 +50,10 @@ DATASETS: dict[str, Callable[..., TokenizedDataset]] = {
 
 __all__ = [
     "ALPACA", "DATASETS", "DEMO_TEMPLATE", "IGNORE_INDEX", "NO_INPUT_PLACEHOLDERS", "DataError",
-    "DataStats", "Llama2Tokenizer", "PackedDataset", "PromptTemplate", "ShardedBatchSampler",
-    "TEMPLATES", "TokenizedDataset", "alpaca_cleaned_dataset", "alpaca_dataset", "as_template",
-    "collate", "demo_dataset", "demo_tokenizer", "describe",
-    "document_mask", "instruct_dataset", "is_empty_input", "pack", "plan_rows",
+    "DataStats", "HFTokenizer", "Llama2Tokenizer", "Llama3Tokenizer", "PackedDataset",
+    "PromptTemplate", "SentencePieceTokenizer", "ShardedBatchSampler", "TEMPLATES",
+    "TokenizedDataset", "Tokenizer", "alpaca_cleaned_dataset", "alpaca_dataset", "as_template",
+    "collate", "demo_dataset", "demo_tokenizer", "describe", "document_mask",
+    "instruct_dataset", "is_empty_input", "load_tokenizer", "pack", "plan_rows",
     "random_tokens_dataset", "render_sample", "shifted_labels", "text_completion_dataset",
 ]

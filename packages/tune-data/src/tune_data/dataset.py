@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from tune_data.tokenizer import Llama2Tokenizer
+from tune_data.tokenizers import Tokenizer
 
 if TYPE_CHECKING:
     import datasets
@@ -175,7 +175,7 @@ class TokenizedDataset(Dataset):
         rows: np.ndarray,
         truncated: np.ndarray,
         *,
-        tokenizer: Llama2Tokenizer | None = None,
+        tokenizer: Tokenizer | None = None,
         name: str = "",
         source_rows: int | None = None,
         max_seq_len: int | None = None,

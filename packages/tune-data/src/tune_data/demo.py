@@ -105,9 +105,9 @@ def train_demo_tokenizer(path: str | Path, vocab_size: int = 64) -> Path:
 
 def demo_tokenizer(path: str | Path):
     """The demo's tokenizer at ``path``, trained there first if it is missing."""
-    from tune_data.tokenizer import Llama2Tokenizer
+    from tune_data.tokenizers import SentencePieceTokenizer
 
-    return Llama2Tokenizer(train_demo_tokenizer(path))
+    return SentencePieceTokenizer(train_demo_tokenizer(path))
 
 
 

@@ -1,17 +1,23 @@
 """Instruction datasets (Alpaca and any prompt/response columns): template, tokenise, mask.
 
-Speed comes from these choices, measured in ``benchmarks/data.py``:
+A sample is ``BOS + prompt + response + EOS`` with the ids of the whole text: the prompt's
+tokens are those of ``encode(prompt + response)`` up to where ``encode(prompt)`` stops
+agreeing with it (the plain reference, :meth:`_Encoder._encode_whole`). Speed comes from
+these choices, measured in ``benchmarks/data.py``:
 
 * local JSON / JSON Lines files are read with the json module and tokenised straight into
   flat arrays, cached in one Arrow file (:mod:`tune_data.cache`); ``datasets`` (its import,
   its Arrow conversion of the file, its map machinery) is used for everything else, through
   ``datasets.map(batched=True)`` and its cache. Both routes give identical samples;
-* the template's fixed text is tokenised once: for Llama 2 a newline is a boundary no piece
-  crosses, so a prompt cut at newlines encodes part by part exactly as it does whole, and only
-  the record's own fields go through the tokenizer;
-* the fields are encoded one distinct word at a time (spaces are boundaries too, see
-  :meth:`Llama2Tokenizer.encode_continuations_flat`), and numpy joins words into fields and
-  fields and template text into samples, truncating them in the same pass.
+* the template's fixed text is tokenised once: where the tokenizer allows it
+  (:attr:`Tokenizer.cuts_after_newline`: Llama 2, Mistral, Llama 3, Qwen2) a text cut just
+  after a newline whose next character is not whitespace encodes part by part exactly as it
+  does whole, so only the records' own fields (each with the template text up to the next
+  cut) go through the tokenizer. A record whose field starts with whitespace is encoded
+  whole;
+* the tokenizer encodes those parts its fastest way (SentencePiece: one distinct word at a
+  time), and numpy joins fields and template text into samples, truncating them in the same
+  pass.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 from tune_data import cache
 from tune_data.dataset import TokenizedArrays, TokenizedDataset
 from tune_data.errors import DataError
+from tune_data.ragged import flatten, gather
 from tune_data.sources import (
     DataFiles,
     check_columns,
@@ -36,48 +43,67 @@ from tune_data.sources import (
     read_json_columns,
 )
 from tune_data.templates import ALPACA, PromptTemplate, as_template, is_empty_input
-from tune_data.tokenizer import Llama2Tokenizer, _flatten, gather
+from tune_data.tokenizers import Tokenizer
 
 # Bump when the tokenisation below changes, so stale cached datasets are not reused.
-_FORMAT_VERSION = "instruct-1"
+_FORMAT_VERSION = "instruct-2"
 _MAP_BATCH = 2048
 _LOCAL_BATCH = 1 << 15  # records per tokenizer call when reading local JSON directly
 
 
 @dataclass(frozen=True)
 class _Part:
-    literal: list[int] | None  # token ids of fixed template text, or
-    field: str | None  # the name of a record field
+    """A piece of a template that ends at a cut: fixed text, or a field and what follows it."""
+
+    literal: list[int] | None = None  # token ids of fixed template text, or
+    field: str | None = None  # a record field, encoded together with
+    suffix: str = ""  # the template text after it, up to the next cut
+    first: bool = False  # the field opens the text (encoded as a text's start)
 
 
-def _template_parts(
-    template: str, tokenizer: Llama2Tokenizer
-) -> list[_Part] | None:
-    """The template as pre-tokenised literals and fields, or None if it cannot be cut.
+def _cut_after_first_newline(text: str) -> int | None:
+    """Where ``text`` may be cut first: just after a newline followed by a character that
+    is not whitespace; else its end if it ends with a newline (what follows decides); else
+    None."""
+    for i, char in enumerate(text[:-1]):
+        if char == "\n" and not text[i + 1].isspace():
+            return i + 1
+    return len(text) if text.endswith("\n") else None
 
-    It can be cut when every field has a newline on each side (or starts the template) and the
-    template ends with a newline, where the response is appended.
+
+def _template_parts(template: str, tokenizer: Tokenizer) -> list[_Part] | None:
+    """The template as parts that end at cuts, literals pre-tokenised; None if it cannot be cut.
+
+    It can be cut when every field opens the template or follows a newline, the text after
+    every field reaches a newline, and the template ends with a newline, where the response
+    is appended.
     """
-    if not tokenizer.splits_at_newline or not template.endswith("\n"):
+    if not tokenizer.cuts_after_newline or not template.endswith("\n"):
         return None
     parts: list[_Part] = []
-    previous = ""
+    pending: str | None = None  # a field waiting for the template text after it
+    previous = ""  # the template text before the next field
     for literal, field, spec, conversion in string.Formatter().parse(template):
-        if literal:
-            if parts and parts[-1].field is not None and not literal.startswith("\n"):
+        if spec or conversion:
+            return None
+        if literal and pending is not None:
+            cut = _cut_after_first_newline(literal)
+            if cut is None:
                 return None
+            parts.append(_Part(field=pending, suffix=literal[:cut], first=not parts))
+            pending, previous, literal = None, literal[:cut], literal[cut:]
+        if literal:
             ids = (
-                tokenizer.encode_continuations([literal])[0]
+                [int(i) for i in tokenizer.encode_after_newline([literal])[0]]
                 if parts
                 else tokenizer.encode(literal, add_bos=False)
             )
-            parts.append(_Part(ids, None))
+            parts.append(_Part(literal=ids))
             previous = literal
         if field is not None:
-            if spec or conversion or (parts and not previous.endswith("\n")):
+            if pending is not None or (parts and not previous.endswith("\n")):
                 return None
-            parts.append(_Part(None, field))
-            previous = ""
+            pending = field
     return parts
 
 
@@ -91,7 +117,7 @@ class _Encoder:
 
     def __init__(
         self,
-        tokenizer: Llama2Tokenizer,
+        tokenizer: Tokenizer,
         template: PromptTemplate,
         response_field: str,
         train_on_input: bool,
@@ -111,6 +137,8 @@ class _Encoder:
         self.fast = self.with_input is not None and (
             template.template_without_input is None or self.without_input is not None
         )
+        bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+        self._ends = np.array([*bos, tokenizer.eos_id], dtype=np.int32)  # BOS run, EOS run
 
     def __call__(self, batch: Mapping[str, list[Any]], indices: list[int]):
         """For ``datasets.map(batched=True, with_indices=True)``: the batch as an Arrow table."""
@@ -122,12 +150,24 @@ class _Encoder:
             k: values if set(map(type, values)) <= {str} else [_text(v) for v in values]
             for k, values in batch.items()
         }
-        without = self._without_input(columns, len(rows))
+        n = len(rows)
+        whole = np.ones(n, dtype=bool)  # records encoded whole (the reference path)
+        results = []
         if self.fast:
-            source, groups = self._encode_by_parts(columns, without)
-        else:
-            source, groups = self._encode_whole(columns)
-        return self._join(source, groups, rows)
+            without = self._without_input(columns, n)
+            plans = []
+            for plan, members in ((self.with_input, ~without), (self.without_input, without)):
+                records = np.flatnonzero(members)
+                if plan is None or not len(records):
+                    continue
+                parts = (*plan, _Part(field=self.response_field))
+                records = records[self._cuttable(parts, columns, records)]
+                whole[records] = False
+                plans.append((parts, records))
+            results.append(self._encode_by_parts(columns, plans))
+        if whole.any():
+            results.append(self._encode_whole(columns, np.flatnonzero(whole)))
+        return self._join(results, rows)
 
     def _without_input(self, columns: Mapping[str, list[str]], n: int) -> np.ndarray:
         """(n,) True where the record takes the template without input."""
@@ -139,86 +179,123 @@ class _Encoder:
             return np.ones(n, dtype=bool)
         return np.fromiter(map(is_empty_input, inputs), dtype=bool, count=n)
 
+    @staticmethod
+    def _cuttable(
+        parts: Sequence[_Part], columns: Mapping[str, list[str]], records: np.ndarray
+    ) -> np.ndarray:
+        """(m,) True where every cut before a field is followed by a non-whitespace character
+        (or ends the text), as :attr:`Tokenizer.cuts_after_newline` requires."""
+        ok = np.ones(len(records), dtype=bool)
+        for part in parts:
+            if part.field is None or part.first:
+                continue
+            values, lead = columns[part.field], part.suffix[:1]
+            ok &= np.fromiter(
+                (not (values[r][:1] or lead).isspace() for r in records.tolist()),
+                dtype=bool, count=len(records),
+            )
+        return ok
+
     def _encode_by_parts(
-        self, columns: Mapping[str, list[str]], without: np.ndarray
+        self, columns: Mapping[str, list[str]], plans: list[tuple[Sequence[_Part], np.ndarray]]
     ) -> tuple[np.ndarray, list[_Group]]:
         tok = self.tokenizer
-        pieces = _Pieces([tok.bos_id, tok.eos_id])
-        texts: list[str] = []  # fields after a newline and responses: one tokenizer call
-        firsts: list[str] = []  # a field that opens the template keeps SentencePiece's "▁"
-        plans = []
-        for plan, members in ((self.with_input, ~without), (self.without_input, without)):
-            records = np.flatnonzero(members)
-            if plan is None or not len(records):
+        literals: list[list[int]] = []
+        texts: list[str] = []  # fields after a cut, each with its suffix: one tokenizer call
+        firsts: list[str] = []  # a field that opens the template is encoded as a text start
+        tables = []
+        for parts, records in plans:
+            if not len(records):
                 continue
-            # Column c of the group's segment table: (start, length) in the joined source.
-            columns_of_plan = []
-            for i, part in enumerate((*plan, _Part(None, self.response_field))):
+            # Column c of the group's segment table: (kind, index) in the joined source.
+            table = []
+            for part in parts:
                 if part.literal is not None:
-                    columns_of_plan.append(("literal", pieces.add(part.literal)))
+                    table.append(("literal", len(literals)))
+                    literals.append(part.literal)
                     continue
                 values = columns[part.field]
-                into = firsts if i == 0 else texts
-                columns_of_plan.append(("first" if i == 0 else "text", len(into)))
-                into += [values[r] for r in records]
-            plans.append((records, columns_of_plan))
-        text_ids, text_offsets = tok.encode_continuations_flat(texts)
-        first_ids, first_offsets = _flatten(
-            tok.encode_batch(firsts, add_bos=False) if firsts else []
-        )
-        literal_ids, literal_offsets = pieces.arrays()
-        source = np.concatenate([literal_ids, text_ids, first_ids])
-        bases = {"literal": 0, "text": len(literal_ids), "first": len(literal_ids) + len(text_ids)}
+                into = firsts if part.first else texts
+                table.append(("first" if part.first else "text", len(into)))
+                suffix = part.suffix
+                into += [values[r] + suffix for r in records.tolist()]
+            tables.append((records, table))
+        text_ids, text_offsets = tok.encode_after_newline(texts)
+        first_ids, first_offsets = flatten(tok.encode_batch(firsts, add_bos=False))
+        literal_ids, literal_offsets = flatten(literals)
+        ends = self._ends
+        source = np.concatenate([ends, literal_ids, text_ids, first_ids])
+        bases = {
+            "literal": len(ends),
+            "text": len(ends) + len(literal_ids),
+            "first": len(ends) + len(literal_ids) + len(text_ids),
+        }
         offsets = {"literal": literal_offsets, "text": text_offsets, "first": first_offsets}
         groups = []
-        for records, columns_of_plan in plans:
+        for records, table in tables:
             m = len(records)
-            starts = np.empty((m, len(columns_of_plan) + 2), dtype=np.int64)
-            lengths = np.empty_like(starts)
-            starts[:, 0], lengths[:, 0] = 0, 1  # BOS
-            starts[:, -1], lengths[:, -1] = 1, 1  # EOS
-            for c, (kind, index) in enumerate(columns_of_plan, start=1):
-                # A literal is one piece for every record; a field is a run of m texts.
+            starts, lengths = self._segment_table(m, len(table))
+            for c, (kind, index) in enumerate(table, start=1):
+                # A literal is one run for every record; a field is a run of m texts.
                 at = index if kind == "literal" else np.arange(index, index + m)
                 begin, end = offsets[kind][at], offsets[kind][at + 1]
                 starts[:, c], lengths[:, c] = bases[kind] + begin, end - begin
             groups.append(_Group(records, starts, lengths))
         return source, groups
 
-    def _encode_whole(self, columns: Mapping[str, list[str]]) -> tuple[np.ndarray, list[_Group]]:
+    def _segment_table(self, m: int, inner: int) -> tuple[np.ndarray, np.ndarray]:
+        """(m, inner + 2) starts and lengths with the BOS and EOS columns filled in; the
+        source begins with ``self._ends``."""
+        starts = np.zeros((m, inner + 2), dtype=np.int64)
+        lengths = np.zeros_like(starts)
+        n_bos = len(self._ends) - 1
+        lengths[:, 0] = n_bos  # BOS (none for families without one)
+        starts[:, -1], lengths[:, -1] = n_bos, 1  # EOS
+        return starts, lengths
+
+    def _encode_whole(
+        self, columns: Mapping[str, list[str]], records: np.ndarray
+    ) -> tuple[np.ndarray, list[_Group]]:
         # Any template, any tokenizer: encode prompt and prompt + response whole; the prompt
         # ends where the two stop agreeing (a trailing space joins the response's first piece).
-        n = len(next(iter(columns.values())))
-        records = [{k: v[i] for k, v in columns.items()} for i in range(n)]
-        texts = [self.template.render(r) for r in records]
+        picked = [{k: v[i] for k, v in columns.items()} for i in records.tolist()]
+        texts = [self.template.render(r) for r in picked]
         prompts = self.tokenizer.encode_batch(texts, add_bos=False)
         fulls = self.tokenizer.encode_batch(
-            [t + r[self.response_field] for t, r in zip(texts, records)], add_bos=False
+            [t + r[self.response_field] for t, r in zip(texts, picked)], add_bos=False
         )
+        m = len(picked)
         cut = np.fromiter(
-            (_common_prefix(p, f) for p, f in zip(prompts, fulls)), dtype=np.int64, count=n
+            (_common_prefix(p, f) for p, f in zip(prompts, fulls)), dtype=np.int64, count=m
         )
-        full_ids, full_offsets = _flatten(fulls)
-        tok = self.tokenizer
-        source = np.concatenate([np.array([tok.bos_id, tok.eos_id], np.int32), full_ids])
-        begin, end = full_offsets[:-1] + 2, full_offsets[1:] + 2
-        starts = np.stack([np.zeros(n), begin, begin + cut, np.ones(n)], axis=1).astype(np.int64)
-        lengths = np.stack([np.ones(n), cut, end - begin - cut, np.ones(n)], axis=1)
-        return source, [_Group(np.arange(n), starts, lengths.astype(np.int64))]
+        full_ids, full_offsets = flatten(fulls)
+        source = np.concatenate([self._ends, full_ids])
+        begin = full_offsets[:-1] + len(self._ends)
+        end = full_offsets[1:] + len(self._ends)
+        starts, lengths = self._segment_table(m, 2)
+        starts[:, 1], lengths[:, 1] = begin, cut
+        starts[:, 2], lengths[:, 2] = begin + cut, end - begin - cut
+        return source, [_Group(records, starts, lengths)]
 
-    def _join(self, source: np.ndarray, groups: list[_Group], rows: np.ndarray) -> TokenizedArrays:
+    def _join(
+        self, results: list[tuple[np.ndarray, list[_Group]]], rows: np.ndarray
+    ) -> TokenizedArrays:
         """Samples in record order from the groups' segments, truncated or dropped."""
         n = len(rows)
-        prompt = np.zeros(n, dtype=np.int64)  # prompt tokens, without BOS
+        head = np.zeros(n, dtype=np.int64)  # BOS + prompt tokens: the ones that take no loss
         total = np.zeros(n, dtype=np.int64)
         empty = np.zeros(0, dtype=np.int64)
         owner, starts, lengths = [empty], [empty], [empty]
-        for g in groups:
-            owner.append(np.repeat(g.records, g.starts.shape[1]))
-            starts.append(g.starts.ravel())
-            lengths.append(g.lengths.ravel())
-            prompt[g.records] = g.lengths[:, 1:-2].sum(axis=1)
-            total[g.records] = g.lengths.sum(axis=1)
+        base = 0
+        for source, groups in results:
+            for g in groups:
+                owner.append(np.repeat(g.records, g.starts.shape[1]))
+                starts.append(g.starts.ravel() + base)
+                lengths.append(g.lengths.ravel())
+                head[g.records] = g.lengths[:, :-2].sum(axis=1)
+                total[g.records] = g.lengths.sum(axis=1)
+            base += len(source)
+        source = np.concatenate([s for s, _ in results]) if results else np.zeros(0, np.int32)
         order = np.argsort(np.concatenate(owner), kind="stable")  # segments in record order
         tokens, _ = gather(source, np.concatenate(starts)[order], np.concatenate(lengths)[order])
         offsets = np.zeros(n + 1, dtype=np.int64)
@@ -231,11 +308,11 @@ class _Encoder:
             # No room for one response token: dropped, counted by describe(). Otherwise the
             # prompt stays whole and the response is cut. No EOS: the answer did not end
             # there, and teaching the model to stop mid-sentence is worse than not.
-            keep = ~(truncated & (prompt + 1 >= limit))
+            keep = ~(truncated & (head >= limit))
             tokens, offsets = gather(
                 tokens, offsets[:-1][keep], np.minimum(total, limit)[keep]
             )
-        prompt_len = np.zeros(n, dtype=np.int64) if self.train_on_input else prompt + 1
+        prompt_len = np.zeros(n, dtype=np.int64) if self.train_on_input else head
         return TokenizedArrays(
             tokens.astype(np.int32, copy=False), offsets, prompt_len[keep], rows[keep],
             truncated[keep],
@@ -251,20 +328,6 @@ class _Group:
     lengths: np.ndarray
 
 
-class _Pieces:
-    """Fixed token runs (BOS, EOS, the template's literals), each stored once."""
-
-    def __init__(self, single_ids: list[int]) -> None:
-        self.runs: list[list[int]] = [[i] for i in single_ids]  # run k starts at k
-
-    def add(self, ids: list[int]) -> int:
-        self.runs.append(list(ids))
-        return len(self.runs) - 1
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        return _flatten(self.runs)
-
-
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -278,7 +341,7 @@ def _text(value: Any) -> str:
 
 
 def instruct_dataset(
-    tokenizer: Llama2Tokenizer,
+    tokenizer: Tokenizer,
     source: str,
     template: PromptTemplate | str,
     *,
@@ -411,7 +474,7 @@ def _encode_all(
 
 
 def alpaca_dataset(
-    tokenizer: Llama2Tokenizer,
+    tokenizer: Tokenizer,
     source: str = "tatsu-lab/alpaca",
     data_files: DataFiles | None = None,
     split: str = "train",
@@ -438,7 +501,7 @@ def alpaca_dataset(
     )
 
 
-def alpaca_cleaned_dataset(tokenizer: Llama2Tokenizer, **kwargs: Any) -> TokenizedDataset:
+def alpaca_cleaned_dataset(tokenizer: Tokenizer, **kwargs: Any) -> TokenizedDataset:
     """Alpaca with the community's fixes (``yahma/alpaca-cleaned``); see :func:`alpaca_dataset`."""
     kwargs.setdefault("source", "yahma/alpaca-cleaned")
     return alpaca_dataset(tokenizer, **kwargs)
@@ -453,7 +516,7 @@ def _describe_source(source: str, data_files: DataFiles | None) -> str:
 
 
 def _tokenize_records(
-    records, encode, settings: tuple, tokenizer: Llama2Tokenizer, max_seq_len: int | None,
+    records, encode, settings: tuple, tokenizer: Tokenizer, max_seq_len: int | None,
     where: str, *, short_name: bool, batch_size: int,
 ) -> TokenizedDataset:
     """Run encode over the records with ``datasets.map`` (cached under the records'

@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from tune_data.dataset import IGNORE_INDEX, TokenizedDataset
 from tune_data.packing import PackedDataset
-from tune_data.tokenizer import Llama2Tokenizer
+from tune_data.tokenizers import Tokenizer
 
 
 @dataclass
@@ -143,7 +143,7 @@ def describe(dataset: Dataset, batch_sizes: tuple[int, ...] = ()) -> DataStats:
 def render_sample(
     dataset: Dataset,
     index: int,
-    tokenizer: Llama2Tokenizer | None = None,
+    tokenizer: Tokenizer | None = None,
     *,
     color: bool = False,
     show_ids: bool = False,
@@ -151,8 +151,9 @@ def render_sample(
     """One sample decoded, with the text that takes no loss marked.
 
     A token takes loss when it is the target of the position before it. Masked text is dimmed
-    (``color=True``, ANSI) or wrapped in ``⟦ ⟧``; BOS and EOS show as ``<s>`` and ``</s>``;
-    each document of a packed row starts on a ``──`` line and its padding is counted last.
+    (``color=True``, ANSI) or wrapped in ``⟦ ⟧``; special tokens show by name (``<s>``,
+    ``<|eot_id|>``); each document of a packed row starts on a ``──`` line and its padding
+    is counted last.
 
     Args:
         dataset: A TokenizedDataset, PackedDataset, or any dataset of ``tokens``/``labels``.
@@ -180,20 +181,19 @@ def render_sample(
     pieces: list[tuple[str, bool]] = []  # (text, masked)
     span: list[int] = []  # ids of the current run of ordinary tokens
     masked = False
-    text_start = True  # decode() drops the leading space of a text; mid-text it is real
+    text_start = True  # some tokenizers drop a text's leading space; mid-text it is real
+    names = {i: name for name, i in tokenizer.special_tokens.items()}
 
     def flush() -> None:
         nonlocal text_start
         if span:
-            text = tokenizer.decode(span)
-            if not text_start and tokenizer.id_to_piece(span[0]).startswith("▁"):
-                text = " " + text
-            pieces.append((text, masked))
+            decode = tokenizer.decode if text_start else tokenizer.decode_continuation
+            pieces.append((decode(span), masked))
             span.clear()
             text_start = False
 
     for j, tok in enumerate(tokens[:pad_from]):
-        special = {tokenizer.bos_id: "<s>", tokenizer.eos_id: "</s>"}.get(tok)
+        special = names.get(tok)
         if j in starts and j:
             flush()
             pieces.append(("\n── document ──\n", False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,14 +12,15 @@ import numpy as np
 from tune_data.dataset import TokenizedArrays, TokenizedDataset
 from tune_data.errors import DataError
 from tune_data.instruct import _describe_source, _tokenize_records
+from tune_data.ragged import flatten
 from tune_data.sources import DataFiles, check_columns, load_records
-from tune_data.tokenizer import Llama2Tokenizer, _flatten
+from tune_data.tokenizers import Tokenizer
 
 _FORMAT_VERSION = "text-1"
 
 
 class _Chunker:
-    def __init__(self, tokenizer: Llama2Tokenizer, column: str, max_seq_len: int | None):
+    def __init__(self, tokenizer: Tokenizer, column: str, max_seq_len: int | None):
         self.tokenizer = tokenizer
         self.column = column
         self.max_seq_len = max_seq_len
@@ -36,7 +38,7 @@ class _Chunker:
                     continue  # a lone token has no next token to learn
                 chunks.append(chunk)
                 rows.append(indices[i])
-        tokens, offsets = _flatten(chunks)
+        tokens, offsets = flatten(chunks)
         n = len(chunks)
         return TokenizedArrays(
             tokens, offsets, np.zeros(n, np.int64), np.array(rows, dtype=np.int64),
@@ -44,14 +46,15 @@ class _Chunker:
         ).to_arrow()
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
-        """BOS + ids + EOS of each text; long texts are cut at newlines and encoded in parallel.
+        """BOS + ids + EOS of each text; long texts are cut into blocks encoded in one batch.
 
-        SentencePiece gives each text of a batch to one thread, so a single book would keep
-        one core busy. Where newlines are boundaries no piece crosses, the blocks' ids joined
-        equal the whole text's ids.
+        A tokenizer's batch call gives each text to one thread (or, for tiktoken here, runs
+        them in turn), so a single book would be one long call on one core. Cut where
+        :attr:`Tokenizer.cuts_after_newline` allows, the blocks' ids joined equal the whole
+        text's ids.
         """
         tok = self.tokenizer
-        if not tok.splits_at_newline:
+        if not tok.cuts_after_newline:
             return tok.encode_batch(texts, add_bos=True, add_eos=True)
         heads, tails, owners = [], [], []
         for n, text in enumerate(texts):
@@ -60,31 +63,35 @@ class _Chunker:
             tails += blocks[1:]
             owners += [n] * (len(blocks) - 1)
         out = tok.encode_batch(heads, add_bos=True, add_eos=False)
-        for n, ids in zip(owners, tok.encode_continuations(tails)):
-            out[n] += ids
-        for ids in out:
-            ids.append(tok.eos_id)
+        ids, offsets = tok.encode_after_newline(tails)
+        bounds = offsets.tolist()
+        for n, a, b in zip(owners, bounds, bounds[1:]):
+            out[n] += ids[a:b].tolist()
+        for row in out:
+            row.append(tok.eos_id)
         return out
 
 
 _BLOCK_CHARS = 1 << 16
+_CUT = re.compile(r"\n(?=\S)")  # a newline followed by a character that is not whitespace
 
 
 def _blocks_at_newlines(text: str, size: int) -> list[str]:
-    """Text cut into pieces of about ``size`` characters, each cut just after a newline."""
+    """Text cut into pieces of about ``size`` characters, each cut just after a newline
+    whose next character is not whitespace."""
     blocks, start = [], 0
     while len(text) - start > size:
-        cut = text.find("\n", start + size)
-        if cut < 0:
+        found = _CUT.search(text, start + size)
+        if found is None:
             break
-        blocks.append(text[start : cut + 1])
-        start = cut + 1
+        blocks.append(text[start : found.end()])
+        start = found.end()
     blocks.append(text[start:])
     return blocks
 
 
 def text_completion_dataset(
-    tokenizer: Llama2Tokenizer,
+    tokenizer: Tokenizer,
     source: str | None = None,
     *,
     data_files: DataFiles | None = None,

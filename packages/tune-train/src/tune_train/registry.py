@@ -12,12 +12,24 @@ from typing import Any
 
 import torch
 
-from tune_data import DATASETS, Llama2Tokenizer, demo_tokenizer
+from tune_data import (
+    DATASETS,
+    HFTokenizer,
+    Llama3Tokenizer,
+    SentencePieceTokenizer,
+    demo_tokenizer,
+)
 from tune_models import MODELS
 from tune_train.config import ConfigError
 
+# Each takes the tokenizer file (tokenizer_checkpoint); tune_data.load_tokenizer picks the
+# same implementations from a file's contents.
 TOKENIZERS: dict[str, Callable[..., Any]] = {
-    "llama2_tokenizer": Llama2Tokenizer,
+    "llama2_tokenizer": SentencePieceTokenizer,  # tokenizer.model
+    "mistral_tokenizer": SentencePieceTokenizer,  # tokenizer.model
+    "llama3_tokenizer": Llama3Tokenizer,  # Meta's tiktoken tokenizer.model (original/ on the Hub)
+    "qwen2_tokenizer": HFTokenizer,  # tokenizer.json (+ tokenizer_config.json beside it)
+    "hf_tokenizer": HFTokenizer,  # any family's tokenizer.json
     # Trains a small SentencePiece model on generated text at first use (the offline demo).
     "demo_tokenizer": demo_tokenizer,
 }
