@@ -130,16 +130,16 @@ def staging_dir(output_dir: str | Path, step: int, is_main: bool = True) -> Iter
         tmp.mkdir()
     try:
         yield tmp
+        if is_main:
+            _fsync_tree(tmp)
+            if final.exists():  # re-saving a step (e.g. epoch end right after save_every)
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync_dir(root)
     except BaseException:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if is_main:
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving a step (e.g. epoch end right after save_every)
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _fsync_dir(root)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -237,15 +237,19 @@ def model_file(checkpoint: Path) -> Path:
     """The native weights file of a checkpoint folder (either checkpoint_format).
 
     Raises:
-        DamagedCheckpointError: If the folder holds none.
+        DamagedCheckpointError: If the folder holds none, or both.
     """
-    from tune_ckpt.reading import find_native_file
+    from tune_ckpt import find_native_file
 
     try:
         return find_native_file(checkpoint)
     except CheckpointError as e:
-        raise DamagedCheckpointError(
-            f"it holds no model weights ({' or '.join(MODEL_FILES.values())})") from e
+        pt, safetensors = MODEL_FILES.values()
+        if (Path(checkpoint) / pt).is_file():
+            raise DamagedCheckpointError(f"it holds both {pt} and {safetensors}; tune writes "
+                                         "one") from e
+        raise DamagedCheckpointError(f"it holds no model weights (neither {pt} nor "
+                                     f"{safetensors})") from e
 
 
 # trainer_state.json: field -> smallest valid value (all whole numbers).

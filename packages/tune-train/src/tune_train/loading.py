@@ -19,8 +19,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     Raises:
         RecipeError: If nothing loadable is there.
     """
+    from tune_ckpt import find_native_file
     from tune_ckpt.names import NATIVE_FILES
-    from tune_ckpt.reading import find_native_file
     from tune_train.checkpointing import latest_checkpoint
 
     path = Path(path)
