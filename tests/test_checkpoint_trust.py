@@ -213,6 +213,13 @@ def test_the_only_checkpoint_damaged_says_deleting_it_starts_over(run):
     assert str(checkpoint) in line and "delete it to start from the beginning" in line, line
 
 
+def test_resuming_with_another_optimizer_is_one_line_not_damage(run):
+    line = _one_line(_resume(run, "optimizer=SGD", "optimizer_args={momentum: 0.9}"))
+    assert str(run / "checkpoints" / LATEST) in line and "does not fit this run" in line, line
+    assert "resume with the model, optimizer and optimizer_args it was saved with" in line, line
+    assert "delete" not in line, "the checkpoint is fine: deleting it is the wrong advice"
+
+
 # ----------------------------------------------------------------------------- disk full
 @pytest.mark.parametrize("failing", ["model file", "optimizer state"])
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_latest(run, failing):
