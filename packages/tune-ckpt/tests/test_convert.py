@@ -124,6 +124,21 @@ def test_existing_output_is_kept_unless_force(meta_dir):
     assert load_native(out)["norm.weight"].dtype == torch.float32
 
 
+def test_force_replaces_an_earlier_export_whole_and_keeps_other_files(meta_dir):
+    folder, _ = meta_dir
+    native = convert(folder, progress=False)
+    hf = convert(native, target_format="hf", max_shard_size="40KB", progress=False)
+    assert len(list(hf.glob("model-*-of-*.safetensors"))) > 1
+    (hf / "tokenizer.model").write_bytes(b"the user's tokenizer")
+    with pytest.raises(CheckpointError, match="already exists: pass --force to overwrite it"):
+        convert(native, target_format="hf", progress=False)
+    convert(native, target_format="hf", force=True, progress=False)
+    # One shard now: the earlier shards and their index would mislead a loader if left.
+    assert sorted(p.name for p in hf.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.model"]
+    assert (hf / "tokenizer.model").read_bytes() == b"the user's tokenizer"
+
+
 def test_safetensors_output_with_dtype_cast_loads_with_the_safetensors_library(meta_dir):
     from safetensors.torch import load_file
 
@@ -333,3 +348,64 @@ def test_the_slow_paths_write_the_same_valid_file(meta_dir, monkeypatch, case):
     with zipfile.ZipFile(out) as zf:
         assert zf.testzip() is None
     _equal(load_native(out), meta_to_native(reference, n_heads=8, n_kv_heads=2))
+
+
+# A model big enough (~60 MB in fp32) that writing it takes a visible moment to kill into.
+BIG = {"dim": 384, "n_layers": 8, "n_heads": 6, "n_kv_heads": 2, "multiple_of": 32,
+       "norm_eps": 1e-05, "vocab_size": -1}
+
+
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory) -> Path:
+    """A Meta checkpoint and its native conversion (the source of the hf and meta exports)."""
+    folder = tmp_path_factory.mktemp("big")
+    write_meta_checkpoint(folder, BIG, vocab_size=4096)
+    convert(folder, progress=False)
+    return folder
+
+
+def _litter(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".tmp" in p.name)
+
+
+@pytest.mark.parametrize("target, source, output", [
+    ("native", "consolidated.00.pth", "native_pytorch_model.pt"),
+    ("hf", "native_pytorch_model.pt", "hf_model"),
+    ("meta", "native_pytorch_model.pt", "meta_model"),
+])
+def test_a_convert_killed_mid_write_leaves_no_litter_and_a_plain_rerun_works(
+        big_checkpoint, tmp_path, target, source, output):
+    import shutil
+    import time
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for name in ("consolidated.00.pth", "params.json", "native_pytorch_model.pt",
+                 "tune_model.json"):
+        if not (target == "native" and name.startswith(("native", "tune"))):
+            shutil.copy(big_checkpoint / name, folder / name)
+    args = ["convert", "--checkpoint-path", str(folder / source), "--to", target,
+            "--max-shard-size", "20MB", "--quiet"]
+    for _ in range(10):  # the write must be caught in progress; a quick machine may need tries
+        proc = subprocess.Popen([str(TUNE_CKPT), *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(p.name.startswith((f".{output}.", output)) for p in folder.iterdir()):
+                proc.send_signal(signal.SIGKILL)  # the output is being written right now
+                break
+            time.sleep(0.0005)
+        proc.wait()
+        if proc.returncode == -signal.SIGKILL:
+            break
+        shutil.rmtree(folder / output, ignore_errors=True)
+        (folder / output).unlink(missing_ok=True)
+    assert proc.returncode == -signal.SIGKILL, "never caught the conversion writing"
+    assert not (folder / output).exists(), "a kill left a partial output under the real name"
+
+    rerun = _cli(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _litter(folder) == [], "a killed write left temporary files behind"
+    converted = convert(folder / output, target_format="native",
+                        output_path=tmp_path / "again.pt", progress=False)
+    _equal(load_native(converted), load_native(big_checkpoint / "native_pytorch_model.pt"))

@@ -18,6 +18,7 @@ _EXPORTS = {
     "detect_format": "tune_ckpt.conversion",
     "open_checkpoint": "tune_ckpt.conversion",
     "load_native": "tune_ckpt.reading",
+    "find_native_file": "tune_ckpt.reading",
     "save_native": "tune_ckpt.writing",
     "read_model_args": "tune_ckpt.model_args",
     "write_model_args": "tune_ckpt.model_args",
@@ -38,6 +39,7 @@ __all__ = [
     "convert",
     "detect_format",
     "download",
+    "find_native_file",
     "hf_to_native",
     "load_native",
     "merge_meta_shards",
@@ -66,7 +68,7 @@ if TYPE_CHECKING:
         native_to_meta,
     )
     from tune_ckpt.model_args import meta_hidden_dim, read_model_args, write_model_args
-    from tune_ckpt.reading import load_native
+    from tune_ckpt.reading import find_native_file, load_native
     from tune_ckpt.shards import merge_meta_shards, meta_shard_dim
     from tune_ckpt.writing import save_native
 

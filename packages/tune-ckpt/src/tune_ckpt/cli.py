@@ -120,6 +120,7 @@ def run_convert(
         CheckpointError: With the one line to show the user.
     """
     from tune_ckpt.conversion import convert
+    from tune_ckpt.names import MODEL_ARGS_FILE
 
     out = convert(
         checkpoint_path, source_format=source_format, target_format=target_format,
@@ -127,7 +128,7 @@ def run_convert(
         progress=not quiet,
     )
     if target_format == "native":
-        print(f"Wrote {out} (model shape in {out.parent / 'tune_model.json'})")
+        print(f"Wrote {out} (model shape in {out.parent / MODEL_ARGS_FILE})")
     else:
         print(f"Wrote {target_format} checkpoint to {out}")
     return out

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,6 @@ from tune_ckpt.keymaps import (
     plan_native_to_meta,
 )
 from tune_ckpt.model_args import (
-    MODEL_ARGS_FILE,
     _read_json,
     args_from_hf_config,
     args_from_meta_params,
@@ -37,29 +37,45 @@ from tune_ckpt.model_args import (
     read_model_args,
     write_model_args,
 )
+from tune_ckpt.names import (
+    HF_BIN_FILE,
+    HF_BIN_INDEX,
+    HF_CONFIG_FILE,
+    HF_EXPORT_DIR,
+    HF_GENERATION_CONFIG_FILE,
+    HF_SAFETENSORS_FILE,
+    HF_SAFETENSORS_INDEX,
+    HF_SHARD_PATTERN,
+    META_EXPORT_DIR,
+    META_FIRST_SHARD,
+    META_PARAMS_FILE,
+    META_SHARD_PATTERN,
+    MODEL_ARGS_FILE,
+    NATIVE_FILE,
+    NATIVE_FILES,
+)
 from tune_ckpt.plan import DictSource, PlanSource, TensorPlan, TensorSource, cast_plans
 from tune_ckpt.reading import (
     dtype_name,
     file_ranges,
     find_native_file,
+    is_legacy_native_folder,
     parse_dtype,
     read_tensor_file,
 )
 from tune_ckpt.shards import MetaShardSource
 from tune_ckpt.writing import (
+    staged_folder,
     write_safetensors_file,
     write_tensor_file,
     write_text_atomic,
     write_torch_file,
 )
 
-NATIVE_FILE = "native_pytorch_model.pt"
-HF_EXPORT_DIR = "hf_model"
-META_EXPORT_DIR = "meta_model"
-_META_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
-_HF_SHARD = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
-_HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_HF_SINGLE = ("model.safetensors", "pytorch_model.bin")
+_META_SHARD = re.compile(META_SHARD_PATTERN)
+_HF_SHARD = re.compile(HF_SHARD_PATTERN)
+_HF_INDEXES = (HF_SAFETENSORS_INDEX, HF_BIN_INDEX)
+_HF_SINGLE = (HF_SAFETENSORS_FILE, HF_BIN_FILE)
 
 
 @dataclass
@@ -98,21 +114,24 @@ def detect_format(path: Path) -> str:
     """'meta', 'hf' or 'native' for a checkpoint file or folder.
 
     Folders are recognised by file names (consolidated.*.pth; model*.safetensors or
-    pytorch_model*.bin; native_pytorch_model.*), files by the names of the tensors inside.
+    pytorch_model*.bin; native_pytorch_model.*, as in every checkpoint folder the training
+    recipe writes), files by the names of the tensors inside.
     """
     path = Path(path)
     if path.is_dir():
         names = {p.name for p in path.iterdir()}
         if any(_META_SHARD.match(n) for n in names):
             return "meta"
+        if is_legacy_native_folder(path):
+            return "native"
         if names & {*_HF_INDEXES, *_HF_SINGLE} or any(_HF_SHARD.match(n) for n in names):
             return "hf"
-        if any(n.startswith("native_pytorch_model.") for n in names):
+        if names & set(NATIVE_FILES):
             return "native"
         raise CheckpointError(
-            f"{path} holds no checkpoint tune-ckpt recognises: expected consolidated.*.pth "
-            "(Meta), model*.safetensors or pytorch_model*.bin (Hugging Face), or "
-            "native_pytorch_model.pt"
+            f"{path} holds no checkpoint tune-ckpt recognises: expected {META_FIRST_SHARD} "
+            f"(Meta), model*.safetensors or pytorch_model*.bin (Hugging Face), or "
+            f"{' or '.join(NATIVE_FILES)}"
         )
     if path.name.endswith(".index.json"):
         return "hf"
@@ -152,10 +171,10 @@ def _open_meta(path: Path) -> Checkpoint:
                     f"model-parallel shard consolidated.{expected:02d}.pth is missing from "
                     f"{folder} (found {', '.join(p.name for p in files)}); download it again"
                 )
-    params = folder / "params.json"
+    params = folder / META_PARAMS_FILE
     if not params.is_file():
         raise CheckpointError(
-            f"params.json not found beside {files[0]}: a Meta checkpoint needs it for the "
+            f"{META_PARAMS_FILE} not found beside {files[0]}: a Meta checkpoint needs it for the "
             "model's shape (download it with the weights)"
         )
     shards = [_file_source([f]) for f in files]
@@ -192,9 +211,9 @@ def _open_hf(path: Path) -> Checkpoint:
             if not file.is_file():
                 raise CheckpointError(f"{file.name} (listed in {index.name}) is missing from "
                                       f"{folder}; download it again")
-    config = folder / "config.json"
+    config = folder / HF_CONFIG_FILE
     if not config.is_file():
-        raise CheckpointError(f"config.json not found beside {files[0]}: a Hugging Face "
+        raise CheckpointError(f"{HF_CONFIG_FILE} not found beside {files[0]}: a Hugging Face "
                               "checkpoint needs it for the model's shape")
     args = args_from_hf_config(_read_json(config), str(config))
     return Checkpoint("hf", folder, files, _file_source(files), args, str(config))
@@ -319,34 +338,50 @@ def _write_hf(ckpt: Checkpoint, native: list[TensorPlan], out: Path | None, forc
         shards[-1].append(plan)
         size += plan.nbytes
     n = len(shards)
-    names = ["model.safetensors"] if n == 1 else \
+    names = [HF_SAFETENSORS_FILE] if n == 1 else \
         [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    extra = ["config.json", "generation_config.json"] + (
-        ["model.safetensors.index.json"] if n > 1 else [])
-    _refuse_existing([out / name for name in names + extra], force)
+    _refuse_existing(_existing(out, _is_hf_file), force)
     _check_room(out, sum(p.nbytes for p in plans))
-    for name, shard in zip(names, shards):
-        write_safetensors_file(out / name, shard, force=force, progress=progress)
-    if n > 1:
-        index = {"metadata": {"total_size": sum(p.nbytes for p in plans)},
-                 "weight_map": {p.key: name for name, shard in zip(names, shards) for p in shard}}
-        write_text_atomic(out / extra[2], json.dumps(index, indent=2) + "\n")
-    config = hf_config_from_args(ckpt.args, dtype_name(_main_dtype(plans)))
-    write_text_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
-    generation = {"bos_token_id": 1, "eos_token_id": 2}
-    write_text_atomic(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    with staged_folder(out, superseded=_is_hf_file) as staging:
+        for name, shard in zip(names, shards):
+            write_safetensors_file(staging / name, shard, progress=progress)
+        if n > 1:
+            index = {"metadata": {"total_size": sum(p.nbytes for p in plans)},
+                     "weight_map": {p.key: name for name, shard in zip(names, shards)
+                                    for p in shard}}
+            write_text_atomic(staging / HF_SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
+        config = hf_config_from_args(ckpt.args, dtype_name(_main_dtype(plans)))
+        write_text_atomic(staging / HF_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        generation = {"bos_token_id": 1, "eos_token_id": 2}
+        write_text_atomic(staging / HF_GENERATION_CONFIG_FILE,
+                          json.dumps(generation, indent=2) + "\n")
     return out
+
+
+def _is_hf_file(name: str) -> bool:
+    return (name in (*_HF_SINGLE, *_HF_INDEXES, HF_CONFIG_FILE, HF_GENERATION_CONFIG_FILE)
+            or bool(_HF_SHARD.match(name)))
+
+
+def _is_meta_file(name: str) -> bool:
+    return name == META_PARAMS_FILE or bool(_META_SHARD.match(name))
+
+
+def _existing(folder: Path, belongs: Callable[[str], bool]) -> list[Path]:
+    """Files of an earlier output of the same kind in ``folder`` (the new one replaces them)."""
+    return sorted(p for p in folder.iterdir() if belongs(p.name)) if folder.is_dir() else []
 
 
 def _write_meta(ckpt: Checkpoint, native: list[TensorPlan], out: Path | None, force: bool,
                 progress: bool) -> Path:
     out = out if out is not None else ckpt.folder / META_EXPORT_DIR
     plans = plan_native_to_meta(PlanSource(native), ckpt.shape)
-    _refuse_existing([out / "consolidated.00.pth", out / "params.json"], force)
+    _refuse_existing(_existing(out, _is_meta_file), force)
     _check_room(out, sum(p.nbytes for p in plans))
-    write_torch_file(out / "consolidated.00.pth", plans, force=force, progress=progress)
-    params = meta_params_from_args(ckpt.args)
-    write_text_atomic(out / "params.json", json.dumps(params) + "\n")
+    with staged_folder(out, superseded=_is_meta_file) as staging:
+        write_torch_file(staging / META_FIRST_SHARD, plans, progress=progress)
+        params = meta_params_from_args(ckpt.args)
+        write_text_atomic(staging / META_PARAMS_FILE, json.dumps(params) + "\n")
     return out
 
 

@@ -18,10 +18,10 @@ import os
 from pathlib import Path
 
 from tune_ckpt.errors import CheckpointError
+from tune_ckpt.names import HF_CONFIG_FILE, META_PARAMS_FILE, MODEL_ARGS_FILE
 from tune_ckpt.reading import read_tensor_meta
 from tune_ckpt.writing import write_text_atomic
 
-MODEL_ARGS_FILE = "tune_model.json"
 FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "multiple_of",
           "ffn_dim_multiplier", "norm_eps", "max_seq_len", "rope_theta")
 _REQUIRED = ("vocab_size", "dim", "n_layers", "n_heads")
@@ -239,19 +239,19 @@ def read_model_args(path: str | os.PathLike) -> dict:
     folder = path if path.is_dir() else path.parent
     if (folder / MODEL_ARGS_FILE).is_file():
         return normalize_args(_read_json(folder / MODEL_ARGS_FILE), str(folder / MODEL_ARGS_FILE))
-    if (folder / "params.json").is_file():
+    params = folder / META_PARAMS_FILE
+    if params.is_file():
         vocab, hidden = _meta_shapes_from_folder(folder)
-        args = args_from_meta_params(
-            _read_json(folder / "params.json"), vocab_size=vocab, where=str(folder / "params.json")
-        )
+        args = args_from_meta_params(_read_json(params), vocab_size=vocab, where=str(params))
         if hidden is not None:
             args["hidden_dim"] = hidden
         return args
-    if (folder / "config.json").is_file():
-        return args_from_hf_config(_read_json(folder / "config.json"), str(folder / "config.json"))
+    config = folder / HF_CONFIG_FILE
+    if config.is_file():
+        return args_from_hf_config(_read_json(config), str(config))
     raise CheckpointError(
-        f"no {MODEL_ARGS_FILE}, params.json or config.json in {folder}: cannot tell the model's "
-        f"shape (write one with tune_ckpt.write_model_args)"
+        f"no {MODEL_ARGS_FILE}, {META_PARAMS_FILE} or {HF_CONFIG_FILE} in {folder}: cannot tell "
+        "the model's shape (write one with tune_ckpt.write_model_args)"
     )
 
 

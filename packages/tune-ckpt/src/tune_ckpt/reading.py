@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from tune_ckpt.errors import CheckpointError
+from tune_ckpt.names import HF_CONFIG_FILE, HF_SAFETENSORS_FILE, MODEL_ARGS_FILE, NATIVE_FILES
 from tune_ckpt.plan import FileRange
-
-NATIVE_SUFFIXES = (".pt", ".safetensors")
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -253,14 +252,31 @@ def read_tensor_meta(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype
 
 
 def find_native_file(folder: Path) -> Path:
-    """The native checkpoint in a folder: native_pytorch_model.pt or .safetensors."""
-    found = [folder / f"native_pytorch_model{s}" for s in NATIVE_SUFFIXES]
-    found = [p for p in found if p.is_file()]
+    """The native checkpoint in a folder: native_pytorch_model.pt or .safetensors.
+
+    A folder that tune's training recipe wrote with ``checkpoint_format: safetensors`` before
+    it used the native name holds ``model.safetensors`` beside ``tune_model.json`` and no
+    ``config.json``; that file is the native checkpoint too.
+
+    Raises:
+        CheckpointError: If the folder holds neither, or both.
+    """
+    folder = Path(folder)
+    found = [folder / name for name in NATIVE_FILES if (folder / name).is_file()]
+    if not found and is_legacy_native_folder(folder):
+        found = [folder / HF_SAFETENSORS_FILE]
     if len(found) != 1:
-        names = " or ".join(f"native_pytorch_model{s}" for s in NATIVE_SUFFIXES)
+        names = " or ".join(NATIVE_FILES)
         what = "both" if found else "neither"
         raise CheckpointError(f"{folder} has {what} of {names}: pass the checkpoint file itself")
     return found[0]
+
+
+def is_legacy_native_folder(folder: Path) -> bool:
+    """A recipe checkpoint whose native weights are named model.safetensors (older tune)."""
+    folder = Path(folder)
+    return ((folder / HF_SAFETENSORS_FILE).is_file() and (folder / MODEL_ARGS_FILE).is_file()
+            and not (folder / HF_CONFIG_FILE).is_file())
 
 
 def load_native(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -268,7 +284,7 @@ def load_native(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     Args:
         path: A ``.pt`` (torch.save format) or ``.safetensors`` file, or a folder holding
-            ``native_pytorch_model.pt`` / ``.safetensors``.
+            ``native_pytorch_model.pt`` / ``.safetensors`` (see :func:`find_native_file`).
 
     Returns:
         The state dict; tensors are views of a read-only file mapping, so pass it to

@@ -1,7 +1,9 @@
 """Writing tensor files: streaming, atomic, and copying unchanged bytes in the kernel.
 
 Every file is written to a temporary name beside the target, fsync'd, then renamed, so a crash
-or a full disk never leaves a half-written file under the real name.
+or a full disk never leaves a half-written file under the real name; outputs of several files
+(Hugging Face and Meta folders) are assembled in a temporary folder that is renamed into place.
+Temporaries a killed run left are removed when the same output is written again.
 
 The ``.pt`` writer produces the archive ``torch.save`` would (a stored ZIP with 64-byte aligned
 records, loadable with ``torch.load(mmap=True, weights_only=True)``), but it writes the pickle
@@ -21,12 +23,14 @@ import json
 import mmap
 import os
 import pickle
+import re
 import secrets
+import shutil
 import struct
 import sys
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -64,9 +68,33 @@ def _disk_error(e: OSError, path: Path) -> CheckpointError:
     return CheckpointError(f"could not write {path}: {e.strerror or e}")
 
 
+def _temp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Delete what a killed write of ``target`` left beside it (temporary files or folders).
+
+    They carry the target's name and a random part (see :func:`atomic_write` and
+    :func:`staged_folder`), so only leftovers of this very output are touched.
+    """
+    target = Path(target)
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.[0-9a-f]{{8}}\.tmp$")
+    if not target.parent.is_dir():
+        return
+    for p in target.parent.iterdir():
+        if pattern.match(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path, force: bool = False) -> Iterator[BinaryIO]:
     """Open a temporary file beside ``path``; on success fsync it and rename it to ``path``.
+
+    Temporary files a killed earlier write of ``path`` left are removed first.
 
     Raises:
         CheckpointError: If ``path`` exists and ``force`` is False, or the disk is full.
@@ -75,7 +103,8 @@ def atomic_write(path: Path, force: bool = False) -> Iterator[BinaryIO]:
     if path.exists() and not force:
         raise CheckpointError(f"{path} already exists: pass --force to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    remove_stale_temps(path)
+    tmp = _temp_name(path)
     f = None
     try:
         f = open(tmp, "xb", buffering=0)
@@ -90,6 +119,47 @@ def atomic_write(path: Path, force: bool = False) -> Iterator[BinaryIO]:
         if f is not None:
             f.close()
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, superseded: Callable[[str], bool] = lambda name: False
+                  ) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``out`` for a multi-file output; publish it on
+    success.
+
+    A new ``out`` is the staging folder renamed, so a kill at any moment leaves either no
+    ``out`` or a complete one. Into an existing ``out`` the files are moved one by one (each
+    complete); then the files there that ``superseded(name)`` marks as part of an earlier
+    output of the same kind (e.g. its other shards) and that the new output lacks are removed.
+    Leftover staging folders of ``out`` from killed runs are removed first; on failure this
+    run's staging folder is removed too.
+
+    Raises:
+        CheckpointError: If the disk is full or a file cannot be moved.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    staging = _temp_name(out)
+    staging.mkdir()
+    try:
+        yield staging
+        names = {p.name for p in staging.iterdir()}
+        if not out.exists():
+            os.rename(staging, out)
+        else:
+            for name in sorted(names):
+                os.replace(staging / name, out / name)
+            for p in out.iterdir():
+                if p.name not in names and superseded(p.name) and p.is_file():
+                    p.unlink()
+            _fsync_dir(out)
+        _fsync_dir(out.parent)
+    except OSError as e:
+        raise _disk_error(e, out) from e
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -1,9 +1,11 @@
-"""Checkpoints that a kill at any moment cannot corrupt.
+"""Checkpoints that a kill at any moment cannot corrupt, read back as untrusted input.
 
 Layout under ``<output_dir>/checkpoints``::
 
     step_0000120/
-        native_pytorch_model.pt   the model, native key schema (tune generate, tune-ckpt read it)
+        native_pytorch_model.pt   the model, native key schema (tune generate, tune-ckpt read it);
+                                  native_pytorch_model.safetensors with checkpoint_format:
+                                  safetensors
         tune_model.json           the model's shape (Llama2Config fields)
         training_state/           optimizer state, torch.distributed.checkpoint (resharding: a
                                   run can resume on a different number of processes)
@@ -11,14 +13,22 @@ Layout under ``<output_dir>/checkpoints``::
         rng_state.pt              torch RNG states (tensors only)
 
 A checkpoint is assembled in ``.tmp-step_0000120`` and renamed into place once every file is
-written and fsynced, so the newest ``step_*`` folder is always complete; leftovers of a kill are
-removed on the next start.
+written and fsynced, so the newest ``step_*`` folder is always complete; a failed save removes
+its staging folder, and leftovers of a kill are removed on the next start.
+
+A checkpoint folder may come from a shared drive or a download, so nothing in it is unpickled
+freely: weights and RNG states load with ``weights_only=True`` (or safetensors), the DCP
+metadata with an unpickler that admits only the classes DCP metadata is made of, and
+trainer_state.json is checked field by field. Anything missing, truncated, corrupt or foreign
+raises :class:`DamagedCheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -29,9 +39,23 @@ from typing import Any
 
 import torch
 
-MODEL_FILE = "native_pytorch_model.pt"
+from tune_ckpt import CheckpointError
+from tune_ckpt.names import NATIVE_FILE, NATIVE_SAFETENSORS_FILE
+
+# The model file of a checkpoint, by the config's checkpoint_format.
+MODEL_FILES = {"pt": NATIVE_FILE, "safetensors": NATIVE_SAFETENSORS_FILE}
 TRAINER_STATE = "trainer_state.json"
+RNG_STATE = "rng_state.pt"
+TRAINING_STATE = "training_state"
+DCP_METADATA = ".metadata"  # the name torch.distributed.checkpoint gives its metadata file
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A file of a checkpoint is missing, truncated, corrupt, or holds what tune never writes.
+
+    The message names the file (relative to the checkpoint folder where that is clear).
+    """
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -93,7 +117,8 @@ def staging_dir(output_dir: str | Path, step: int, is_main: bool = True) -> Iter
     """Yield a temporary folder to write a checkpoint into; publish it on success.
 
     Every rank writes its shards into the same staging folder; only the main rank publishes
-    (the caller must barrier between writing and leaving this context).
+    (the caller must barrier between writing and leaving this context). If writing fails, the
+    main rank removes the staging folder, so the newest complete checkpoint stays the latest.
     """
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:07d}"
@@ -103,21 +128,177 @@ def staging_dir(output_dir: str | Path, step: int, is_main: bool = True) -> Iter
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    yield tmp
-    if is_main:
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving a step (e.g. epoch end right after save_every)
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _fsync_dir(root)
+    try:
+        yield tmp
+        if is_main:
+            _fsync_tree(tmp)
+            if final.exists():  # re-saving a step (e.g. epoch end right after save_every)
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync_dir(root)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def os_error_in(error: BaseException) -> OSError | None:
+    """The OS error behind a failed write, if any: torch's writers wrap it (the zip writer in
+    a RuntimeError, DCP in a CheckpointException), tune-ckpt in a CheckpointError."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    seen: set[int] = set()
+    todo: list[BaseException] = [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        if isinstance(e, CheckpointException):
+            todo.extend(exc for exc, _ in e.failures.values())
+        todo.extend([e.__cause__, e.__context__])
+    return None
+
+
+def save_failed_message(checkpoint: Path, error: BaseException) -> str:
+    """The line to show when saving ``checkpoint`` failed: the OS's reason and that the
+    previous checkpoint (named) is still the one to resume from."""
+    import errno
+
+    checkpoint = Path(checkpoint)
+    cause = os_error_in(error)
+    if cause is None:
+        reason = str(error)
+    else:
+        reason = os.strerror(cause.errno)
+        if cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            reason += " (free some disk space)"
+    latest = latest_checkpoint(checkpoint.parent.parent)
+    if latest is None:
+        return f"could not save checkpoint {checkpoint}: {reason}; no checkpoint of this run " \
+               "was saved yet"
+    return (f"could not save checkpoint {checkpoint}: {reason}; {latest.name} is still the "
+            "latest checkpoint (resume_from_checkpoint: True continues from it)")
+
+
+# ---------------------------------------------------------------------------- reading back
+def damaged_message(checkpoint: Path, error: Exception) -> str:
+    """The line to show when ``checkpoint`` cannot be resumed from: what is wrong, and that
+    deleting the folder resumes from the checkpoint before it (named) or from the start."""
+    checkpoint = Path(checkpoint)
+    output_dir = checkpoint.parent.parent
+    earlier = [p for p in list_checkpoints(output_dir) if _step(p) < _step(checkpoint)]
+    if earlier:
+        advice = f"delete it to resume from {earlier[-1].name}, the checkpoint before it"
+    else:
+        advice = "delete it to start from the beginning (it is the only checkpoint)"
+    return f"cannot resume from {checkpoint}: {error}; {advice}"
+
+
+def _step(checkpoint: Path) -> int:
+    m = _STEP_DIR.match(checkpoint.name)
+    return int(m.group(1)) if m else -1
+
+
+def check_checkpoint(checkpoint: Path) -> Path:
+    """Check every file of a checkpoint before anything heavy is built from it.
+
+    Reads trainer_state.json, the model file's header (weights only), the DCP metadata (with
+    the restricted unpickler) and the sizes of its shard files, and the RNG states.
+
+    Returns:
+        The checkpoint's model file.
+
+    Raises:
+        DamagedCheckpointError: Naming the first file that is missing, truncated, corrupt or
+            not what tune writes.
+    """
+    from tune_ckpt import load_native
+
+    checkpoint = Path(checkpoint)
+    read_trainer_state(checkpoint)
+    weights = model_file(checkpoint)
+    try:
+        load_native(weights)  # mmap'd: reads the pickle or header, not the weights
+    except CheckpointError as e:
+        raise DamagedCheckpointError(str(e)) from e
+    read_dcp_metadata(checkpoint / TRAINING_STATE)
+    load_rng_state(checkpoint)
+    return weights
+
+
+def model_file(checkpoint: Path) -> Path:
+    """The native weights file of a checkpoint folder (either checkpoint_format).
+
+    Raises:
+        DamagedCheckpointError: If the folder holds none, or both.
+    """
+    from tune_ckpt import find_native_file
+
+    try:
+        return find_native_file(checkpoint)
+    except CheckpointError as e:
+        pt, safetensors = MODEL_FILES.values()
+        if (Path(checkpoint) / pt).is_file():
+            raise DamagedCheckpointError(f"it holds both {pt} and {safetensors}; tune writes "
+                                         "one") from e
+        raise DamagedCheckpointError(f"it holds no model weights (neither {pt} nor "
+                                     f"{safetensors})") from e
+
+
+# trainer_state.json: field -> smallest valid value (all whole numbers).
+_STATE_FIELDS = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "world_size": 1,
+                 "batch_size": 1, "gradient_accumulation_steps": 1}
+
+
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / TRAINER_STATE).read_text())
+    """trainer_state.json of a checkpoint, every field checked for type and range.
+
+    Raises:
+        DamagedCheckpointError: If it is missing, not JSON, or a field is missing or wrong.
+    """
+    path = Path(checkpoint) / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise DamagedCheckpointError(f"{TRAINER_STATE} is missing") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedCheckpointError(f"{TRAINER_STATE} is not valid JSON ({e})") from e
+    if not isinstance(state, dict):
+        raise DamagedCheckpointError(f"{TRAINER_STATE} holds a {type(state).__name__}, not an "
+                                     "object of training progress")
+    for field, least in _STATE_FIELDS.items():
+        if field not in state:
+            raise DamagedCheckpointError(f"{TRAINER_STATE} lacks '{field}'")
+        value = state[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise DamagedCheckpointError(f"{TRAINER_STATE}: '{field}' is {value!r}, expected a "
+                                         f"whole number >= {least}")
+    step = _step(Path(checkpoint))
+    if step >= 0 and state["global_step"] != step:
+        raise DamagedCheckpointError(f"{TRAINER_STATE}: 'global_step' is {state['global_step']} "
+                                     f"but the folder is {Path(checkpoint).name}")
+    if state["step_in_epoch"] > state["global_step"]:
+        raise DamagedCheckpointError(f"{TRAINER_STATE}: 'step_in_epoch' "
+                                     f"({state['step_in_epoch']}) exceeds 'global_step' "
+                                     f"({state['global_step']})")
+    scaler = state.get("loss_scaler")
+    if scaler is not None:
+        scale = scaler.get("scale") if isinstance(scaler, dict) else None
+        good = scaler.get("good_steps") if isinstance(scaler, dict) else None
+        if (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                or not math.isfinite(scale) or scale <= 0
+                or isinstance(good, bool) or not isinstance(good, int) or good < 0):
+            raise DamagedCheckpointError(f"{TRAINER_STATE}: 'loss_scaler' is {scaler!r}, "
+                                         "expected null or {'scale': a positive number, "
+                                         "'good_steps': a whole number >= 0}")
+    return state
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -127,28 +308,208 @@ def rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
+def load_rng_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The RNG states saved in a checkpoint (weights-only load, checked).
+
+    Raises:
+        DamagedCheckpointError: If the file is missing, unsafe, corrupt or not RNG states.
+    """
+    from tune_ckpt import load_native
+
+    path = Path(checkpoint) / RNG_STATE
+    if not path.is_file():
+        raise DamagedCheckpointError(f"{RNG_STATE} is missing")
+    try:
+        state = load_native(path)
+    except CheckpointError as e:
+        raise DamagedCheckpointError(str(e)) from e
+    for key, tensor in state.items():
+        if key not in ("cpu", "cuda") or tensor.dtype != torch.uint8 or tensor.dim() != 1:
+            raise DamagedCheckpointError(f"{RNG_STATE} holds '{key}' ({tensor.dtype}, "
+                                         f"{tuple(tensor.shape)}), not a torch RNG state")
+    if "cpu" not in state:
+        raise DamagedCheckpointError(f"{RNG_STATE} lacks the CPU RNG state")
+    return state
+
+
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["cpu"])
+    torch.set_rng_state(state["cpu"].clone())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"].clone())
 
 
+# ---------------------------------------------------------------------------- optimizer (DCP)
 def save_optimizer_state(path: Path, model: torch.nn.Module,
                          optimizer: torch.optim.Optimizer) -> None:
-    """Optimizer state keyed by parameter names, sharded as the parameters are (DCP)."""
+    """Optimizer state keyed by parameter names, sharded as the parameters are (DCP).
+
+    Raises:
+        OSError: The write failed in the OS (full disk, file size limit, ...).
+        CheckpointError: It failed otherwise.
+    """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    with warnings.catch_warnings():
-        # One process is a supported case, not a mistake worth a warning on every save.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=path)
+    try:
+        with warnings.catch_warnings():
+            # One process is a supported case, not a mistake worth a warning on every save.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
+                     checkpoint_id=path)
+    except CheckpointException as e:  # a BaseException: `except Exception` would miss it
+        cause = os_error_in(e)
+        if cause is not None:
+            raise cause from None
+        raise CheckpointError(f"could not write the optimizer state to {path} "
+                              f"({_first_failure(e)})") from None
+
+
+def _first_failure(error: BaseException) -> str:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+
+
+# What DCP metadata is made of (torch 2.5 to 2.15): its own dataclasses, torch.Size, dtypes,
+# layouts, memory formats, paths. A test saves real DCP checkpoints and reads them back through
+# this list, so a torch release that pickles something else fails that test loudly.
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                 "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                 "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+} | {(module, name) for module in ("pathlib", "pathlib._local")
+     for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")}
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP metadata and nothing else: any other global is refused, not imported."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise _Refused(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _Refused("a persistent id")
+
+
+def read_dcp_metadata(folder: Path) -> Any:
+    """The metadata of a DCP checkpoint folder, unpickled safely and checked against its files.
+
+    Returns:
+        A ``torch.distributed.checkpoint.metadata.Metadata``.
+
+    Raises:
+        DamagedCheckpointError: If it is missing, empty, truncated, asks for anything but
+            metadata classes, or points at shard files that are missing or too short.
+    """
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    folder = Path(folder)
+    where = f"{folder.name}/{DCP_METADATA}"
+    path = folder / DCP_METADATA
+    if not path.is_file():
+        raise DamagedCheckpointError(f"{where} is missing")
+    if path.stat().st_size == 0:
+        raise DamagedCheckpointError(f"{where} is empty (the save did not finish)")
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except _Refused as e:
+        raise DamagedCheckpointError(
+            f"refusing to load {where}: it asks for {e}, which is not checkpoint metadata "
+            "(unpickling it could run code)") from e
+    except Exception as e:  # noqa: BLE001 - any failure to parse is a corrupt file
+        raise DamagedCheckpointError(
+            f"{where} is truncated or corrupt ({type(e).__name__}: {e})") from e
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise DamagedCheckpointError(f"{where} holds a {type(metadata).__name__}, not DCP "
+                                     "metadata")
+    sizes: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        name, offset, length = (getattr(info, k, None) for k in ("relative_path", "offset",
+                                                                  "length"))
+        if (not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..")
+                or not all(isinstance(x, int) and x >= 0 for x in (offset, length))):
+            raise DamagedCheckpointError(f"{where} is corrupt (a record points at "
+                                         f"{name!r}, offset {offset!r}, length {length!r})")
+        if name not in sizes:
+            shard = folder / name
+            if not shard.is_file():
+                raise DamagedCheckpointError(f"{folder.name}/{name} is missing")
+            sizes[name] = shard.stat().st_size
+        if offset + length > sizes[name]:
+            raise DamagedCheckpointError(
+                f"{folder.name}/{name} is truncated (a record ends at byte {offset + length}, "
+                f"the file has {sizes[name]})")
+    return metadata
+
+
+def _safe_reader(folder: Path):
+    """A DCP FileSystemReader whose metadata comes from :func:`read_dcp_metadata`.
+
+    Shard records are read by torch itself: tensors with ``torch.load(weights_only=True)``,
+    other entries by our planner (also weights only). A record that fails to load is reported
+    naming the shard files.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    metadata = read_dcp_metadata(folder)
+
+    class SafeMetadataReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            # What FileSystemReader.read_metadata does after its own (unrestricted) unpickling.
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+        def read_data(self, plan, planner):
+            try:
+                return super().read_data(plan, planner)
+            except Exception as e:  # noqa: BLE001 - named below, with the files involved
+                files = sorted({self.storage_data[item.storage_index].relative_path
+                                for item in plan.items})
+                where = ", ".join(f"{folder.name}/{name}" for name in files)
+                if isinstance(e, pickle.UnpicklingError):
+                    raise DamagedCheckpointError(
+                        f"refusing to load {where}: a record needs unpickling arbitrary Python "
+                        "objects, which could run code") from e
+                raise DamagedCheckpointError(
+                    f"{where} is corrupt ({type(e).__name__}: "
+                    f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from e
+
+    return SafeMetadataReader(folder)
 
 
 def load_optimizer_state(path: Path, model: torch.nn.Module,
                          optimizer: torch.optim.Optimizer) -> None:
-    """Load what save_optimizer_state wrote, resharded to this run's processes."""
+    """Load what save_optimizer_state wrote, resharded to this run's processes.
+
+    Raises:
+        DamagedCheckpointError: A file of the optimizer state is missing, truncated, corrupt
+            or unsafe.
+        CheckpointError: It does not fit this run's model and optimizer.
+    """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import (
         get_optimizer_state_dict,
@@ -168,8 +529,17 @@ def load_optimizer_state(path: Path, model: torch.nn.Module,
             else:
                 self.state_dict[read_item.dest_index.fqn] = obj
 
+    reader = _safe_reader(Path(path))
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, planner=_WeightsOnlyPlanner())
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader, planner=_WeightsOnlyPlanner())
+    except CheckpointException as e:  # a BaseException: `except Exception` would miss it
+        for failure, _ in e.failures.values():
+            if isinstance(failure, CheckpointError):
+                raise failure from None
+        raise CheckpointError(
+            f"the optimizer state in {path} does not fit this run ({_first_failure(e)}); "
+            "resume with the model, optimizer and optimizer_args it was saved with") from None
     set_optimizer_state_dict(model, optimizer, state["optimizer"])

@@ -6,20 +6,21 @@ from pathlib import Path
 
 import torch
 
+from tune_ckpt import CheckpointError
 from tune_train.recipes.full_finetune import RecipeError
-
-_WEIGHT_FILES = ("native_pytorch_model.pt", "model.safetensors")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The weights file a user means by ``path``.
 
-    Accepts a weights file, a checkpoint folder, or a training output_dir (its latest
-    checkpoint).
+    Accepts a weights file, a checkpoint folder (every step folder the recipe writes, in
+    either checkpoint_format), or a training output_dir (its latest checkpoint).
 
     Raises:
         RecipeError: If nothing loadable is there.
     """
+    from tune_ckpt import find_native_file
+    from tune_ckpt.names import NATIVE_FILES
     from tune_train.checkpointing import latest_checkpoint
 
     path = Path(path)
@@ -28,11 +29,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_dir():
         latest = latest_checkpoint(path)
         folder = latest if latest is not None else path
-        for name in _WEIGHT_FILES:
-            if (folder / name).is_file():
-                return folder / name
-        raise RecipeError(f"{path} holds no model weights ({' or '.join(_WEIGHT_FILES)}) and "
-                          "no checkpoints; pass a checkpoint file or a training output_dir")
+        try:
+            return find_native_file(folder)
+        except CheckpointError as e:
+            if latest is not None:
+                raise RecipeError(f"{latest}, the latest checkpoint in {path}: {e}") from e
+            raise RecipeError(f"{path} holds no model weights ({' or '.join(NATIVE_FILES)}) "
+                              "and no checkpoints; pass a checkpoint file or a training "
+                              "output_dir") from e
     raise RecipeError(f"checkpoint {path} does not exist")
 
 

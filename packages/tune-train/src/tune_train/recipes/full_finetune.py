@@ -301,50 +301,63 @@ class FullFinetuneRecipe:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """Write model, optimizer and progress; returns the checkpoint folder."""
+        """Write model, optimizer and progress; returns the checkpoint folder.
+
+        Raises:
+            RecipeError: If it cannot be written (e.g. the disk is full); the staging folder
+                is removed and the previous checkpoint stays the latest.
+        """
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
         )
 
-        from tune_ckpt import save_native, write_model_args
+        from tune_ckpt import CheckpointError, save_native, write_model_args
 
         cfg = self.cfg
+        final = ckpt.checkpoint_root(cfg.output_dir) / f"step_{self.global_step:07d}"
         # Full (unsharded) weights, gathered on rank 0 only, in CPU memory.
         state = get_model_state_dict(
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
-        with ckpt.staging_dir(cfg.output_dir, self.global_step, self.dist.is_main) as tmp:
-            self._barrier()  # the staging folder exists before anyone writes into it
-            if self.dist.is_main:
-                name = ckpt.MODEL_FILE if cfg.checkpoint_format == "pt" else "model.safetensors"
-                save_native(state, tmp / name)
-                write_model_args(tmp, _model_args(self.model_config))
-                torch.save(ckpt.rng_state(), tmp / "rng_state.pt")
-            ckpt.save_optimizer_state(tmp / "training_state", self.model, self.optimizer)
-            if self.dist.is_main:
-                ckpt.write_json(tmp / ckpt.TRAINER_STATE, {
-                    "global_step": self.global_step,
-                    "epoch": self.epoch,
-                    "step_in_epoch": self.step_in_epoch,
-                    "world_size": self.dist.world_size,
-                    "batch_size": cfg.batch_size,
-                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                    "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler else None,
-                })
-            self._barrier()  # every shard is on disk before rank 0 publishes
+        try:
+            with ckpt.staging_dir(cfg.output_dir, self.global_step, self.dist.is_main) as tmp:
+                self._barrier()  # the staging folder exists before anyone writes into it
+                if self.dist.is_main:
+                    save_native(state, tmp / ckpt.MODEL_FILES[cfg.checkpoint_format])
+                    write_model_args(tmp, _model_args(self.model_config))
+                    torch.save(ckpt.rng_state(), tmp / ckpt.RNG_STATE)
+                ckpt.save_optimizer_state(tmp / ckpt.TRAINING_STATE, self.model, self.optimizer)
+                if self.dist.is_main:
+                    ckpt.write_json(tmp / ckpt.TRAINER_STATE, {
+                        "global_step": self.global_step,
+                        "epoch": self.epoch,
+                        "step_in_epoch": self.step_in_epoch,
+                        "world_size": self.dist.world_size,
+                        "batch_size": cfg.batch_size,
+                        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                        "loss_scaler": (self.loss_scaler.state_dict() if self.loss_scaler
+                                        else None),
+                    })
+                self._barrier()  # every shard is on disk before rank 0 publishes
+        except (OSError, RuntimeError, CheckpointError) as e:
+            if isinstance(e, RuntimeError) and ckpt.os_error_in(e) is None:
+                raise  # not a failed write: a bug worth its traceback
+            raise RecipeError(ckpt.save_failed_message(final, e)) from e
         if self.dist.is_main:
             ckpt.prune_checkpoints(cfg.output_dir, cfg.keep_last_n_checkpoints)
         self._barrier()
-        return ckpt.checkpoint_root(cfg.output_dir) / f"step_{self.global_step:07d}"
+        return final
 
     def _resume(self, latest: Path) -> None:
         """Restore optimizer, progress and RNG; the weights were loaded by _setup_model."""
-        state = ckpt.read_trainer_state(latest)
-        ckpt.load_optimizer_state(latest / "training_state", self.model, self.optimizer)
-        rng_file = latest / "rng_state.pt"
-        if rng_file.exists():
-            ckpt.set_rng_state(torch.load(rng_file, weights_only=True))
+        try:
+            state = ckpt.read_trainer_state(latest)
+            ckpt.load_optimizer_state(latest / ckpt.TRAINING_STATE, self.model, self.optimizer)
+            rng = ckpt.load_rng_state(latest)
+        except ckpt.DamagedCheckpointError as e:
+            raise RecipeError(ckpt.damaged_message(latest, e)) from e
+        ckpt.set_rng_state(rng)
         if self.loss_scaler and state.get("loss_scaler"):
             self.loss_scaler.load_state_dict(state["loss_scaler"])
         self.global_step = state["global_step"]
@@ -489,11 +502,11 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def _model_file(checkpoint: Path) -> Path:
-    for name in (ckpt.MODEL_FILE, "model.safetensors"):
-        if (checkpoint / name).is_file():
-            return checkpoint / name
-    raise RecipeError(f"checkpoint {checkpoint} holds no model weights; delete it to resume "
-                      "from the one before")
+    """The model file to resume from, once every file of the checkpoint has been checked."""
+    try:
+        return ckpt.check_checkpoint(checkpoint)
+    except ckpt.DamagedCheckpointError as e:
+        raise RecipeError(ckpt.damaged_message(checkpoint, e)) from e
 
 
 def _check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, path: Path,
