@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from tune_train.recipes.full_finetune import RecipeError
+from tune_train.errors import RecipeError
 
 _WEIGHT_FILES = ("native_pytorch_model.pt", "model.safetensors")
 
