@@ -22,11 +22,12 @@ def tune(*args: str) -> subprocess.CompletedProcess:
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny native checkpoint with the demo tokenizer beside it."""
     import torch
-    from train_helpers import make_demo_files
 
     from tune_ckpt import save_native
     from tune_data import Llama2Tokenizer
     from tune_models import Llama2, Llama2Config
+
+    from train_helpers import make_demo_files
 
     folder = tmp_path_factory.mktemp("model")
     tokenizer = Llama2Tokenizer(make_demo_files(folder, records=10)["tokenizer"])
