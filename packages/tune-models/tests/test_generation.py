@@ -171,15 +171,28 @@ def test_compiled_decode_step_gives_the_same_tokens(model, monkeypatch):
         ([[1, 2], []], 4, {}, "prompt 1 is empty"),
         ([[1, 256]], 4, {}, "token id 256 outside the model's vocabulary"),
         ([[1] * 100], 29, {}, r"= 129 exceeds the model's max_seq_len \(128\)"),
-        ([[1]], 4, dict(temperature=-1.0), "temperature must be >= 0"),
-        ([[1]], 4, dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-        ([[1]], 4, dict(top_k=0), "top_k must be >= 1"),
+        ([[1]], 4, dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+        ([[1]], 4, dict(temperature=float("nan")), "temperature must be a finite .* got nan"),
+        ([[1]], 4, dict(temperature=float("inf")), "temperature must be a finite .* got inf"),
+        ([[1]], 4, dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
+        ([[1]], 4, dict(top_p=float("nan")), r"top_p must be a number in \(0, 1\].* got nan"),
+        ([[1]], 4, dict(top_k=0), "top_k must be a whole number >= 1"),
     ],
 )
 def test_bad_requests_are_refused_clearly(model, prompts, n, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate(model, prompts, n, **kwargs)
     assert not model.caches_are_enabled
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=float("nan")), dict(temperature=-0.5),
+                                    dict(temperature=1.0, top_p=float("nan")),
+                                    dict(temperature=1.0, top_p=0.0),
+                                    dict(temperature=1.0, top_k=0)])
+def test_sample_token_refuses_what_would_give_junk(kwargs):
+    # A NaN temperature turned every logit into NaN and "sampled" token 0 every time.
+    with pytest.raises(ValueError, match="must be"):
+        sample_token(torch.randn(2, 10), **kwargs)
 
 
 def test_zero_new_tokens_and_bf16(model):

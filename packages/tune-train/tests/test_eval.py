@@ -243,3 +243,53 @@ def test_importing_eval_does_not_import_lm_eval():
     code = "import sys, tune_train.eval; print('lm_eval' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    # batch_size -2 scored nothing and reported perplexity 1.000; max_seq_len 0 silently
+    # meant the model's length.
+    (dict(batch_size=-2), "batch_size must be a whole number >= 1, got -2"),
+    (dict(batch_size=0), "batch_size must be a whole number >= 1, got 0"),
+    (dict(max_seq_len=0), "max_seq_len must be a whole number >= 1, got 0"),
+    (dict(max_seq_len=65), "max_seq_len 65 exceeds the model's max_seq_len 64"),
+    (dict(stride=0), "stride must be within"),
+])
+def test_perplexity_refuses_settings_that_make_no_sense(small_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        perplexity(small_model, None, list(range(1, 40)), progress=False, **kwargs)
+    with pytest.raises(ValueError, match="batch_size must be"):
+        score_windows(small_model, [Window([1, 2, 3], 2)], batch_size=0)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty: there is no text to score"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is a binary file, not text"),
+    ("caf\xe9 ol\xe9\n".encode("latin-1"), r"is not UTF-8 text \(byte 3 is 0xe9\): convert it"),
+])
+def test_read_text_names_what_is_wrong_with_the_file(tmp_path, content, message):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    with pytest.raises(tune_eval.EvalError, match=f"{path} {message}"):
+        tune_eval.read_text(path)
+    path.write_text("naïve text\n", encoding="utf-8")
+    assert tune_eval.read_text(path) == "naïve text\n"
+
+
+def test_unknown_lm_eval_task_is_an_eval_error_with_a_suggestion(model, tokenizer, tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t.yaml").write_text("task: tune_next_line\ndataset_path: json\n"
+                                  "output_type: multiple_choice\n")
+    with pytest.raises(tune_eval.EvalError,
+                       match=f"no lm-eval task 'tune_next_lin' in {tasks} "
+                             r"\(did you mean 'tune_next_line'\?\); the tasks there: "
+                             "tune_next_line"):
+        tune_eval.evaluate(model, tokenizer, ["tune_next_lin"], include_path=str(tasks),
+                           include_defaults=False)
+
+
+@pytest.mark.parametrize("limit", [0, -1, 2.5, float("nan")])
+def test_evaluate_refuses_a_limit_that_is_neither_a_count_nor_a_fraction(model, tokenizer,
+                                                                          limit):
+    with pytest.raises(ValueError, match="limit must be a number of documents"):
+        tune_eval.evaluate(model, tokenizer, ["anything"], limit=limit, include_defaults=False)

@@ -71,5 +71,27 @@ def test_plot_needs_metrics(tmp_path):
     with pytest.raises(PlotError, match="no metrics at"):
         plot_metrics(tmp_path)
     (tmp_path / "metrics.jsonl").write_text("")
-    with pytest.raises(PlotError, match="holds no loss values"):
+    with pytest.raises(PlotError, match="metrics.jsonl is empty: no training step has been "
+                                        "logged yet"):
         plot_metrics(tmp_path)
+
+
+@pytest.mark.parametrize("content, message", [
+    # Each of these ended as a KeyError/TypeError/UnicodeDecodeError "unexpected error", or,
+    # for a text loss, as a plot of categories.
+    (b'{"step": 1, "loss": 2.0}\nnot json at all\n',
+     "metrics.jsonl, line 2: 'not json at all' is not JSON"),
+    (b'{"step": 1, "loss": 2.0}\n[1, 2]\n',
+     r"metrics.jsonl, line 2: '\[1, 2\]' is not a metrics record \(a JSON object with an "
+     "integer 'step'\\)"),
+    (b'{"loss": 2.0}\n', "line 1: '{\"loss\": 2.0}' is not a metrics record"),
+    (b'{"step": 1, "lr": 0.1}\n{"step": 2, "lr": 0.1}\n',
+     "holds no loss values: none of its 2 records has a finite 'loss'"),
+    (b'{"step": 1, "loss": "low"}\n', "step 1 has loss 'low', which is not a number"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "metrics.jsonl is not a metrics file: byte 0 is not UTF-8"),
+])
+def test_malformed_metrics_get_a_message_naming_the_problem(tmp_path, content, message):
+    (tmp_path / "metrics.jsonl").write_bytes(content)
+    with pytest.raises(PlotError, match=message):
+        plot_metrics(tmp_path)
+    assert not (tmp_path / "loss_curve.png").exists()

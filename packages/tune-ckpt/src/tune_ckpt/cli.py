@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def run_download(
     Args:
         repo_id: ``owner/name``.
         output_dir: Folder to download into.
-        hf_token: Access token; None falls back to HF_TOKEN or the stored login.
+        hf_token: Access token (surrounding whitespace is ignored); None falls back to
+            HF_TOKEN or the stored login.
         ignore_patterns: Glob patterns of files to skip.
         revision: Branch, tag or commit.
         quiet: Hide progress bars.
@@ -44,9 +46,12 @@ def run_download(
     Raises:
         CheckpointError: With the one line to show the user.
     """
+    from tune_ckpt.hub import clean_token, download
+
+    if hf_token is not None:
+        hf_token = clean_token(hf_token, "the --hf-token value")
     if quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    from tune_ckpt.hub import download
 
     if quiet:
         from huggingface_hub.utils import disable_progress_bars
@@ -189,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``tune-ckpt`` console script; returns the exit status."""
+    """Entry point of the ``tune-ckpt`` console script; returns the exit status.
+
+    Every error becomes one line on stderr (the traceback with ``--debug``), with any access
+    token in it replaced by ``***``.
+    """
     args = build_parser().parse_args(argv)
     try:
         if args.command == "download":
@@ -201,22 +210,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                         target_format=args.target_format, output_path=args.output_path,
                         dtype=args.dtype, force=args.force, max_shard_size=args.max_shard_size,
                         quiet=args.quiet)
-    except CheckpointError as e:
-        if args.debug:
-            raise
-        print(f"tune-ckpt: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("tune-ckpt: interrupted; no output file was left half-written", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug, not bad input: still one line unless --debug
-        if args.debug:
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"tune-ckpt: error: unexpected {type(e).__name__}: {first} "
-              "(run again with --debug for the traceback)", file=sys.stderr)
+    except Exception as e:
+        _report(e, args)
         return 1
     return 0
+
+
+def _report(error: Exception, args: argparse.Namespace) -> None:
+    from tune_ckpt.hub import hide_tokens, tokens_to_hide
+
+    if args.debug:
+        text = "".join(traceback.format_exception(error))
+    elif isinstance(error, CheckpointError):
+        text = f"tune-ckpt: error: {error}\n"
+    else:  # a bug, not bad input: still one line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        text = (f"tune-ckpt: error: unexpected {type(error).__name__}: {first} "
+                "(run again with --debug for the traceback)\n")
+    sys.stderr.write(hide_tokens(text, tokens_to_hide(getattr(args, "hf_token", None))))
 
 
 def console_main() -> None:

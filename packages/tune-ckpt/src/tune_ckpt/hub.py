@@ -7,14 +7,19 @@ download finds the finished files by commit and fetches only what is missing (hu
 resumes partial files from where they stopped).
 
 The access token is passed to huggingface_hub and nowhere else: it is never printed, logged or
-written to disk by this module.
+written to disk by this module. A token pasted with its line ending (``--hf-token "$(cat
+token.txt)"`` of a CRLF file) is stripped; one with a character no token has is refused by a
+message that does not show it; and :func:`hide_tokens` is what the command-line tools pass
+every error message through, so that no message (a traceback from the HTTP layer included)
+shows a token.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tune_ckpt.errors import CheckpointError
@@ -22,6 +27,116 @@ from tune_ckpt.errors import CheckpointError
 _CONNECTION_ERRORS = {"ConnectError", "ConnectionError", "ConnectTimeout", "TimeoutException",
                       "Timeout", "ReadTimeout", "NetworkError", "RemoteProtocolError",
                       "ReadError", "ProxyError", "OfflineModeIsEnabled"}
+
+
+# Where huggingface_hub looks for a token when none is given, in its order.
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+# An HTTP Authorization header as an error message may quote it: the credential after it.
+_BEARER = re.compile(r"(Bearer\s+)[^\s'\"]+", re.IGNORECASE)
+
+
+def clean_token(token: str, source: str = "the access token",
+                fix: str = "copy the token again (https://huggingface.co/settings/tokens)",
+                ) -> str:
+    """The token without surrounding whitespace; refused if a character no token has is left.
+
+    Args:
+        token: As given (a flag's value, an environment variable).
+        source: What to call it in the message, e.g. ``"--hf-token"``.
+        fix: What the message tells the user to do.
+
+    Returns:
+        The token, stripped.
+
+    Raises:
+        CheckpointError: If it is empty or holds a control character, a space or a non-ASCII
+            character; the message says which and where, never the token.
+    """
+    stripped = token.strip()
+    if not stripped:
+        raise CheckpointError(f"{source} is empty: {fix}")
+    for position, char in enumerate(stripped, start=1):
+        if not "!" <= char <= "~":  # printable ASCII, the only characters of a token
+            kind = ("a space" if char == " " else "a non-ASCII character" if char > "~"
+                    else "a control character")
+            raise CheckpointError(
+                f"{source} holds {kind} at position {position}, which no access token has: "
+                f"{fix}"
+            )
+    return stripped
+
+
+def tokens_to_hide(*given: str | None) -> list[str]:
+    """The tokens a message must not show: those given plus the environment's.
+
+    Args:
+        given: Tokens as the user gave them (None and empty ones are skipped).
+
+    Returns:
+        Every such token, as given and stripped. Values shorter than a few characters are
+        left out: they are no real token, and hiding them would garble the message (hiding
+        a one-letter "token" would hide every such letter).
+    """
+    values = [*given, *(os.environ.get(name) for name in TOKEN_VARIABLES)]
+    out: list[str] = []
+    for value in values:
+        if value and len(value.strip()) >= _SHORTEST_HIDDEN:
+            out += [value, value.strip()]
+    return list(dict.fromkeys(out))
+
+
+_SHORTEST_HIDDEN = 6
+
+
+def hide_tokens(text: str, tokens: Iterable[str]) -> str:
+    """``text`` with every token in it, and every ``Bearer`` credential, replaced by ``***``.
+
+    A token shows up in messages as written, or escaped as Python writes it inside a
+    ``repr`` (``hf_x\\r``), which is how the HTTP layer quotes a header it refused.
+
+    Args:
+        text: A message, a traceback.
+        tokens: Tokens to hide (see :func:`tokens_to_hide`).
+
+    Returns:
+        The text, safe to print.
+    """
+    forms = set()
+    for token in tokens:
+        forms |= {token, repr(token)[1:-1], repr(token.encode("utf-8", "replace"))[2:-1]}
+    for form in sorted((f for f in forms if f), key=len, reverse=True):
+        text = text.replace(form, "***")
+    return _BEARER.sub(r"\1***", text)
+
+
+def _check_environment_token() -> None:
+    # huggingface_hub reads this variable itself; check it here, where a bad one can be
+    # named without showing it.
+    for name in TOKEN_VARIABLES:
+        value = os.environ.get(name)
+        if value and value.strip():
+            clean_token(value, name)
+            return
+
+
+def _stored_token_problem() -> CheckpointError | None:
+    """Why the token huggingface_hub found on its own (its login file) could not be sent.
+
+    huggingface_hub reads that file itself. A damaged one makes the HTTP layer refuse the
+    request with an error that quotes the token, or the Hub refuse the token: either way the
+    damage is the cause to name.
+    """
+    from huggingface_hub.utils import get_token
+
+    stored = get_token()
+    try:
+        if stored:
+            clean_token(stored, "the token saved by `hf auth login`",
+                        fix="run `hf auth login` again, or pass a token with --hf-token")
+    except CheckpointError as problem:
+        return problem
+    return None
 
 
 def _endpoint() -> str:
@@ -108,9 +223,14 @@ def download(
         The output folder.
 
     Raises:
-        CheckpointError: Gated repository without access, rejected token, repository or
-            revision not found, hub unreachable, or no disk space left.
+        CheckpointError: A token with a character no token has (given or in HF_TOKEN), gated
+            repository without access, rejected token, repository or revision not found, hub
+            unreachable, or no disk space left.
     """
+    if token is not None:
+        token = clean_token(token)
+    else:
+        _check_environment_token()
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.utils import get_token
 
@@ -127,7 +247,9 @@ def download(
             ignore_patterns=patterns,
         )
     except Exception as e:
-        explained = _explain(e, repo_id, revision, token_given, output_dir)
+        explained = _stored_token_problem() if token is None else None
+        if explained is None:
+            explained = _explain(e, repo_id, revision, token_given, output_dir)
         if explained is None:
             raise
         raise explained from e

@@ -9,6 +9,7 @@ click sees the arguments.
 from __future__ import annotations
 
 import copy
+import io
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import click
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+_TOKEN_FLAGS = ("--hf-token", "--hf_token")
 
 
 @click.group(context_settings=CONTEXT)
@@ -44,7 +46,7 @@ def cli(debug: bool) -> None:
               "meta-llama/Llama-2-7b (or give it as the first argument).")
 @click.option("--output_dir", "--output-dir", "output_dir", type=click.Path(path_type=Path),
               required=True, help="Folder to download into.")
-@click.option("--hf-token", "--hf_token", "hf_token", default=None,
+@click.option(*_TOKEN_FLAGS, "hf_token", default=None,
               help="Hugging Face access token (default: $HF_TOKEN or your `hf auth login`). "
               "Never printed or stored.")
 @click.option("--ignore-patterns", "--ignore_patterns", "ignore_patterns", multiple=True,
@@ -151,10 +153,13 @@ def _load(checkpoint: Path | None, config_name: str | None, tokenizer: Path | No
               help="Wrap each prompt as an instruction: none, alpaca, demo.")
 @click.option("--max-new-tokens", "--max_new_tokens", "max_new_tokens", default=256,
               show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+@click.option("--temperature", default=0.0, show_default=True, type=float,
               help="0 is greedy decoding.")
-@click.option("--top-k", "--top_k", "top_k", type=click.IntRange(min=1), default=None)
-@click.option("--top-p", "--top_p", "top_p", type=click.FloatRange(0.0, 1.0), default=None)
+@click.option("--top-k", "--top_k", "top_k", type=int, default=None,
+              help="Sample among the k most likely tokens (k >= 1).")
+@click.option("--top-p", "--top_p", "top_p", type=float, default=None,
+              help="Sample among the most likely tokens whose probabilities add up to p, "
+              "0 < p <= 1.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the decode step: faster after a one-off compile "
@@ -165,8 +170,12 @@ def generate(checkpoint, config_name, tokenizer, device, dtype, prompts, templat
     import time
 
     from tune_data import TEMPLATES
+    from tune_models import check_sampling
     from tune_models import generate as generate_tokens
 
+    _check_option("--temperature", check_sampling, temperature=temperature)
+    _check_option("--top-k", check_sampling, top_k=top_k)
+    _check_option("--top-p", check_sampling, top_p=top_p)
     if template != "none" and template not in TEMPLATES:
         raise click.UsageError(f"unknown template '{template}'; choose none, "
                                f"{', '.join(TEMPLATES)}")
@@ -194,6 +203,15 @@ def generate(checkpoint, config_name, tokenizer, device, dtype, prompts, templat
                f"{new_tokens / max(elapsed, 1e-9):.1f} tokens/s", err=True)
 
 
+def _check_option(option: str, check, *args, **kwargs):
+    """Run a library check of a value; its ValueError becomes a usage error naming the option
+    (the words are the library's: a Python caller reads the same)."""
+    try:
+        return check(*args, **kwargs)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=f"'{option}'") from None
+
+
 def _split_demo(prompt: str) -> dict[str, str]:
     instruction, sep, text = prompt.partition(":")
     if not sep:
@@ -208,24 +226,45 @@ def _split_demo(prompt: str) -> dict[str, str]:
 @click.option("--include-path", "--include_path", "include_path", default=None,
               type=click.Path(path_type=Path),
               help="Folder of your own lm-eval task YAMLs (then only those are indexed).")
-@click.option("--limit", type=float, default=None, help="Documents per task (or a fraction).")
-@click.option("--num-fewshot", "--num_fewshot", "num_fewshot", type=int, default=None)
+@click.option("--limit", type=float, default=None,
+              help="Documents per task (a whole number), or a fraction of them below 1.")
+@click.option("--num-fewshot", "--num_fewshot", "num_fewshot", type=click.IntRange(min=0),
+              default=None)
 @click.option("--batch-size", "--batch_size", "batch_size", type=int, default=8, show_default=True)
-@click.option("--perplexity", "perplexity_file", type=click.Path(path_type=Path), default=None,
-              help="A text file: report perplexity over it (no lm-eval needed).")
+@click.option("--perplexity", "perplexity_file", default=None,
+              type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="A UTF-8 text file: report perplexity over it (no lm-eval needed).")
 @click.option("--max-seq-len", "--max_seq_len", "max_seq_len", type=int, default=None,
               help="Window length for perplexity (default: the model's).")
 def eval_(checkpoint, config_name, tokenizer, device, dtype, tasks, include_path, limit,
           num_fewshot, batch_size, perplexity_file, max_seq_len) -> None:
     """Evaluate a checkpoint: lm-eval harness tasks and/or perplexity over a text file."""
+    from tune_train.eval import (
+        check_batch_size,
+        check_limit,
+        check_max_seq_len,
+        read_text,
+        resolve_max_seq_len,
+    )
+
     if not tasks and perplexity_file is None:
         raise click.UsageError("pass --tasks (lm-eval) and/or --perplexity FILE")
+    if not tasks:
+        for option, value in (("--limit", limit), ("--num-fewshot", num_fewshot),
+                              ("--include-path", include_path)):
+            if value is not None:
+                raise click.UsageError(f"{option} applies to lm-eval tasks: pass --tasks too")
+    _check_option("--batch-size", check_batch_size, batch_size)
+    _check_option("--limit", check_limit, limit)
+    if max_seq_len is not None:  # the model's own limit is checked once it is loaded
+        _check_option("--max-seq-len", check_max_seq_len, max_seq_len)
+    text = read_text(perplexity_file) if perplexity_file is not None else None
     model, tok, weights = _load(checkpoint, config_name, tokenizer, device, dtype)
-    if perplexity_file is not None:
+    max_seq_len = _check_option("--max-seq-len", resolve_max_seq_len, model, max_seq_len)
+    if text is not None:
         from tune_train.eval import perplexity
 
-        result = perplexity(model, tok, perplexity_file.read_text(), max_seq_len=max_seq_len,
-                            batch_size=batch_size)
+        result = perplexity(model, tok, text, max_seq_len=max_seq_len, batch_size=batch_size)
         click.echo(f"perplexity {result.perplexity:.3f} (nll {result.nll:.4f} nats/token over "
                    f"{result.num_tokens:,} tokens of {perplexity_file})")
     if tasks:
@@ -236,7 +275,7 @@ def eval_(checkpoint, config_name, tokenizer, device, dtype, tasks, include_path
         # ~10 s to index and is not needed for local tasks.
         results = evaluate(model, tok, names, include_path=str(include_path) if include_path
                            else None, include_defaults=include_path is None,
-                           limit=int(limit) if limit and limit >= 1 else limit,
+                           limit=int(limit) if limit is not None and limit >= 1 else limit,
                            num_fewshot=num_fewshot, batch_size=batch_size)
         for task, metrics in results["results"].items():
             shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
@@ -472,7 +511,12 @@ def _debug() -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry: one line on stderr and exit 1 for user errors (2 for usage)."""
+    """Console-script entry: one line on stderr and exit 1 for user errors (2 for usage).
+
+    What each error says and its exit status come from tune_train.errors (one place for the
+    whole toolkit); click's own usage errors keep click's wording and exit 2. Every message
+    (and, with --debug, the traceback) is written with access tokens replaced by ``***``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in argv[:1] or os.environ.get("TUNE_DEBUG") == "1":
         os.environ["TUNE_DEBUG"] = "1"
@@ -486,31 +530,46 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        shown = io.StringIO()
+        e.show(file=shown)
+        _write_error(shown.getvalue(), argv)
         sys.exit(e.exit_code)
     except click.Abort:
-        click.echo("aborted", err=True)
+        _write_error("aborted\n", argv)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # noqa: BLE001 - the one place errors become a line for people
-        if _debug():
-            raise
-        click.echo(f"error: {_message(e)}", err=True)
-        sys.exit(1)
+    except BaseException as e:  # noqa: BLE001 - the one place errors become a line for people
+        import traceback
+
+        from tune_train.errors import explain
+
+        message, status = explain(e)
+        if isinstance(e, KeyboardInterrupt):
+            _write_error(f"{message}\n", argv)
+        elif _debug():
+            _write_error("".join(traceback.format_exception(e)), argv)
+        else:
+            _write_error(f"error: {message}\n", argv)
+        sys.exit(status)
 
 
-def _message(error: Exception) -> str:
-    """The user-facing line: our own errors carry it; anything else is named as a bug."""
-    if type(error).__name__ in ("ConfigError", "RecipeError", "CheckpointError", "DataError",
-                                "PlotError", "GenerationError", "EvalError"):
-        return str(error)
-    if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError):
-        return f"{error.strerror}: {error.filename}"
-    if isinstance(error, ImportError) and "pip install" in str(error):
-        return str(error)
-    return (f"{type(error).__name__}: {error} (an unexpected error; rerun with --debug for the "
-            "traceback and report it)")
+def _write_error(text: str, argv: list[str]) -> None:
+    from tune_ckpt.hub import hide_tokens, tokens_to_hide
+
+    sys.stderr.write(hide_tokens(text, tokens_to_hide(*_flag_values(argv, _TOKEN_FLAGS))))
+    sys.stderr.flush()
+
+
+def _flag_values(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """The values given to any of ``flags`` (``--flag V`` and ``--flag=V``), found without
+    parsing: an error may come before or during click's own parsing."""
+    values = []
+    for i, arg in enumerate(argv):
+        name, equals, value = arg.partition("=")
+        if name in flags:
+            if equals:
+                values.append(value)
+            elif i + 1 < len(argv):
+                values.append(argv[i + 1])
+    return values

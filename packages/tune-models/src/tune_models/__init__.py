@@ -1,6 +1,6 @@
 """tune-models: Llama 2 model code (torch only), importable by any project."""
 
-from tune_models.generation import generate, generate_stream, sample_token
+from tune_models.generation import check_sampling, generate, generate_stream, sample_token
 from tune_models.kv_cache import KVCache
 from tune_models.llama2 import (
     Attention,
@@ -38,6 +38,7 @@ __all__ = [
     "RMSNorm",
     "TransformerBlock",
     "apply_rope",
+    "check_sampling",
     "generate",
     "generate_stream",
     "linear_cross_entropy",

@@ -11,6 +11,7 @@ lets ``compile=True`` turn the one-token step into a single static graph (CUDA g
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -20,6 +21,28 @@ from tune_models.llama2 import Llama2
 # How often (in steps) generate() asks whether every row has stopped. Asking is a
 # device-to-host sync; doing it every step would stall a GPU pipeline for nothing.
 _STOP_CHECK_EVERY = 8
+
+
+def check_sampling(
+    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None
+) -> None:
+    """Refuse sampling settings that would give junk instead of text.
+
+    Args: as in :func:`sample_token`.
+
+    Raises:
+        ValueError: Naming the first setting that is out of range: temperature must be a
+            finite number >= 0, top_k a whole number >= 1, top_p a number in (0, 1].
+    """
+    # Written so that NaN fails every test: each comparison with NaN is False.
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got "
+                         f"{temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or top_k < 1):
+        raise ValueError(f"top_k must be a whole number >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be a number in (0, 1] (1 keeps every token), got {top_p}")
 
 
 def sample_token(
@@ -42,7 +65,11 @@ def sample_token(
 
     Returns:
         (B,) int64 token ids.
+
+    Raises:
+        ValueError: For a sampling setting out of range (see :func:`check_sampling`).
     """
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -137,12 +164,7 @@ def _check_request(
             f"({max_new_tokens}) = {total} exceeds the model's max_seq_len "
             f"({model.config.max_seq_len}): shorten the prompt or ask for fewer tokens"
         )
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_k, top_p)
 
 
 def _reusable_cache(model: Llama2, batch_size: int, length: int) -> bool:

@@ -11,16 +11,19 @@ lm-eval is an optional extra (``pip install 'tune-train[eval]'``) and is importe
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from tune_models import Llama2, generate_stream
+from tune_train.errors import EvalError
 
 if TYPE_CHECKING:
     import lm_eval.api.model
@@ -79,6 +82,57 @@ def rolling_windows(ids: Sequence[int], max_seq_len: int, stride: int) -> list[W
     return windows
 
 
+def check_batch_size(batch_size: int) -> None:
+    """Raise ValueError unless batch_size is a whole number >= 1.
+
+    Raises:
+        ValueError: Naming the value.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size}")
+
+
+def check_max_seq_len(max_seq_len: int, longest: int | None = None) -> None:
+    """Raise ValueError unless max_seq_len is a whole number in [1, longest].
+
+    Args:
+        max_seq_len: The window length asked for.
+        longest: The model's max_seq_len, when known.
+
+    Raises:
+        ValueError: Naming the value (and the model's limit).
+    """
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be a whole number >= 1, got {max_seq_len}")
+    if longest is not None and max_seq_len > longest:
+        raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's max_seq_len {longest}")
+
+
+def resolve_max_seq_len(model: Llama2, max_seq_len: int | None) -> int:
+    """The window length to evaluate with: as given, or the model's when None.
+
+    Raises:
+        ValueError: If it is below 1 or longer than the model's max_seq_len.
+    """
+    if max_seq_len is None:
+        return model.config.max_seq_len
+    check_max_seq_len(max_seq_len, model.config.max_seq_len)
+    return max_seq_len
+
+
+def check_limit(limit: float | None) -> None:
+    """Raise ValueError unless limit is None, a whole number >= 1 or a fraction in (0, 1).
+
+    Raises:
+        ValueError: Naming the value.
+    """
+    if limit is None:
+        return
+    if not (math.isfinite(limit) and limit > 0 and (limit < 1 or float(limit).is_integer())):
+        raise ValueError(f"limit must be a number of documents (a whole number >= 1) or a "
+                         f"fraction of them between 0 and 1, got {limit}")
+
+
 @torch.no_grad()
 def score_windows(
     model: Llama2, windows: Sequence[Window], batch_size: int = 8, progress: bool = False
@@ -96,7 +150,11 @@ def score_windows(
 
     Returns:
         (sum of log-probabilities in nats, every scored token is the argmax) per window.
+
+    Raises:
+        ValueError: If batch_size is below 1.
     """
+    check_batch_size(batch_size)
     results: list[tuple[float, bool]] = [(0.0, True)] * len(windows)
     device = model.output.weight.device
     order = sorted(
@@ -186,15 +244,11 @@ def perplexity(
 
     Raises:
         ValueError: If there is nothing to score, text comes without a tokenizer, or
-            max_seq_len / stride do not fit the model.
+            max_seq_len / stride / batch_size do not fit the model.
     """
-    max_seq_len = max_seq_len or model.config.max_seq_len
-    if max_seq_len > model.config.max_seq_len:
-        raise ValueError(
-            f"max_seq_len {max_seq_len} exceeds the model's max_seq_len "
-            f"{model.config.max_seq_len}"
-        )
-    stride = stride or max_seq_len
+    max_seq_len = resolve_max_seq_len(model, max_seq_len)
+    check_batch_size(batch_size)
+    stride = max_seq_len if stride is None else stride
     if isinstance(data, str):
         documents: list[Sequence[int]] = [_encode(tokenizer, data)]
     elif len(data) > 0 and all(isinstance(d, str) for d in data):
@@ -213,6 +267,27 @@ def perplexity(
         model.train(was_training)
     nll = -sum(logp for logp, _ in scores) / num_tokens
     return PerplexityResult(perplexity=math.exp(nll), nll=nll, num_tokens=num_tokens)
+
+
+def read_text(path: str | Path) -> str:
+    """A text file's contents, for :func:`perplexity`.
+
+    Raises:
+        EvalError: If the file is empty, binary, or not UTF-8 text (the message says which
+            and names the file).
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if not data:
+        raise EvalError(f"{path} is empty: there is no text to score")
+    if b"\0" in data:
+        raise EvalError(f"{path} is a binary file, not text: perplexity is measured on UTF-8 "
+                        "text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalError(f"{path} is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}): "
+                        "convert it first, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def _encode(tokenizer: Tokenizer | None, text: str) -> list[int]:
@@ -245,10 +320,11 @@ class TuneEvalModel:
         max_gen_toks: int = 256,
     ):
         super().__init__()  # lm_eval's LM.__init__ when mixed in by lm_eval_model()
+        check_batch_size(batch_size)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.max_seq_len = max_seq_len or model.config.max_seq_len
+        self.max_seq_len = resolve_max_seq_len(model, max_seq_len)
         self.max_gen_toks = max_gen_toks
 
     def _hook(self, method: str, args: tuple, result: Any) -> None:
@@ -486,13 +562,36 @@ def evaluate(
 
     Raises:
         ImportError: If lm-eval is not installed.
+        EvalError: If a task is not known to lm-eval (nor in include_path).
+        ValueError: If batch_size, max_seq_len, limit or num_fewshot make no sense.
     """
+    check_limit(limit)
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
     lm_eval = _import_lm_eval()
     from lm_eval.tasks import TaskManager
 
+    tasks = list(tasks)
     manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
+    for name in tasks:
+        _check_task(manager, name, include_path, include_defaults)
     lm = lm_eval_model(model, tokenizer, batch_size, max_seq_len, max_gen_toks)
     return lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+        model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
         task_manager=manager, log_samples=log_samples, bootstrap_iters=bootstrap_iters,
     )
+
+
+def _check_task(manager: Any, name: str, include_path: str | None, include_defaults: bool) -> None:
+    # A task, group or tag name (glob patterns too), or the path of a task YAML.
+    if manager.match_tasks([name]) or Path(name).is_file():
+        return
+    close = difflib.get_close_matches(name, manager.all_tasks, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    if not include_defaults:
+        shown = ", ".join(manager.all_tasks[:10]) or "none"
+        more = ", ..." if len(manager.all_tasks) > 10 else ""
+        raise EvalError(f"no lm-eval task '{name}' in {include_path}{hint}; the tasks "
+                        f"there: {shown}{more}")
+    raise EvalError(f"unknown lm-eval task '{name}'{hint}; `lm-eval ls tasks` lists "
+                    "lm-eval's own tasks")

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from tune_ckpt import CheckpointError
-from tune_train.recipes.full_finetune import RecipeError
+from tune_train.errors import RecipeError
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

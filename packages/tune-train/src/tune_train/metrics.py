@@ -74,18 +74,47 @@ def _finite(value: float) -> float | None:
 
 
 def read_jsonl_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl, one per step (the last one wins after a resume), by step."""
+    """Records of a metrics.jsonl, one per step (the last one wins after a resume), by step.
+
+    A line cut short by a kill is skipped; anything else that is not a record of
+    :class:`JsonlLogger` means the file is not what it should be.
+
+    Raises:
+        ValueError: If the file is not UTF-8 text, or a line is neither a JSON object with an
+            integer ``step`` nor the beginning of one; the message names the line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a metrics file: byte {e.start} is not UTF-8 text "
+                         "(metrics.jsonl holds one JSON object per line)") from None
     by_step: dict[int, dict[str, Any]] = {}
-    for line in Path(path).read_text().splitlines():
+    for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line:
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut short by a kill: skip it, keep the rest
-        by_step[int(record["step"])] = record
+            if line.startswith(_RECORD_START) or _RECORD_START.startswith(line):
+                continue  # a line cut short by a kill: skip it, keep the rest
+            raise ValueError(f"{path}, line {number}: {_shorten(line)} is not JSON "
+                             "(metrics.jsonl holds one JSON object per line)") from None
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ValueError(f"{path}, line {number}: {_shorten(line)} is not a metrics record "
+                             "(a JSON object with an integer 'step')")
+        by_step[step] = record
     return [by_step[s] for s in sorted(by_step)]
+
+
+# How every JsonlLogger line begins (json.dumps puts "step" first).
+_RECORD_START = '{"step": '
+
+
+def _shorten(line: str, limit: int = 40) -> str:
+    return repr(line if len(line) <= limit else line[:limit] + "...")
 
 
 class TensorBoardLogger:

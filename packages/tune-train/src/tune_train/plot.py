@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tune_train.errors import PlotError
 from tune_train.metrics import read_jsonl_metrics
 
-
-class PlotError(Exception):
-    """The message is what the user sees."""
+__all__ = ["PlotError", "plot_metrics"]
 
 
 def plot_metrics(metrics_path: str | Path, png_path: str | Path | None = None,
@@ -24,7 +23,8 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path | None = None,
         The PNG's path.
 
     Raises:
-        PlotError: When matplotlib is missing or there is nothing to draw.
+        PlotError: When matplotlib is missing, there is nothing to draw, or the metrics file
+            is not one tune wrote.
     """
     metrics_path = Path(metrics_path)
     if metrics_path.is_dir():
@@ -32,9 +32,22 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path | None = None,
     if not metrics_path.is_file():
         raise PlotError(f"no metrics at {metrics_path}; train with metric_loggers including "
                         "jsonl first")
-    records = [r for r in read_jsonl_metrics(metrics_path) if r.get("loss") is not None]
+    try:
+        every_record = read_jsonl_metrics(metrics_path)
+    except ValueError as e:
+        raise PlotError(str(e)) from e
+    if not every_record:
+        raise PlotError(f"{metrics_path} is empty: no training step has been logged yet (a "
+                        "line is written after every optimizer step)")
+    records = [r for r in every_record if r.get("loss") is not None]
     if not records:
-        raise PlotError(f"{metrics_path} holds no loss values yet")
+        raise PlotError(f"{metrics_path} holds no loss values: none of its {len(every_record)} "
+                        "records has a finite 'loss'")
+    for record in records:
+        loss = record["loss"]
+        if not isinstance(loss, int | float) or isinstance(loss, bool):
+            raise PlotError(f"{metrics_path}: step {record['step']} has loss {loss!r}, which "
+                            "is not a number")
     try:
         import matplotlib
 

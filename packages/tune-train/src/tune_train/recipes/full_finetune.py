@@ -33,14 +33,11 @@ from tune_train.distributed import (
     init_distributed,
     shard_model,
 )
+from tune_train.errors import RecipeError, explain, user_errors
 from tune_train.optim import DynamicLossScaler, lr_multiplier
 from tune_train.validate import missing_files
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class RecipeError(Exception):
-    """A problem with the run's inputs; the message is what the user sees."""
 
 
 class FullFinetuneRecipe:
@@ -555,14 +552,6 @@ def main(cfg: TrainConfig) -> None:
         recipe.cleanup()
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions whose message alone is the right thing to show a user."""
-    from tune_ckpt import CheckpointError
-    from tune_data import DataError
-
-    return (ConfigError, RecipeError, CheckpointError, DataError)
-
-
 def cli(argv: list[str] | None = None) -> int:
     """``python full_finetune.py --config X [key=value ...] [--debug]``."""
     parser = argparse.ArgumentParser(description="Full fine-tuning of a Llama-2-class model.")
@@ -574,14 +563,12 @@ def cli(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("TUNE_DEBUG") == "1"
     try:
         main(load_config(args.config, args.overrides))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except user_errors() as e:
-        if debug:
+    except (KeyboardInterrupt, *user_errors()) as e:
+        if debug and not isinstance(e, KeyboardInterrupt):
             raise
-        _report(str(e))
-        return 1
+        message, status = explain(e)
+        _report(message)
+        return status
     except Exception as e:
         if debug or not _lost_a_peer(e):
             raise

@@ -1,0 +1,123 @@
+"""Ordinary mistakes with `tune generate`, `tune eval` and `tune plot`, through the real `tune`
+executable: each gets its own one-line message (exit 1, or 2 for a bad option), never
+"an unexpected error", never junk output."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TUNE = str(Path(sys.executable).with_name("tune"))
+
+
+def tune(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([TUNE, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny native checkpoint with the demo tokenizer beside it."""
+    import torch
+
+    from tune_ckpt import save_native
+    from tune_data import Llama2Tokenizer
+    from tune_models import Llama2, Llama2Config
+
+    from train_helpers import make_demo_files
+
+    folder = tmp_path_factory.mktemp("model")
+    tokenizer = Llama2Tokenizer(make_demo_files(folder, records=10)["tokenizer"])
+    config = Llama2Config(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2,
+                          n_kv_heads=1, multiple_of=16, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Llama2(config)
+    model.init_weights(std=0.1)
+    return save_native(model.state_dict(), folder / "native_pytorch_model.pt",
+                       model_args=dataclasses.asdict(config))
+
+
+def _one_problem(result: subprocess.CompletedProcess, status: int, line: str) -> None:
+    assert result.returncode == status, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "unexpected" not in result.stderr
+    assert [x for x in result.stderr.splitlines() if "rror" in x] == [line]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    # NaN printed junk (every logit NaN); top_p 0 or NaN ended as "an unexpected error".
+    ("--temperature", "nan", "temperature must be a finite number >= 0 (0 = greedy), got nan"),
+    ("--top-p", "0", "top_p must be a number in (0, 1] (1 keeps every token), got 0.0"),
+    ("--top-p", "nan", "top_p must be a number in (0, 1] (1 keeps every token), got nan"),
+    ("--top-k", "0", "top_k must be a whole number >= 1, got 0"),
+])
+def test_generate_refuses_sampling_settings_that_give_junk(checkpoint, option, value, message):
+    result = tune("generate", "--checkpoint", str(checkpoint), "-p", "Sort: cab",
+                  "--temperature", "0.8", option, value, "--max-new-tokens", "4")
+    _one_problem(result, 2, f"Error: Invalid value for '{option}': {message}")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    # --batch-size -2 reported "perplexity 1.000"; --max-seq-len 0 silently used the model's.
+    (["--batch-size", "-2"],
+     "Invalid value for '--batch-size': batch_size must be a whole number >= 1, got -2"),
+    (["--max-seq-len", "0"],
+     "Invalid value for '--max-seq-len': max_seq_len must be a whole number >= 1, got 0"),
+    (["--max-seq-len", "65"],
+     "Invalid value for '--max-seq-len': max_seq_len 65 exceeds the model's max_seq_len 64"),
+    (["--limit", "3"], "--limit applies to lm-eval tasks: pass --tasks too"),
+    (["--tasks", "arc_easy", "--limit", "2.5"],
+     "Invalid value for '--limit': limit must be a number of documents (a whole number >= 1) "
+     "or a fraction of them between 0 and 1, got 2.5"),
+])
+def test_eval_refuses_options_that_make_no_sense(checkpoint, tmp_path, args, message):
+    text = tmp_path / "notes.txt"
+    text.write_text("Sort: abc\nabc\n" * 5)
+    result = tune("eval", "--checkpoint", str(checkpoint), "--perplexity", str(text), *args)
+    _one_problem(result, 2, f"Error: {message}")
+    assert "perplexity" not in result.stdout
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
+     "is a binary file, not text: perplexity is measured on UTF-8 text"),
+    ("caf\xe9 ol\xe9\n".encode("latin-1"),
+     "is not UTF-8 text (byte 3 is 0xe9): convert it first, e.g. iconv -f latin1 -t utf-8"),
+])
+def test_eval_names_a_file_that_is_not_text(checkpoint, tmp_path, content, message):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    result = tune("eval", "--checkpoint", str(checkpoint), "--perplexity", str(path))
+    _one_problem(result, 1, f"error: {path} {message}")
+
+
+def test_eval_names_an_unknown_lm_eval_task(checkpoint, tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t.yaml").write_text("task: next_line\ndataset_path: json\n"
+                                  "output_type: multiple_choice\n")
+    result = tune("eval", "--checkpoint", str(checkpoint), "--tasks", "next_lines",
+                  "--include-path", str(tasks))
+    _one_problem(result, 1, f"error: no lm-eval task 'next_lines' in {tasks} (did you mean "
+                            "'next_line'?); the tasks there: next_line")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "metrics.jsonl is empty: no training step has been logged yet (a line is written "
+          "after every optimizer step)"),
+    (b'{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1.0}\n',
+     "metrics.jsonl, line 2: 'not json' is not JSON (metrics.jsonl holds one JSON object per "
+     "line)"),
+    (b'{"step": 1, "lr": 0.1}\n', "metrics.jsonl holds no loss values: none of its 1 records "
+                                  "has a finite 'loss'"),
+    (b'{"loss": 2.0}\n', "metrics.jsonl, line 1: '{\"loss\": 2.0}' is not a metrics record (a "
+                         "JSON object with an integer 'step')"),
+])
+def test_plot_names_what_is_wrong_with_metrics(tmp_path, content, message):
+    (tmp_path / "metrics.jsonl").write_bytes(content)
+    result = tune("plot", str(tmp_path))
+    _one_problem(result, 1, f"error: {tmp_path}/{message}")
+    assert not (tmp_path / "loss_curve.png").exists()
