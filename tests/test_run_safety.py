@@ -212,8 +212,9 @@ def test_a_log_file_gets_metric_lines_not_progress_frames(demo_files, tmp_path):
         proc = _start("run", "full_finetune", "--config", str(config), stdout=stdout,
                       stderr=stderr)
         assert proc.wait(timeout=300) == 0, err.read_text()[-3000:]
-    text = log.read_text() + err.read_text()
-    assert "\r" not in text
+    raw = log.read_bytes() + err.read_bytes()  # read_text() would turn each \r into \n
+    assert b"\r" not in raw
+    text = raw.decode()
     steps = [line.split(" |")[0] for line in log.read_text().splitlines()
              if line.startswith("step ")]
     assert steps == ["step 1", "step 2", "step 3", "step 4"]
