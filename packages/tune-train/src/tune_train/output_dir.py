@@ -55,8 +55,10 @@ def claim_output_dir(output_dir: str | Path) -> OutputDirLock:
     path = Path(output_dir)
     _make_folder(path)
     if not os.access(path, os.W_OK | os.X_OK):
-        # Also true for root in a folder on a read-only file system or marked immutable.
-        raise OutputDirError(_not_writable(path, "permission denied"))
+        # Also false for root, in a folder on a read-only file system or marked immutable.
+        read_only = os.statvfs(path).f_flag & os.ST_RDONLY
+        raise OutputDirError(_not_writable(
+            path, "read-only file system" if read_only else "no permission to write there"))
     try:
         fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
