@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tune_train import metrics
 from tune_train.checkpointing import latest_checkpoint, list_checkpoints
 from tune_train.config import load_config
 from tune_train.metrics import read_jsonl_metrics
-from tune_train.recipes import full_finetune
 from tune_train.recipes.full_finetune import FullFinetuneRecipe, RecipeError, main
 
 
@@ -173,7 +173,7 @@ def test_fp16_loss_scaler_still_skips_overflowing_steps(tiny_run):
 # ----------------------------------------------------------------------------- progress
 def test_plain_progress_lines_when_stderr_is_not_a_terminal(tiny_run, capsys, monkeypatch):
     # Under pytest stderr is a pipe, as in `tune run ... > train.log 2>&1`.
-    monkeypatch.setattr(full_finetune, "PLAIN_PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(metrics, "PLAIN_PROGRESS_SECONDS", 0.0)
     _run(tiny_run(max_steps_per_epoch=3, metric_loggers=["stdout"]))
     captured = capsys.readouterr()
     assert "\r" not in captured.out + captured.err

@@ -33,13 +33,12 @@ from tune_train.distributed import (
     init_distributed,
     shard_model,
 )
+from tune_train.metrics import StepProgress, quiet_library_progress_bars
 from tune_train.optim import DynamicLossScaler, lr_multiplier
 from tune_train.output_dir import OutputDirError, OutputDirLock, claim_output_dir
 from tune_train.validate import missing_files
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Where stderr is not a terminal, at most one progress line this often (seconds).
-PLAIN_PROGRESS_SECONDS = 30.0
 
 
 class RecipeError(Exception):
@@ -536,43 +535,6 @@ class FullFinetuneRecipe:
         cleanup_distributed()
 
 
-class StepProgress:
-    """Progress through an epoch: tqdm's bar on a terminal. In a log file (``tune run ... >
-    train.log 2>&1``) every redraw of a bar is one more ``\\r`` frame, so there it prints a
-    plain line at most every PLAIN_PROGRESS_SECONDS instead.
-
-    Args:
-        total: Steps in the epoch.
-        initial: Steps already done (a resumed epoch).
-        desc: What is running, e.g. ``epoch 1/2``.
-        show: False on every process but the one that reports (rank 0).
-    """
-
-    def __init__(self, total: int, initial: int, desc: str, show: bool = True):
-        self.total, self.initial, self.n, self.desc = total, initial, initial, desc
-        self.lines = show and not sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
-                        dynamic_ncols=True, disable=not show or self.lines)
-        self.start = self.last_line = time.monotonic()
-
-    def update(self, loss: float) -> None:
-        """One more step done, with its loss."""
-        self.n += 1
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}")
-        now = time.monotonic()
-        if self.lines and now - self.last_line >= PLAIN_PROGRESS_SECONDS:
-            self.last_line = now
-            tqdm.write(tqdm.format_meter(
-                self.n, self.total, now - self.start, prefix=self.desc, unit="step",
-                initial=self.initial, postfix=f"loss={loss:.4f}",
-                bar_format="{desc}: step {n_fmt}/{total_fmt} ({percentage:.0f}%), "
-                           "{elapsed} elapsed, {remaining} left, {rate_fmt}{postfix}"))
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -654,12 +616,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4")
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("TUNE_DEBUG") == "1"
-    if not sys.stderr.isatty():
-        # A log file, not a terminal: the libraries' progress bars (tokenising, loading)
-        # would fill it with \r frames; this process's own progress prints plain lines.
-        for name in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS",
-                     "HF_HUB_DISABLE_PROGRESS_BARS"):
-            os.environ.setdefault(name, "1")
+    quiet_library_progress_bars()
     try:
         main(load_config(args.config, args.overrides))
     except KeyboardInterrupt:
