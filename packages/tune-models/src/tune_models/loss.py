@@ -44,7 +44,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden.index_copy_(
                     0, valid[start : start + chunk], (g @ w).to(grad_hidden.dtype)
                 )
-                grad_weight += (g.T @ hc).float()
+                if g.dtype == grad_weight.dtype:
+                    # Accumulate inside the GEMM: no (V, D) temporary per chunk to add.
+                    grad_weight.addmm_(g.T, hc)
+                else:
+                    grad_weight += (g.T @ hc).float()
         if with_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss
