@@ -142,7 +142,7 @@ def _check_rope_scaling(scaling: dict[str, Any]) -> None:
         raise ValueError(
             f"rope_scaling of type {kind!r} {what}; it takes {', '.join(sorted(expected))}"
         )
-    for name in expected:
+    for name in ROPE_SCALING_FIELDS[kind]:
         value = scaling[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"rope_scaling['{name}'] must be a positive number, got {value!r}")
