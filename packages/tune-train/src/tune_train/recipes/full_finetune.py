@@ -169,6 +169,8 @@ class FullFinetuneRecipe:
                               f"fields are {', '.join(sorted(fields))}")
         if "dim" in overrides or "multiple_of" in overrides or "ffn_dim_multiplier" in overrides:
             fields["hidden_dim"] = None  # re-derive the FFN width from the new sizes
+        if "dim" in overrides or "n_heads" in overrides:
+            fields["head_dim"] = None  # likewise the head size (dim // n_heads)
         fields.update(overrides)
         try:
             model_config = type(model_config)(**fields)
