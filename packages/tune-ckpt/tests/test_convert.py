@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tune_models import DecoderConfig
 
 from tune_ckpt import (
     CheckpointError,
@@ -17,7 +18,6 @@ from tune_ckpt import (
     hf_to_native,
     load_native,
     merge_meta_shards,
-    meta_hidden_dim,
     meta_to_native,
     native_to_hf,
     native_to_meta,
@@ -63,7 +63,8 @@ def test_round_trip_meta_native_hf_native_meta_is_bit_identical(meta_dir):
     assert {k: params[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads")} == \
         {k: GQA[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads")}
     assert params["vocab_size"] == VOCAB
-    assert meta_hidden_dim(64, params["multiple_of"], params.get("ffn_dim_multiplier")) == 192
+    ffn = {k: params[k] for k in ("multiple_of", "ffn_dim_multiplier") if k in params}
+    assert DecoderConfig(dim=64, n_heads=8, **ffn).hidden_dim == 192
 
 
 def test_plain_key_maps_are_inverse_and_fuse_qkv_in_order():
@@ -96,11 +97,12 @@ def test_meta_defaults_output_path_and_writes_the_model_shape(meta_dir):
     folder, _ = meta_dir
     out = convert(folder / "consolidated.00.pth", progress=False)
     assert out == folder / "native_pytorch_model.pt"
-    args = json.loads((folder / "tune_model.json").read_text())
-    assert args == {"vocab_size": VOCAB, "dim": 64, "n_layers": 2, "n_heads": 8,
-                    "n_kv_heads": 2, "hidden_dim": 192, "multiple_of": 32, "norm_eps": 1e-05,
-                    "rope_theta": 10000.0}
-    assert read_model_args(out) == args
+    sidecar = json.loads((folder / "tune_model.json").read_text())
+    expected = DecoderConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=8, n_kv_heads=2,
+                             multiple_of=32)
+    assert sidecar == {**vars(expected), "family": "llama2"}
+    assert sidecar["hidden_dim"] == 192
+    assert read_model_args(out) == vars(expected)
 
 
 def test_pt_output_is_a_valid_torch_zip_with_aligned_tensors(meta_dir):
@@ -151,9 +153,9 @@ def test_safetensors_output_with_dtype_cast_loads_with_the_safetensors_library(m
 
 def test_hf_bin_shards_with_index_and_tied_embeddings(tmp_path):
     native = meta_to_native(meta_state_dict(GQA, VOCAB), n_heads=8, n_kv_heads=2)
-    native["output.weight"] = native["tok_embeddings.weight"]
+    del native["output.weight"]  # tied: the output projection reads the embedding
     hf = native_to_hf(native, n_heads=8, n_kv_heads=2)
-    del hf["lm_head.weight"]  # tied: transformers saves only the embedding
+    assert "lm_head.weight" not in hf  # as transformers saves a tied model
     keys = list(hf)
     parts = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :]}
@@ -179,7 +181,7 @@ def _break(folder: Path, edit) -> None:
     "edit, message",
     [
         (lambda sd: sd.pop("layers.1.feed_forward.w3.weight"),
-         "missing key 'layers.1.feed_forward.w3.weight' of a Meta checkpoint with 2 layers "
+         "missing key 'layers.1.feed_forward.w3.weight' of a Meta llama2 checkpoint with 2 layers "
          "(expected shape (192, 64))"),
         (lambda sd: sd.__setitem__("layers.0.attention.wq.bias", torch.zeros(64)),
          "unexpected key 'layers.0.attention.wq.bias' with shape (64,)"),
