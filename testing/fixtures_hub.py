@@ -211,5 +211,89 @@ def tiny_meta_repo(hub_server, _tiny_meta_checkpoint, llama2_tokenizer_path):
     )
 
 
-__all__ = ["TEST_TOKEN", "TINY_PARAMS", "hub_server", "meta_state_dict", "tiny_meta_repo",
-           "write_meta_checkpoint"]
+# A tiny Llama 3.2 with Meta's own RoPE scaling constants (so its params.json can say it):
+# what meta-llama/Llama-3.2-1B holds, at 64 wide.
+TINY_LLAMA3 = {"vocab_size": 256, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+               "multiple_of": 32, "ffn_dim_multiplier": 1.5, "rope_theta": 500000.0,
+               "max_seq_len": 131072, "tie_embeddings": True,
+               "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192}}
+
+
+def _tiny_export(folder: Path, config, family: str, targets: tuple[str, ...]) -> Path:
+    """Random bf16 weights of ``config`` written by tune-ckpt in each target layout."""
+    import torch
+
+    from tune_ckpt import convert, save_native
+    from tune_models import Decoder
+
+    torch.manual_seed(0)
+    model = Decoder(config).to(torch.bfloat16)
+    native = save_native(model.state_dict(), folder / "native" / "native_pytorch_model.pt",
+                         model_args=config, family=family)
+    for target in targets:
+        convert(native, target_format=target, output_path=folder / target, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def _tiny_llama3_files(tmp_path_factory) -> Path:
+    from tune_models import DecoderConfig
+
+    return _tiny_export(tmp_path_factory.mktemp("tiny_llama3"), DecoderConfig(**TINY_LLAMA3),
+                        "llama3", ("hf", "meta"))
+
+
+@pytest.fixture
+def tiny_llama3_repo(hub_server, _tiny_llama3_files, llama3_tokenizer_path):
+    """Gated ``meta-llama/Llama-3.2-1B`` laid out as on the Hub: safetensors and config.json
+    at the top, Meta's consolidated.00.pth, params.json and tiktoken tokenizer.model under
+    original/ (a tiny model, the real Llama 3 tokenizer)."""
+    hf, meta = _tiny_llama3_files / "hf", _tiny_llama3_files / "meta"
+    files = {
+        "config.json": hf / "config.json",
+        "generation_config.json": hf / "generation_config.json",
+        "model.safetensors": hf / "model.safetensors",
+        "tokenizer_config.json": '{"bos_token": "<|begin_of_text|>"}\n',
+        "original/consolidated.00.pth": meta / "consolidated.00.pth",
+        "original/params.json": meta / "params.json",
+        "original/tokenizer.model": Path(llama3_tokenizer_path),
+        "README.md": "# Llama 3.2 (tiny test stand-in)\n",
+        "LICENSE.txt": "test license\n",
+    }
+    repo = hub_server.add_repo("meta-llama/Llama-3.2-1B", files, gated=True, tokens=[TEST_TOKEN])
+    return SimpleNamespace(repo_id=repo.repo_id, token=TEST_TOKEN, files=sorted(files),
+                           server=hub_server, native=_tiny_llama3_files / "native")
+
+
+@pytest.fixture(scope="session")
+def _tiny_qwen2_files(tmp_path_factory) -> Path:
+    from tune_models import qwen2_tiny
+
+    return _tiny_export(tmp_path_factory.mktemp("tiny_qwen2"), qwen2_tiny(vocab_size=256),
+                        "qwen2", ("hf",))
+
+
+@pytest.fixture
+def tiny_qwen2_repo(hub_server, _tiny_qwen2_files, qwen2_tokenizer_path):
+    """``Qwen/Qwen2.5-0.5B`` (public) as on the Hub: safetensors, config.json and the real
+    Qwen2 tokenizer.json (a tiny model)."""
+    hf = _tiny_qwen2_files / "hf"
+    tokenizer = Path(qwen2_tokenizer_path)
+    files = {
+        "config.json": hf / "config.json",
+        "generation_config.json": hf / "generation_config.json",
+        "model.safetensors": hf / "model.safetensors",
+        "tokenizer.json": tokenizer,
+        "tokenizer_config.json": tokenizer.with_name("tokenizer_config.json"),
+        "README.md": "# Qwen2.5 (tiny test stand-in)\n",
+        "LICENSE": "test license\n",
+    }
+    repo = hub_server.add_repo("Qwen/Qwen2.5-0.5B", files)
+    return SimpleNamespace(repo_id=repo.repo_id, files=sorted(files), server=hub_server,
+                           native=_tiny_qwen2_files / "native")
+
+
+__all__ = ["TEST_TOKEN", "TINY_LLAMA3", "TINY_PARAMS", "hub_server", "meta_state_dict",
+           "tiny_llama3_repo", "tiny_meta_repo", "tiny_qwen2_repo", "write_meta_checkpoint"]

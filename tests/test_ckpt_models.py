@@ -221,3 +221,27 @@ def test_an_export_ends_sequences_where_the_familys_tokenizer_does(tmp_path, fam
     assert generation["eos_token_id"] == tokenizer.eos_id
     if tokenizer.bos_id is not None:
         assert generation["bos_token_id"] == tokenizer.bos_id
+
+
+@pytest.mark.parametrize("repo_fixture", ["tiny_llama3_repo", "tiny_qwen2_repo"])
+def test_tune_download_then_convert_gives_what_tune_needs(tmp_path, repo_fixture, request):
+    """`tune download` a Llama 3 or Qwen repo (the local hub stand-in), then convert it: the
+    native model of the right family, and a tokenizer tune reads, without Meta's duplicate
+    weights."""
+    from tune_data.tokenizers import load_tokenizer
+
+    repo = request.getfixturevalue(repo_fixture)
+    out = tmp_path / "model"
+    token = ["--hf-token", repo.token] if hasattr(repo, "token") else []
+    env = {**repo.server.env(), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([TUNE, "download", repo.repo_id, "--output-dir", str(out), *token],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(out.rglob("*.pth")), "Meta's copy of the weights was downloaded"
+    _tune("convert_checkpoint", "--checkpoint_path", str(out))
+    native = out / "native_pytorch_model.pt"
+    _equal(load_native(native), load_native(repo.native))
+    family = "llama3" if repo_fixture == "tiny_llama3_repo" else "qwen2"
+    assert read_model_family(native) == family
+    tokenizer = out / ("original/tokenizer.model" if family == "llama3" else "tokenizer.json")
+    assert load_tokenizer(tokenizer).eos_id == FAMILIES[family].hf_token_ids["eos_token_id"]

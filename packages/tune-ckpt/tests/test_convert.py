@@ -411,3 +411,69 @@ def test_a_convert_killed_mid_write_leaves_no_litter_and_a_plain_rerun_works(
     converted = convert(folder / output, target_format="native",
                         output_path=tmp_path / "again.pt", progress=False)
     _equal(load_native(converted), load_native(big_checkpoint / "native_pytorch_model.pt"))
+
+
+def _hf_llama_folder(folder: Path) -> Path:
+    """A tiny Llama in transformers' files (written by the converter from a Meta state dict)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    native = meta_to_native(meta_state_dict(GQA, VOCAB), n_heads=8, n_kv_heads=2)
+    save_file(native_to_hf(native, n_heads=8, n_kv_heads=2), folder / "model.safetensors")
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 192,
+              "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("case", ["architecture", "another family's config", "rope_scaling",
+                                  "native sidecar", "qwen2 to meta"])
+def test_family_mistakes_are_one_line_and_write_nothing(tmp_path, case):
+    hf = _hf_llama_folder(tmp_path / "hf")
+    args, target = ["--checkpoint-path", str(hf)], hf / "native_pytorch_model.pt"
+    if case == "architecture":
+        _edit_json(hf / "config.json", architectures=["GPT2LMHeadModel"], model_type="gpt2")
+        expected = (f"{hf / 'config.json'}: architecture 'GPT2LMHeadModel' is not supported; "
+                    "tune converts LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")
+    elif case == "another family's config":  # Llama weights, Qwen2's config.json
+        _edit_json(hf / "config.json", architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+        expected = (f"{hf / 'model.safetensors'}: missing key "
+                    "'model.layers.0.self_attn.q_proj.bias' and 5 more of a Hugging Face qwen2 "
+                    "checkpoint with 2 layers (expected shape (64,)) (the model as "
+                    f"{hf / 'config.json'} describes it: check that it came with these weights)")
+    elif case == "rope_scaling":
+        _edit_json(hf / "config.json", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+        expected = (f"{hf / 'config.json'}: rope_scaling type 'dynamic' is not supported (tune "
+                    "implements llama3); this model cannot be converted")
+    elif case == "native sidecar":  # tune_model.json of a Qwen2 beside Llama weights
+        native = convert(hf, progress=False)
+        _edit_json(native.parent / "tune_model.json", qkv_bias=True, family="qwen2")
+        args, target = ["--checkpoint-path", str(native), "--to", "hf"], hf / "hf_model"
+        expected = (f"{native}: missing key 'layers.0.attention.wqkv.bias' and 1 more of a "
+                    "native qwen2 checkpoint with 2 layers (expected shape (96,)) (the model as "
+                    f"{native.parent / 'tune_model.json'} describes it: check that it came with "
+                    "these weights)")
+    else:
+        _edit_json(hf / "config.json", architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+        from safetensors.torch import load_file, save_file
+
+        sd = load_file(hf / "model.safetensors")
+        for i in range(2):
+            for proj, rows in (("q", 64), ("k", 16), ("v", 16)):
+                sd[f"model.layers.{i}.self_attn.{proj}_proj.bias"] = torch.zeros(rows)
+        save_file(sd, hf / "model.safetensors")
+        args, target = ["--checkpoint-path", str(hf), "--to", "meta"], hf / "meta_model"
+        expected = ("qwen2 has no Meta layout (Meta publishes no qwen2 checkpoints): convert it "
+                    "--to hf or native instead")
+    before = sorted(p.name for p in hf.iterdir())
+    result = _cli("convert", *args)
+    assert result.returncode == 1
+    assert result.stderr == f"tune-ckpt: error: {expected}\n"
+    assert not target.exists()
+    assert sorted(p.name for p in hf.iterdir()) == before
