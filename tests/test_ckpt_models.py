@@ -20,7 +20,6 @@ import torch
 from hf_reference import family_twins, hf_and_native
 from safetensors import safe_open
 
-from fixtures_hub import write_meta_checkpoint
 from tune_ckpt import (
     convert,
     load_native,
@@ -29,6 +28,8 @@ from tune_ckpt import (
     save_native,
 )
 from tune_models import FAMILIES, Decoder, DecoderConfig, llama2_7b
+
+from fixtures_hub import write_meta_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tune_models import DecoderConfig
 
 from tune_ckpt import (
     CheckpointError,
@@ -23,6 +22,7 @@ from tune_ckpt import (
     native_to_meta,
     read_model_args,
 )
+from tune_models import DecoderConfig
 
 from fixtures_hub import meta_state_dict, write_meta_checkpoint
 

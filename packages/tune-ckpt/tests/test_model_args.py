@@ -5,6 +5,17 @@ import json
 
 import pytest
 import torch
+
+from tune_ckpt import (
+    CheckpointError,
+    load_native,
+    read_model_args,
+    read_model_family,
+    save_native,
+    write_model_args,
+)
+from tune_ckpt.hf_config import config_from_hf, hf_config_for
+from tune_ckpt.meta_params import config_from_meta, meta_params_for
 from tune_models import (
     DecoderConfig,
     llama2_7b,
@@ -18,17 +29,6 @@ from tune_models import (
     qwen2_5_0_5b,
     qwen2_5_7b,
 )
-
-from tune_ckpt import (
-    CheckpointError,
-    load_native,
-    read_model_args,
-    read_model_family,
-    save_native,
-    write_model_args,
-)
-from tune_ckpt.hf_config import config_from_hf, hf_config_for
-from tune_ckpt.meta_params import config_from_meta, meta_params_for
 
 # Meta's params.json of each release, as published (Llama 2's says vocab_size -1).
 LLAMA = {"norm_eps": 1e-05, "multiple_of": 256}

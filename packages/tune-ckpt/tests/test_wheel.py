@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tune_ckpt import load_native, meta_to_native, save_native
 from tune_models import Decoder, qwen2_tiny
 
 from fixtures_hub import write_meta_checkpoint
-from tune_ckpt import load_native, meta_to_native, save_native
 
 REPO = Path(__file__).resolve().parents[3]
 UV = os.environ.get("UV") or shutil.which("uv")
