@@ -93,6 +93,21 @@ def test_model_parallel_shards_merge_to_the_unsharded_checkpoint(tmp_path):
     _equal(load_native(out), meta_to_native(reference, n_heads=8, n_kv_heads=4))
 
 
+def test_llama3_shards_split_the_vocabulary_and_merge_back(tmp_path):
+    """Llama 3's VocabParallelEmbedding splits the embedding's rows; params.json gives the
+    vocabulary, so a shard's 1/n of it tells the split apart from Llama 2's columns."""
+    params = {**GQA, "n_kv_heads": 4, "vocab_size": VOCAB, "rope_theta": 500000.0,
+              "use_scaled_rope": True}
+    reference = write_meta_checkpoint(tmp_path, params, n_shards=4, vocab_parallel=True)
+    shards = [torch.load(tmp_path / f"consolidated.0{i}.pth", weights_only=True)
+              for i in range(4)]
+    assert shards[0]["tok_embeddings.weight"].shape == (VOCAB // 4, 64)
+    _equal(merge_meta_shards(shards, vocab_size=VOCAB), reference)
+    out = convert(tmp_path, progress=False)
+    _equal(load_native(out), meta_to_native(reference, n_heads=8, n_kv_heads=4))
+    assert read_model_args(out)["rope_scaling"]["factor"] == 32.0  # 64 wide: a Llama 3.2 size
+
+
 def test_meta_defaults_output_path_and_writes_the_model_shape(meta_dir):
     folder, _ = meta_dir
     out = convert(folder / "consolidated.00.pth", progress=False)

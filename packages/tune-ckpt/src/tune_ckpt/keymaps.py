@@ -7,9 +7,10 @@ templates do not say about a layout:
 
 * whether it stores each head's q/k rows in Hugging Face's rotate-half order (native and Meta
   pair rows (2j, 2j+1); see tune-models' README);
-* whether a model with tied embeddings still stores the output matrix (Meta's reference code
-  has a separate ``output.weight`` and its Llama 3.2 files hold a copy; transformers'
-  ``save_pretrained`` writes none).
+* where a model with tied embeddings keeps its output matrix: stored (Meta's reference code
+  has a separate ``output.weight`` and its Llama 3.2 files hold a copy), optional
+  (transformers' ``save_pretrained`` writes none, but older saves list the shared matrix
+  under both names) or absent (native: one name per tensor).
 
 Each map is data in, data out, in two forms:
 
@@ -62,13 +63,14 @@ class Layout:
     Attributes:
         name: "meta", "hf" or "native".
         rotate_half: q/k rows (and bias entries) of each head are in rotate-half order.
-        stores_tied_output: A model with tied embeddings still has its output matrix stored,
-            under the output's name.
+        tied_output: A tied model's output matrix, under the output's name, is "stored"
+            (written, and required on reading), "optional" (not written; accepted and
+            dropped on reading) or "absent".
     """
 
     name: str
     rotate_half: bool
-    stores_tied_output: bool
+    tied_output: str
 
     @property
     def title(self) -> str:
@@ -76,9 +78,9 @@ class Layout:
 
 
 LAYOUTS = {
-    "meta": Layout("meta", rotate_half=False, stores_tied_output=True),
-    "hf": Layout("hf", rotate_half=True, stores_tied_output=False),
-    "native": Layout("native", rotate_half=False, stores_tied_output=False),
+    "meta": Layout("meta", rotate_half=False, tied_output="stored"),
+    "hf": Layout("hf", rotate_half=True, tied_output="optional"),
+    "native": Layout("native", rotate_half=False, tied_output="absent"),
 }
 
 # The native layout in template form: every key is its own source.
@@ -117,7 +119,7 @@ def layout_shapes(config: DecoderConfig, layout: Layout,
         else:  # [Q | K | V] along the rows
             for source, n in zip(sources, rows):
                 out[source] = (n, *shape[1:])
-    if config.tie_embeddings and layout.stores_tied_output:
+    if config.tie_embeddings and layout.tied_output == "stored":
         out[_output_key(templates)] = native["tok_embeddings.weight"]
     return out
 
@@ -277,15 +279,16 @@ def plan_to_native(
         origin: Where ``config`` came from, for messages.
     """
     expected = layout_shapes(config, layout, templates)
+    shapes = native_shapes(config)
     optional = {}
-    if config.tie_embeddings and not layout.stores_tied_output and "output.weight" in templates:
-        # transformers may list the tied matrix under its own name too; it maps to nothing.
-        optional[_output_key(templates)] = native_shapes(config)["tok_embeddings.weight"]
+    if config.tie_embeddings and layout.tied_output == "optional":
+        # The tied matrix listed under the output's name too: it maps to nothing.
+        optional[_output_key(templates)] = shapes["tok_embeddings.weight"]
     check_source(source, expected, describe(config, layout, family), origin, optional)
     heads = (config.n_heads, config.n_kv_heads)
     plans = []
     for key, sources in key_map(config, templates).items():
-        shape = native_shapes(config)[key]
+        shape = shapes[key]
         if len(sources) == 1:
             plans.append(_plan(source, key, shape, sources))
         elif layout.rotate_half:
@@ -337,7 +340,7 @@ def plan_from_native(
                                    lambda w, lo=lo, hi=hi, h=heads:
                                    native_to_hf_rows(w[lo:hi], h),
                                    _no_ranges))
-    if config.tie_embeddings and layout.stores_tied_output:
+    if config.tie_embeddings and layout.tied_output == "stored":
         output = _output_key(templates)
         plans.append(_plan(source, output, target_shapes[output], ("tok_embeddings.weight",)))
     return plans
