@@ -29,8 +29,8 @@ from tune_ckpt.keymaps import (
     plan_from_native,
     plan_to_native,
 )
-from tune_ckpt.meta_params import config_from_meta, meta_params_for
-from tune_ckpt.model_args import read_json, read_sidecar, write_model_args
+from tune_ckpt.meta_params import meta_params_for
+from tune_ckpt.model_args import meta_model, read_json, read_sidecar, write_model_args
 from tune_ckpt.names import (
     HF_BIN_FILE,
     HF_BIN_INDEX,
@@ -57,7 +57,7 @@ from tune_ckpt.reading import (
     parse_dtype,
     read_tensor_file,
 )
-from tune_ckpt.shards import meta_shard_files, open_meta_shards, tied_embeddings
+from tune_ckpt.shards import meta_shard_files, open_meta_shards
 from tune_ckpt.writing import (
     staged_folder,
     write_safetensors_file,
@@ -171,11 +171,7 @@ def _open_meta(path: Path) -> Checkpoint:
         )
     data = read_json(params)
     source = open_meta_shards(files, data.get("vocab_size"))
-    vocab = source.shape("tok_embeddings.weight")[0] if "tok_embeddings.weight" in \
-        source.keys() else None
-    tied = tied_embeddings(source, "tok_embeddings.weight", "output.weight")
-    config, family = config_from_meta(data, vocab_size=vocab, tie_embeddings=tied,
-                                      where=str(params))
+    config, family = meta_model(data, source, str(params))
     return Checkpoint("meta", folder, files, source, config, family, str(params))
 
 

@@ -23,12 +23,17 @@ from tune_ckpt.errors import CheckpointError
 from tune_ckpt.hf_config import config_from_hf, family_for
 from tune_ckpt.meta_params import config_from_meta
 from tune_ckpt.names import HF_CONFIG_FILE, META_PARAMS_FILE, MODEL_ARGS_FILE
+from tune_ckpt.plan import TensorSource
 from tune_ckpt.shards import meta_shard_files, open_meta_shards, tied_embeddings
 from tune_ckpt.writing import write_text_atomic
-from tune_models import FAMILIES, DecoderConfig
+from tune_models import FAMILIES, META_KEYS, DecoderConfig
 
 FAMILY_FIELD = "family"
-_FIELDS = {f.name: f.type for f in dataclasses.fields(DecoderConfig)}
+EMBEDDING, OUTPUT = META_KEYS["tok_embeddings.weight"], META_KEYS["output.weight"]
+# Field -> the kind of its annotation ("int" of "int | None"), a string or a type.
+_FIELDS = {f.name: (f.type if isinstance(f.type, str) else getattr(f.type, "__name__",
+                                                                   str(f.type))).split(" | ")[0]
+           for f in dataclasses.fields(DecoderConfig)}
 
 
 def _check_json_types(args: Mapping, where: str) -> None:
@@ -38,7 +43,7 @@ def _check_json_types(args: Mapping, where: str) -> None:
     for name, value in args.items():
         if value is None:
             continue
-        kind = str(_FIELDS[name]).split(" | ")[0]
+        kind = _FIELDS[name]
         if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)
                               or value <= 0):
             raise CheckpointError(f"{where}: '{name}' must be a positive integer, got {value!r}")
@@ -102,6 +107,18 @@ def read_sidecar(path: Path) -> tuple[DecoderConfig, str]:
     return config, check_family(family, str(path))
 
 
+def meta_model(params: dict, source: TensorSource | None,
+               where: str = "params.json") -> tuple[DecoderConfig, str]:
+    """Meta's params.json and what only the weights say (the vocabulary where params.json
+    has -1, tied embeddings): (config, family). ``source`` None: no weights to ask."""
+    vocab, tied = None, False
+    if source is not None:
+        if EMBEDDING in source.keys():
+            vocab = source.shape(EMBEDDING)[0]
+        tied = tied_embeddings(source, EMBEDDING, OUTPUT)
+    return config_from_meta(params, vocab_size=vocab, tie_embeddings=tied, where=where)
+
+
 def read_model(path: str | os.PathLike) -> tuple[DecoderConfig, str, Path]:
     """The model a checkpoint holds: (config, family name, the file that said so).
 
@@ -120,15 +137,10 @@ def read_model(path: str | os.PathLike) -> tuple[DecoderConfig, str, Path]:
         return (*read_sidecar(sidecar), sidecar)
     if params.is_file():
         data = read_json(params)
-        vocab, tied = None, False
+        source = None
         if any(folder.glob("consolidated.*.pth")):
-            files = meta_shard_files(folder)
-            source = open_meta_shards(files, data.get("vocab_size"))
-            if "tok_embeddings.weight" in source.keys():
-                vocab = source.shape("tok_embeddings.weight")[0]
-            tied = tied_embeddings(source, "tok_embeddings.weight", "output.weight")
-        return (*config_from_meta(data, vocab_size=vocab, tie_embeddings=tied,
-                                  where=str(params)), params)
+            source = open_meta_shards(meta_shard_files(folder), data.get("vocab_size"))
+        return (*meta_model(data, source, str(params)), params)
     if config.is_file():
         return (*config_from_hf(read_json(config), str(config)), config)
     raise CheckpointError(
