@@ -52,8 +52,12 @@ def cli(debug: bool) -> None:
 @click.option("--ignore-patterns", "--ignore_patterns", "ignore_patterns", multiple=True,
               help="Glob of files to skip, e.g. '*.safetensors' (repeatable).")
 @click.option("--revision", default=None, help="Branch, tag or commit.")
+@click.option("--include-original", "--include_original", "include_original", is_flag=True,
+              help="Also fetch Meta's original/*.pth when the repository has the same "
+              "weights as safetensors (skipped by default).")
 def download(repo_id_arg: str | None, repo_id: str | None, output_dir: Path,
-             hf_token: str | None, ignore_patterns: tuple[str, ...], revision: str | None) -> None:
+             hf_token: str | None, ignore_patterns: tuple[str, ...], revision: str | None,
+             include_original: bool) -> None:
     """Download a model repository from the Hugging Face Hub (re-running resumes)."""
     from tune_ckpt.cli import run_download
 
@@ -62,7 +66,7 @@ def download(repo_id_arg: str | None, repo_id: str | None, output_dir: Path,
         raise click.UsageError("name the repository: tune download meta-llama/Llama-2-7b "
                                "--output-dir /tmp/llama2")
     run_download(repo, output_dir, hf_token=hf_token, ignore_patterns=list(ignore_patterns),
-                 revision=revision)
+                 revision=revision, include_original=include_original)
 
 
 def _convert_options(function):
