@@ -77,13 +77,15 @@ def model_problems(cfg: TrainConfig) -> list[str]:
     family or shape. Nothing is loaded: only file headers and tune_model.json are read."""
     from tune_train import registry
 
-    if cfg.model not in registry.MODELS or cfg.tokenizer not in registry.TOKENIZERS:
+    if cfg.model not in registry.MODELS:
         return []  # unknown_names reports it
     try:
         config = registry.model_config(cfg)
     except ConfigError as e:
         return [str(e)]
-    problems = [registry.tokenizer_problem(cfg), checkpoint_problem(cfg, config)]
+    problems = [checkpoint_problem(cfg, config)]
+    if cfg.tokenizer in registry.TOKENIZERS:  # else unknown_names reports it
+        problems.insert(0, registry.tokenizer_problem(cfg))
     return [p for p in problems if p is not None]
 
 
