@@ -324,8 +324,7 @@ def _build_dataset(config_name: str, overrides: tuple[str, ...]):
     from tune_train.config import load_config
 
     cfg = load_config(config_name, list(overrides))
-    tokenizer = registry.lookup(registry.TOKENIZERS, cfg.tokenizer, "tokenizer")(
-        cfg.tokenizer_checkpoint)
+    tokenizer = registry.build_tokenizer(cfg)
     return registry.build_dataset(cfg, tokenizer,
                                   warn=lambda line: click.echo(f"warning: {line}", err=True))
 

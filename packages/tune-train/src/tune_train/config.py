@@ -48,14 +48,22 @@ class TrainConfig:
     dataset: str = _help("Dataset builder: alpaca, instruct, text_completion, ...", "alpaca")
     seed: int = _help("Seed for weights init, shuffling and dropout-free sampling.", 42)
     shuffle: bool = _help("Shuffle the samples every epoch (by seed and epoch).", True)
-    model: str = _help("Model preset: llama2_7b, llama2_13b, llama2_70b, llama2_tiny, ...",
-                       "llama2_7b")
+    model: str = _help(
+        "Model preset, which also names its family: llama2_7b/13b/70b, llama3_1_8b/70b, "
+        "llama3_2_1b/3b, mistral_7b, qwen2_5_0_5b/1_5b/7b, or a tiny one for tests "
+        "(llama2_tiny, llama3_tiny, mistral_tiny, qwen2_tiny).",
+        "llama2_7b")
     model_checkpoint: str | None = _help(
-        "Native checkpoint to start from (tune convert_checkpoint writes one); "
-        "None starts from random weights.", None)
-    tokenizer: str = _help("Tokenizer kind: llama2_tokenizer.", "llama2_tokenizer")
-    tokenizer_checkpoint: str = _help("Path of the SentencePiece tokenizer.model.",
-                                      "/tmp/llama2/tokenizer.model")
+        "Native checkpoint to start from (tune convert_checkpoint writes one, with "
+        "tune_model.json beside it); it must hold the preset's family and shape. None starts "
+        "from random weights.", None)
+    tokenizer: str = _help(
+        "Tokenizer kind: auto (from the file: the family's own, or a tokenizer.json), "
+        "llama2_tokenizer, mistral_tokenizer, llama3_tokenizer, qwen2_tokenizer, hf_tokenizer, "
+        "demo_tokenizer. It must fit the model's family.", "auto")
+    tokenizer_checkpoint: str = _help(
+        "Path of the model's tokenizer file: tokenizer.model (SentencePiece; Llama 3: "
+        "original/tokenizer.model) or tokenizer.json.", "/tmp/llama2/tokenizer.model")
     batch_size: int = _help("Samples per micro-batch on each device.", 2)
     lr: float = _help("Peak learning rate.", 2e-5)
     epochs: int = _help("Passes over the dataset.", 1)
@@ -92,7 +100,8 @@ class TrainConfig:
 
     # --- model ---
     model_args: dict[str, Any] = _help(
-        "Overrides of the preset's fields, e.g. {n_layers: 2}.", default_factory=dict)
+        "Overrides of the preset's fields, e.g. {n_layers: 2}; a dict field (rope_scaling) is "
+        "merged key by key.", default_factory=dict)
     compile: bool = _help("torch.compile each transformer block.", False)
     fsdp_cpu_offload: bool = _help("With FSDP, keep parameters and optimizer state in CPU "
                                    "memory.", False)

@@ -1,6 +1,7 @@
-"""Full fine-tuning of a Llama-2-class model: one device, or FSDP2 shards under torchrun.
+"""Full fine-tuning of a Llama 2, Llama 3.x, Mistral or Qwen2.5 model: one device, or FSDP2
+shards under torchrun.
 
-    tune run full_finetune --config alpaca_llama2_full_finetune [key=value ...]
+    tune run full_finetune --config llama3_2_1b_full [key=value ...]
     tune --nnodes 1 --nproc_per_node 2 full_finetune.py --config my.yaml
 
 This file is also a script (``python full_finetune.py --config my.yaml``); copy it with
@@ -37,7 +38,7 @@ from tune_train.errors import RecipeError, explain, user_errors
 from tune_train.metrics import StepProgress, quiet_library_progress_bars
 from tune_train.optim import DynamicLossScaler, lr_multiplier
 from tune_train.output_dir import OutputDirError, OutputDirLock, claim_output_dir
-from tune_train.validate import missing_files
+from tune_train.validate import missing_files, model_problems
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,9 +63,10 @@ class FullFinetuneRecipe:
         cfg = self.cfg
         from tune_train import registry
 
-        # Cheap checks first: a typo must not cost a model load.
-        model_fn = registry.lookup(registry.MODELS, cfg.model, "model")
-        tokenizer_cls = registry.lookup(registry.TOKENIZERS, cfg.tokenizer, "tokenizer")
+        # Cheap checks first: a typo, or a tokenizer or checkpoint of another model family,
+        # must not cost a model load.
+        registry.lookup(registry.MODELS, cfg.model, "model")
+        registry.lookup(registry.TOKENIZERS, cfg.tokenizer, "tokenizer")
         dataset_fn = registry.lookup(registry.DATASETS, cfg.dataset, "dataset")
         self.optimizer_cls = registry.lookup(registry.OPTIMIZERS, cfg.optimizer, "optimizer")
         self.loss_fn = registry.lookup(registry.LOSSES, cfg.loss, "loss")
@@ -72,6 +74,9 @@ class FullFinetuneRecipe:
         problems = missing_files(cfg)
         if problems:
             raise RecipeError(problems[0])
+        problems = model_problems(cfg)  # model_args, tokenizer and checkpoint vs the family
+        if problems:
+            raise ConfigError(problems[0])
 
         self.device = _resolve_device(cfg.device)
         self.dist: DistInfo = init_distributed(self.device.type)
@@ -99,8 +104,8 @@ class FullFinetuneRecipe:
                 "resume_from_checkpoint: True to continue it, or pick another output_dir"
             )
 
-        self.tokenizer = tokenizer_cls(cfg.tokenizer_checkpoint)
-        self.model_config = self._model_config(model_fn)
+        self.tokenizer = registry.build_tokenizer(cfg)
+        self.model_config = self._model_config()
         weights = cfg.model_checkpoint
         if self.resume_from is not None:
             weights = _model_file(self.resume_from)
@@ -153,42 +158,28 @@ class FullFinetuneRecipe:
             if message[0] is not None:
                 raise RecipeError(message[0])
 
-    def _model_config(self, model_fn):
+    def _model_config(self):
+        from tune_train import registry
+
         cfg = self.cfg
-        model_config = model_fn()
-        overrides = dict(cfg.model_args)
-        # From scratch, the vocabulary is the tokenizer's; a checkpoint brings its own.
-        if cfg.model_checkpoint is None and "vocab_size" not in overrides:
-            overrides["vocab_size"] = self.tokenizer.vocab_size
-        if "max_seq_len" not in overrides:
-            overrides["max_seq_len"] = max(model_config.max_seq_len, cfg.max_seq_len)
-        fields = {k: v for k, v in vars(model_config).items()}
-        unknown = set(overrides) - set(fields)
-        if unknown:
-            raise ConfigError(f"model_args has unknown field(s) {sorted(unknown)}; the model's "
-                              f"fields are {', '.join(sorted(fields))}")
-        if "dim" in overrides or "multiple_of" in overrides or "ffn_dim_multiplier" in overrides:
-            fields["hidden_dim"] = None  # re-derive the FFN width from the new sizes
-        if "dim" in overrides or "n_heads" in overrides:
-            fields["head_dim"] = None  # likewise the head size (dim // n_heads)
-        fields.update(overrides)
-        try:
-            model_config = type(model_config)(**fields)
-        except ValueError as e:
-            raise ConfigError(f"model_args: {e}") from e
+        model_config = registry.model_config(cfg, vocab_size=self.tokenizer.vocab_size)
         if self.tokenizer.vocab_size > model_config.vocab_size:
+            family = registry.model_family(cfg)
             raise RecipeError(
-                f"tokenizer has {self.tokenizer.vocab_size} tokens but model '{cfg.model}' only "
-                f"{model_config.vocab_size}; use the model's own tokenizer"
+                f"tokenizer_checkpoint {cfg.tokenizer_checkpoint} has "
+                f"{self.tokenizer.vocab_size:,} tokens but model '{cfg.model}' only "
+                f"{model_config.vocab_size:,} (its vocab_size): ids past that have no "
+                f"embedding; point tokenizer_checkpoint at the model's own tokenizer (a "
+                f"{family.name} model reads {registry.family_tokenizer_files(family)})"
             )
         return model_config
 
     def _setup_model(self, weights: str | Path | None) -> torch.nn.Module:
-        from tune_models import Llama2
+        from tune_models import Decoder
 
         cfg = self.cfg
         with torch.device("meta"):
-            model = Llama2(self.model_config)
+            model = Decoder(self.model_config)
         for layer in model.layers:
             layer.use_checkpoint = cfg.enable_activation_checkpointing
         param_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
@@ -570,7 +561,10 @@ def _check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, pa
     expected = {k: tuple(shape) for k, shape in _full_shapes(model).items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    hint = f"; is it a checkpoint of '{model_name}' in native format?"
+    from tune_models import family_of
+
+    hint = (f"; is it a checkpoint of '{model_name}' ({family_of(model_name).name}) in native "
+            "format?")
     if missing:
         raise RecipeError(f"{path} lacks {len(missing)} key(s) of model '{model_name}', e.g. "
                           f"'{missing[0]}'{hint}")
@@ -613,7 +607,8 @@ def main(cfg: TrainConfig) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     """``python full_finetune.py --config X [key=value ...] [--debug]``."""
-    parser = argparse.ArgumentParser(description="Full fine-tuning of a Llama-2-class model.")
+    parser = argparse.ArgumentParser(description="Full fine-tuning of a Llama 2, Llama 3.x, "
+                                     "Mistral or Qwen2.5 model.")
     parser.add_argument("--config", help="YAML file or built-in config name (default: none, "
                         "only defaults and overrides)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
