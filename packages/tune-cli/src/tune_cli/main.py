@@ -265,7 +265,7 @@ def eval_(checkpoint, config_name, tokenizer, device, dtype, tasks, include_path
         from tune_train.eval import perplexity
 
         result = perplexity(model, tok, text, max_seq_len=max_seq_len, batch_size=batch_size)
-        click.echo(f"perplexity {result.perplexity:.3f} (nll {result.nll:.4f} nats/token over "
+        click.echo(f"perplexity {result.perplexity:.3f} (nll {result.nll:.6f} nats/token over "
                    f"{result.num_tokens:,} tokens of {perplexity_file})")
     if tasks:
         from tune_train.eval import evaluate
