@@ -149,19 +149,20 @@ def test_save_best_keeps_the_lowest_loss_beside_pruned_checkpoints(tiny_run):
 
 
 def test_a_resumed_run_compares_against_the_best_saved_after_its_checkpoint(tiny_run):
-    """Killed after checkpoints/best was replaced but before the next checkpoint: the
-    resumed run knows best's loss, so only a lower one replaces it."""
+    """Killed after checkpoints/best was replaced (at step 3) but before the next checkpoint:
+    the resumed run knows best's loss, so only a lower one replaces it."""
     cfg = tiny_run(validation_split=0.05, eval_every_n_steps=1, save_best=True,
                    max_steps_per_epoch=2)
     main(load_config(cfg))
     out = Path(cfg["output_dir"])
     info = out / "checkpoints" / "best" / "best.json"
-    info.write_text(json.dumps({"step": 2, "val_loss": 0.001}))
-    recipe = _setup({**cfg, "resume_from_checkpoint": True})
-    try:
-        assert (recipe.best_val_step, recipe.best_val_loss) == (2, 0.001)
-    finally:
-        recipe.cleanup()
+    info.write_text(json.dumps({"step": 3, "val_loss": 0.001}))  # what the killed run saved
+    main(load_config({**cfg, "resume_from_checkpoint": True, "epochs": 2}))
+    assert sorted(_val_losses(out)) == [1, 2, 3, 4]
+    assert json.loads(info.read_text()) == {"step": 3, "val_loss": 0.001}  # not replaced
+    state = ckpt.read_trainer_state(ckpt.latest_checkpoint(out))
+    assert (state["global_step"], state["best_val_step"], state["best_val_loss"]) == (4, 3, 0.001)
+
     # A new run (not resuming) may not take over a folder holding an earlier run's best.
     for step in ckpt.list_checkpoints(out):
         shutil.rmtree(step)
@@ -222,3 +223,10 @@ def test_a_separate_validation_file_is_built_like_the_training_data(tiny_run, de
         assert len(recipe.dataset) == len(lines)
     finally:
         recipe.cleanup()
+
+
+@pytest.mark.parametrize("extra", [{"packing": True}, {"group_by_length": True}])
+def test_held_out_data_packs_and_groups_like_any_dataset(tiny_run, extra):
+    cfg = tiny_run(validation_split=0.05, max_steps_per_epoch=2, **extra)
+    main(load_config(cfg))
+    assert sorted(_val_losses(cfg["output_dir"])) == [2]
