@@ -474,7 +474,8 @@ def run(ctx: click.Context, args: tuple[str, ...]) -> None:
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="PNG to write (default: OUTPUT_DIR/loss_curve.png).")
 def plot(output_dir: Path, output: Path | None) -> None:
-    """Draw loss and learning rate against step from OUTPUT_DIR/metrics.jsonl into a PNG."""
+    """Draw training loss, validation loss (if the run validated) and learning rate against
+    step from OUTPUT_DIR/metrics.jsonl into a PNG."""
     from tune_train.plot import plot_metrics
 
     click.echo(f"wrote {plot_metrics(output_dir, output)}")

@@ -45,9 +45,11 @@ class Selection(torch.utils.data.Dataset):
         self.indices = np.asarray(indices, dtype=np.int64)
         self.tokenizer = getattr(dataset, "tokenizer", None)
         self.name = getattr(dataset, "name", "")
-        for attr in ("lengths", "loss_tokens"):
-            values = getattr(dataset, attr, None)
-            setattr(self, attr, None if values is None else np.asarray(values)[self.indices])
+        self.lengths = self._pick(getattr(dataset, "lengths", None))
+        self.loss_tokens = self._pick(getattr(dataset, "loss_tokens", None))
+
+    def _pick(self, values: Sequence[int] | np.ndarray | None) -> np.ndarray | None:
+        return None if values is None else np.asarray(values)[self.indices]
 
     def __len__(self) -> int:
         return len(self.indices)
