@@ -269,7 +269,7 @@ def eval_(checkpoint, config_name, tokenizer, device, dtype, tasks, include_path
         from tune_train.eval import perplexity
 
         result = perplexity(model, tok, text, max_seq_len=max_seq_len, batch_size=batch_size)
-        click.echo(f"perplexity {result.perplexity:.3f} (nll {result.nll:.4f} nats/token over "
+        click.echo(f"perplexity {result.perplexity:.3f} (nll {result.nll:.6f} nats/token over "
                    f"{result.num_tokens:,} tokens of {perplexity_file})")
     if tasks:
         from tune_train.eval import evaluate
@@ -477,7 +477,8 @@ def run(ctx: click.Context, args: tuple[str, ...]) -> None:
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="PNG to write (default: OUTPUT_DIR/loss_curve.png).")
 def plot(output_dir: Path, output: Path | None) -> None:
-    """Draw loss and learning rate against step from OUTPUT_DIR/metrics.jsonl into a PNG."""
+    """Draw training loss, validation loss (if the run validated) and learning rate against
+    step from OUTPUT_DIR/metrics.jsonl into a PNG."""
     from tune_train.plot import plot_metrics
 
     click.echo(f"wrote {plot_metrics(output_dir, output)}")

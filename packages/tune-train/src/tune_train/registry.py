@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,12 @@ from tune_data import (
     load_tokenizer,
 )
 from tune_models import MODELS, DecoderConfig, ModelFamily, family_of
-from tune_train.config import ConfigError, TrainConfig
+from tune_train.config import (
+    VALIDATION_KEYS,
+    ConfigError,
+    TrainConfig,
+    validation_data_config,
+)
 
 # A family's tokenizer kind -> the class that reads it, and the file a user points
 # tokenizer_checkpoint at (for messages).
@@ -72,9 +77,9 @@ LOSSES: dict[str, Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Ten
 }
 
 __all__ = ["DATASETS", "FAMILY_TOKENIZERS", "LOSSES", "MODELS", "OPTIMIZERS", "TOKENIZERS",
-           "build_dataset", "build_tokenizer", "dataset_arguments", "family_tokenizer_files",
-           "lookup", "model_config",
-           "model_family", "tokenizer_fits", "tokenizer_problem"]
+           "build_dataset", "build_tokenizer", "build_validation_dataset", "dataset_arguments",
+           "family_tokenizer_files", "lookup", "model_config", "model_family", "tokenizer_fits",
+           "tokenizer_problem"]
 
 
 def lookup(registry: dict[str, Any], name: str, key: str) -> Any:
@@ -232,6 +237,7 @@ _NOT_ONLY_DATA = {"max_seq_len"}
 
 
 def dataset_arguments(builder: Callable[..., Any], cfg: TrainConfig,
+                      names: Mapping[str, str] | None = None,
                       ) -> tuple[dict[str, Any], list[str]]:
     """The keyword arguments a dataset builder takes from a config.
 
@@ -244,6 +250,8 @@ def dataset_arguments(builder: Callable[..., Any], cfg: TrainConfig,
     Args:
         builder: A dataset builder, e.g. ``DATASETS["alpaca"]``.
         cfg: The training config.
+        names: The key a user wrote for each config key, where it differs (the validation
+            data is chosen with ``validation_*`` keys); messages name those.
 
     Returns:
         ``(kwargs, ignored)``: the arguments, and the data keys the config sets to something
@@ -258,6 +266,9 @@ def dataset_arguments(builder: Callable[..., Any], cfg: TrainConfig,
              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     catch_all = any(p.kind is p.VAR_KEYWORD for p in parameters)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    names = names or {}
+    dataset = f"{names.get('dataset', 'dataset')} '{cfg.dataset}'"
+    args_key = names.get("dataset_args", "dataset_args")
     kwargs: dict[str, Any] = {}
     ignored = []
     for param, key in DATASET_KEYS.items():
@@ -271,18 +282,19 @@ def dataset_arguments(builder: Callable[..., Any], cfg: TrainConfig,
             ignored.append(key)
     for key, value in cfg.dataset_args.items():
         if key in DATASET_KEYS:
-            raise ConfigError(f"dataset_args.{key}: set it with the config key "
-                              f"'{DATASET_KEYS[key]}' instead")
+            raise ConfigError(f"{args_key}.{key}: set it with the config key "
+                              f"'{names.get(DATASET_KEYS[key], DATASET_KEYS[key])}' instead")
         if key not in named and not catch_all:
             takes = [n for n in named if n not in DATASET_KEYS]
             listed = ", ".join(takes) if takes else "none"
-            raise ConfigError(f"dataset '{cfg.dataset}' takes no argument '{key}' "
-                              f"(dataset_args.{key}); its arguments: {listed}")
+            raise ConfigError(f"{dataset} takes no argument '{key}' "
+                              f"({args_key}.{key}); its arguments: {listed}")
         kwargs[key] = value
     for name, p in named.items():
         if not _has_default(p) and name not in kwargs:
-            where = DATASET_KEYS.get(name, f"dataset_args.{name}")
-            raise ConfigError(f"dataset '{cfg.dataset}' needs '{where}'; set it in the config")
+            where = DATASET_KEYS[name] if name in DATASET_KEYS else f"{args_key}.{name}"
+            raise ConfigError(f"{dataset} needs '{names.get(where, where)}'; set it in the "
+                              "config")
     return kwargs, ignored
 
 
@@ -305,6 +317,39 @@ def build_dataset(cfg: TrainConfig, tokenizer: Any,
     builder = lookup(DATASETS, cfg.dataset, "dataset")
     kwargs, ignored = dataset_arguments(builder, cfg)
     for key in ignored if warn is not None else ():
-        warn(f"dataset '{cfg.dataset}' does not use '{key}'; {key}: {getattr(cfg, key)!r} is "
-             "ignored")
+        warn(_ignored_line(cfg, key, {}))
     return builder(tokenizer, **kwargs)
+
+
+def build_validation_dataset(cfg: TrainConfig, tokenizer: Any,
+                             warn: Callable[[str], None] | None = None) -> Any:
+    """The validation set of a config that names a separate source, or None if it names none
+    (see :func:`tune_train.config.validation_data_config`).
+
+    It is built as the training set is; messages name the ``validation_*`` keys.
+
+    Args:
+        cfg: The training config.
+        tokenizer: The tokenizer the builder encodes with.
+        warn: Called with one line per validation key the builder ignores (the keys both
+            sets share were reported for the training set).
+
+    Returns:
+        What the builder returns, or None.
+    """
+    view = validation_data_config(cfg)
+    if view is None:
+        return None
+    builder = lookup(DATASETS, view.dataset, VALIDATION_KEYS["dataset"])
+    kwargs, ignored = dataset_arguments(builder, view, VALIDATION_KEYS)
+    for key in ignored if warn is not None else ():
+        # Only what the user set for validation; inherited training values were reported.
+        if key in VALIDATION_KEYS and getattr(view, VALIDATION_KEYS[key]) is not None:
+            warn(_ignored_line(view, key, VALIDATION_KEYS))
+    return builder(tokenizer, **kwargs)
+
+
+def _ignored_line(cfg: TrainConfig, key: str, names: Mapping[str, str]) -> str:
+    name = names.get(key, key)  # a validation view keeps the validation_* keys as written
+    return (f"{names.get('dataset', 'dataset')} '{cfg.dataset}' does not use '{name}'; {name}: "
+            f"{getattr(cfg, name)!r} is ignored")

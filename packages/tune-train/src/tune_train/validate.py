@@ -6,7 +6,7 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-from tune_train.config import ConfigError, TrainConfig
+from tune_train.config import VALIDATION_KEYS, ConfigError, TrainConfig, validation_data_config
 
 
 def missing_files(cfg: TrainConfig) -> list[str]:
@@ -23,10 +23,11 @@ def missing_files(cfg: TrainConfig) -> list[str]:
             "convert_checkpoint --checkpoint_path <download dir>/consolidated.00.pth`, or set "
             "model_checkpoint: null to start from random weights"
         )
-    files = cfg.data_files if isinstance(cfg.data_files, list) else [cfg.data_files]
-    for f in files:
-        if f is not None and not Path(f).exists() and not glob.glob(f):
-            problems.append(f"data_files {f} does not exist")
+    for key in ("data_files", "validation_data_files"):
+        value = getattr(cfg, key)
+        for f in value if isinstance(value, list) else [value]:
+            if f is not None and not Path(f).exists() and not glob.glob(f):
+                problems.append(f"{key} {f} does not exist")
     return problems
 
 
@@ -48,21 +49,30 @@ def unknown_names(cfg: TrainConfig) -> list[str]:
             registry.lookup(registry_dict, getattr(cfg, key), key)
         except ConfigError as e:
             problems.append(str(e))
+    if cfg.validation_dataset is not None:
+        try:
+            registry.lookup(registry.DATASETS, cfg.validation_dataset, "validation_dataset")
+        except ConfigError as e:
+            problems.append(str(e))
     return problems
 
 
 def dataset_argument_problems(cfg: TrainConfig) -> list[str]:
-    """A message if the dataset builder cannot take the config's arguments (dataset_args)."""
+    """A message per dataset builder (training, validation) that cannot take the config's
+    arguments (dataset_args, validation_dataset_args)."""
     from tune_train import registry
 
-    builder = registry.DATASETS.get(cfg.dataset)
-    if builder is None:
-        return []  # unknown_names reports it
-    try:
-        registry.dataset_arguments(builder, cfg)
-    except ConfigError as e:
-        return [str(e)]
-    return []
+    problems = []
+    validation = validation_data_config(cfg)
+    for view, names in ((cfg, None), (validation, VALIDATION_KEYS)):
+        builder = registry.DATASETS.get(view.dataset) if view is not None else None
+        if builder is None:
+            continue  # no validation source, or an unknown name (unknown_names reports it)
+        try:
+            registry.dataset_arguments(builder, view, names)
+        except ConfigError as e:
+            problems.append(str(e))
+    return problems
 
 
 # The DecoderConfig fields that decide which parameters a model has and their shapes: two
