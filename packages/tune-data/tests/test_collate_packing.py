@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tune_data import IGNORE_INDEX, TokenizedDataset, collate, document_mask, pack, plan_rows
+from tune_data.dataset import prefix_mask
 
 
 def handmade(lengths, prompt_len=2):
@@ -14,7 +15,8 @@ def handmade(lengths, prompt_len=2):
     n = len(lengths)
     prompt_len = np.broadcast_to(prompt_len, (n,)).copy()
     return TokenizedDataset(
-        tokens.astype(np.int32), offsets, prompt_len, np.arange(n), np.zeros(n, bool)
+        tokens.astype(np.int32), offsets, prefix_mask(offsets, prompt_len), np.arange(n),
+        np.zeros(n, bool),
     )
 
 
