@@ -284,7 +284,8 @@ def test_a_system_prompt_goes_where_each_format_puts_it(mistral_tokenizer, qwen2
     assert mistral_tokenizer.decode(mistral) == "[INST] Be brief.\n\nHi [/INST]"
     for tok, name, head in ((qwen2_tokenizer, "chatml", "<|im_start|>system\nBe brief."),
                             (llama3_tokenizer, "llama3",
-                             "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.")):
+                             "<|begin_of_text|><|start_header_id|>system<|end_header_id|>"
+                             "\n\nBe brief.")):
         prompt = chat_prompt(tok, load_chat_template(name, tok), messages[:2])
         names = {i: n for n, i in tok.special_tokens.items()}
         text = "".join(names.get(t, tok.decode([t])) for t in prompt)
