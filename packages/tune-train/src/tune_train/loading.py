@@ -48,18 +48,40 @@ def resolve_tokenizer(checkpoint: Path, tokenizer: str | Path | None) -> Path:
     """
     if tokenizer is not None:
         return Path(tokenizer)
-    for folder in (checkpoint.parent, checkpoint.parent.parent.parent):
-        if (folder / "tokenizer.model").is_file():
-            return folder / "tokenizer.model"
-        config = folder / "config.yaml"
-        if config.is_file():  # a training run's output_dir names its tokenizer
-            from tune_train.config import read_yaml
-
-            named = read_yaml(config).get("tokenizer_checkpoint")
-            if named and Path(named).is_file():
-                return Path(named)
+    for folder in _run_folders(checkpoint):
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (folder / name).is_file():
+                return folder / name
+        named = _run_setting(folder, "tokenizer_checkpoint")
+        if named and Path(named).is_file():  # a training run's output_dir names its tokenizer
+            return Path(named)
     raise RecipeError(f"no tokenizer found for {checkpoint}; pass --tokenizer "
-                      "path/to/tokenizer.model")
+                      "path/to/tokenizer.model (or tokenizer.json)")
+
+
+def resolve_chat_template(checkpoint: Path, chat_template: str | None) -> str | None:
+    """The chat template to prompt a checkpoint with: as given, else the one its training
+    run used (its output_dir's config.yaml), else None (the tokenizer's default)."""
+    if chat_template is not None:
+        return chat_template
+    for folder in _run_folders(checkpoint):
+        if (folder / "config.yaml").is_file():
+            return _run_setting(folder, "chat_template")
+    return None
+
+
+def _run_folders(checkpoint: Path) -> tuple[Path, Path]:
+    """The checkpoint's folder and the training output_dir above a step folder."""
+    return checkpoint.parent, checkpoint.parent.parent.parent
+
+
+def _run_setting(folder: Path, key: str):
+    config = folder / "config.yaml"
+    if not config.is_file():
+        return None
+    from tune_train.config import read_yaml
+
+    return read_yaml(config).get(key)
 
 
 def pick_device(name: str = "auto") -> torch.device:

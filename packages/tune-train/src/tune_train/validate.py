@@ -22,11 +22,22 @@ def missing_files(cfg: TrainConfig) -> list[str]:
             "convert_checkpoint --checkpoint_path <download dir>/consolidated.00.pth`, or set "
             "model_checkpoint: null to start from random weights"
         )
+    if cfg.chat_template is not None and not _names_chat_template(cfg.chat_template):
+        problems.append(
+            f"chat_template {cfg.chat_template} is neither a built-in format nor an existing "
+            ".jinja or tokenizer_config.json file"
+        )
     files = cfg.data_files if isinstance(cfg.data_files, list) else [cfg.data_files]
     for f in files:
         if f is not None and not Path(f).exists() and not glob.glob(f):
             problems.append(f"data_files {f} does not exist")
     return problems
+
+
+def _names_chat_template(value: str) -> bool:
+    from tune_data import CHAT_TEMPLATES
+
+    return value in CHAT_TEMPLATES or "{" in value or Path(value).exists()
 
 
 def _tokenizer_creates_file(cfg: TrainConfig) -> bool:

@@ -11,6 +11,7 @@ The whole training loop is visible in ``FullFinetuneRecipe.train``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import resource
@@ -248,6 +249,8 @@ class FullFinetuneRecipe:
                       **cfg.dataset_args)
         if cfg.dataset_source is not None:
             kwargs["source"] = cfg.dataset_source
+        if "chat_template" in inspect.signature(dataset_fn).parameters:
+            kwargs["chat_template"] = cfg.chat_template
         dataset = dataset_fn(self.tokenizer, **kwargs)
         if cfg.packing:
             dataset = pack(dataset, cfg.max_seq_len, pad_id=self.tokenizer.pad_id)
