@@ -138,14 +138,14 @@ class Llama2ChatTemplate(ChatTemplate):
             if i == 0 and system is not None:
                 user = self.B_SYS + system + self.E_SYS + user
             k = i + offset
-            out += [Piece(t, False, k) for t in bos]
+            if bos:
+                out.append(Piece(bos[0], False, k))
+            # Meta encodes "[INST] {user} [/INST] {answer} " as one text; the answer's leading
+            # space (the "▁" of its first word) and the trailing space are the answer's.
             out.append(Piece(f"{self.B_INST} {user.strip()} {self.E_INST}", False, k, True))
             if i + 1 < len(turns):
-                # One text with the prompt, as Meta encodes it; the answer's leading space
-                # (the "▁" of its first word) and the trailing space are the answer's.
                 answer = turns[i + 1]["content"].strip()
-                out.append(Piece(f" {answer} ", True, k + 1))
-                out.append(Piece(tokenizer.eos_id, True, k + 1))
+                out += [Piece(f" {answer} ", True, k + 1), Piece(tokenizer.eos_id, True, k + 1)]
         return out
 
 
