@@ -459,3 +459,53 @@ def test_parquet_and_json_give_the_same_samples(tokenizer, sharegpt_json_path, t
     again = build(tokenizer, json_path, tmp_path, chat_template="llama2", max_seq_len=128)
     np.testing.assert_array_equal(again._labels, direct._labels)  # read from the cache
     np.testing.assert_array_equal(again.turns.starts, direct.turns.starts)
+
+
+# A format without control tokens: the whole conversation is one text, cut inside words'
+# reach (after ": "), where part-by-part encoding would not be exact.
+PLAIN_JINJA = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}### User: {{ m['content'] }}\n"
+    "{% else %}### Assistant: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant: {% endif %}"
+)
+
+
+def test_cuts_inside_one_text_give_the_whole_texts_ids(any_tokenizer, conversations,
+                                                       tmp_path):
+    chats = conversations[:40] + [[
+        {"role": "user", "content": "  indented\n\nquestion "},
+        {"role": "assistant", "content": "\n\n  answer with space first"},
+        {"role": "user", "content": "ok"}, {"role": "assistant", "content": " Yes."},
+    ]]
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in chats])
+    template = JinjaChatTemplate(PLAIN_JINJA)
+    ds = build(any_tokenizer, path, tmp_path, chat_template=template)
+    for i, messages in enumerate(chats):
+        text = template.render(messages, any_tokenizer)
+        tokens = ds[i]["tokens"].tolist()
+        assert tokens == any_tokenizer.encode(text, add_bos=False), i
+        trained = trained_of(ds[i])
+        answers = [t for t, on in zip(tokens, trained) if on]
+        asked = [t for t, on in zip(tokens, trained) if not on]
+        for m in messages:
+            # A token that spans the start of an answer is the answer's.
+            where = answers if m["role"] == "assistant" else asked
+            assert m["content"].strip() in any_tokenizer.decode(where), (i, m)
+        assert "### User" not in any_tokenizer.decode(answers)
+
+
+def test_contents_with_edge_whitespace_equal_transformers(qwen2_tokenizer,
+                                                          qwen2_tokenizer_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(qwen2_tokenizer_path.parent)
+    chats = [[{"role": "user", "content": "\n hi\n"}, {"role": "assistant", "content": " \n\nyo "},
+              {"role": "user", "content": "x"}, {"role": "assistant", "content": "\tz\n"}]]
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in chats])
+    for template in (None, "chatml"):
+        ds = build(qwen2_tokenizer, path, tmp_path, chat_template=template,
+                   system_prompt="You are a helpful assistant")
+        expected = _ids(hf.apply_chat_template(
+            [{"role": "system", "content": "You are a helpful assistant"}, *chats[0]],
+            tokenize=True))
+        assert ds[0]["tokens"].tolist() == expected, template
