@@ -67,6 +67,17 @@ def test_a_bad_row_is_one_line(tmp_path, llama2_tokenizer_path):
         "'assistant'} or fix it"]
 
 
+def test_config_validate_checks_the_chat_template(tmp_path, sharegpt_json_path,
+                                                  llama2_tokenizer_path):
+    config = chat_config(tmp_path, str(sharegpt_json_path), str(llama2_tokenizer_path),
+                         "llama2_tokenizer", chat_template=str(tmp_path / "missing.jinja"))
+    result = tune("config", "validate", str(config))
+    assert result.returncode == 1
+    assert f"error: chat_template {tmp_path / 'missing.jinja'} is neither a built-in format" \
+        in result.stderr
+    assert tune("config", "validate", str(config), "chat_template=mistral").returncode == 0
+
+
 def test_chat_data_from_the_hub(tmp_path, hub_server, sharegpt_json_path,
                                 llama2_tokenizer_path):
     records = json.loads(sharegpt_json_path.read_text())[:40]
