@@ -73,8 +73,8 @@ def test_config_validate_checks_the_chat_template(tmp_path, sharegpt_json_path,
                          "llama2_tokenizer", chat_template=str(tmp_path / "missing.jinja"))
     result = tune("config", "validate", str(config))
     assert result.returncode == 1
-    assert f"error: chat_template {tmp_path / 'missing.jinja'} is neither a built-in format" \
-        in result.stderr
+    assert f"error: chat_template '{tmp_path / 'missing.jinja'}' is neither a built-in " \
+        "format (llama2, llama3, chatml, mistral)" in result.stderr
     assert tune("config", "validate", str(config), "chat_template=mistral").returncode == 0
 
 

@@ -21,7 +21,7 @@ import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -139,9 +139,18 @@ def _collector_paused() -> Iterator[None]:
 _SPECIAL, _START, _CONT, _PART = 0, 1, 2, 3  # what a segment of a conversation is
 
 
+class MessageStarts(NamedTuple):
+    """Where each message's first token is: ``positions[offsets[i]:offsets[i + 1]]`` within
+    conversation i, for the messages ``messages[offsets[i]:offsets[i + 1]]`` (indices)."""
+
+    positions: np.ndarray
+    messages: np.ndarray
+    offsets: np.ndarray
+
+
 def encode_pieces(
     tokenizer: Tokenizer, conversations: Sequence[Sequence[Piece]]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, Turns]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, MessageStarts]:
     """Token ids of rendered conversations, with the trained mask and message starts.
 
     Text between control tokens is one text, encoded as a whole would be: parts cut where
@@ -155,9 +164,8 @@ def encode_pieces(
         conversations: Each conversation's pieces (:meth:`ChatTemplate.pieces`).
 
     Returns:
-        ``(tokens, offsets, trained, turns)``: flat int32 ids, (N + 1,) offsets, flat bool
-        (token j lies in a trained span), and where each message starts (its ``roles`` hold
-        message indices here; the caller maps them to roles).
+        ``(tokens, offsets, trained, starts)``: flat int32 ids, (N + 1,) offsets, flat bool
+        (token j lies in a trained span), and where each message starts.
     """
     texts: tuple[list[str], list[str]] = ([], [])  # encoded as a text's start / after a cut
     specials: list[int] = []
@@ -249,8 +257,8 @@ def encode_pieces(
 
 
 def _message_starts(conv: np.ndarray, message: np.ndarray, seg_len: np.ndarray,
-                    offsets: np.ndarray) -> Turns:
-    """Where each message's first token is, per conversation (roles: message indices)."""
+                    offsets: np.ndarray) -> MessageStarts:
+    """Where each message's first token is, per conversation."""
     position = np.cumsum(seg_len) - seg_len - offsets[conv]  # segment start within its sample
     real = (seg_len > 0) & (message >= 0)
     conv, message, position = conv[real], message[real], position[real]
@@ -260,7 +268,7 @@ def _message_starts(conv: np.ndarray, message: np.ndarray, seg_len: np.ndarray,
     conv, message, position = conv[first], message[first], position[first]
     turn_offsets = np.zeros(len(offsets), dtype=np.int64)
     np.cumsum(np.bincount(conv, minlength=len(offsets) - 1), out=turn_offsets[1:])
-    return Turns(position.astype(np.int32), message.astype(np.int64), turn_offsets)
+    return MessageStarts(position.astype(np.int32), message, turn_offsets)
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -324,10 +332,10 @@ class _ChatEncoder:
             except DataError as e:
                 raise DataError(f"{self.where}: row {row} (counting from 0): {e}") from None
             all_roles.append([_ROLE_CODES[m["role"]] for m in messages])
-        tokens, offsets, assistant, turns = encode_pieces(self.tokenizer, all_pieces)
-        return self._truncate(tokens, offsets, assistant, turns, all_roles, rows)
+        tokens, offsets, assistant, starts = encode_pieces(self.tokenizer, all_pieces)
+        return self._truncate(tokens, offsets, assistant, starts, all_roles, rows)
 
-    def _truncate(self, tokens, offsets, assistant, turns, all_roles, rows):
+    def _truncate(self, tokens, offsets, assistant, starts: MessageStarts, all_roles, rows):
         """Conversations longer than max_seq_len cut there, the mask kept as it was; one
         left without any trained token is dropped (counted by describe())."""
         lengths = np.diff(offsets)
@@ -339,25 +347,25 @@ class _ChatEncoder:
             # Assistant tokens that stay targets: positions 1 .. limit - 1 of the sample.
             counts = np.zeros(len(assistant) + 1, dtype=np.int64)
             np.cumsum(assistant, out=counts[1:])
-            starts = offsets[:-1]
-            left = counts[starts + kept_len] - counts[np.minimum(starts + 1, starts + kept_len)]
+            first = offsets[:-1]
+            left = counts[first + kept_len] - counts[np.minimum(first + 1, first + kept_len)]
             keep = ~truncated | (left > 0)
-            tokens, offsets = gather(tokens, starts[keep], kept_len[keep])
-            assistant, _ = gather(assistant, starts[keep], kept_len[keep])
+            tokens, offsets = gather(tokens, first[keep], kept_len[keep])
+            assistant, _ = gather(assistant, first[keep], kept_len[keep])
         trained = np.ones(len(tokens), dtype=bool) if self.train_on_input else assistant
         # Message indices -> roles; messages past the cut (or a generation prompt) go.
         role_codes, role_offsets = flatten(all_roles)
-        conv = np.repeat(np.arange(len(rows)), turns.counts)
-        index = turns.roles  # message indices, from encode_pieces
+        conv = np.repeat(np.arange(len(rows)), np.diff(starts.offsets))
+        index = starts.messages
         placed = (keep[conv] & (index < np.diff(role_offsets)[conv])
-                  & (turns.starts < kept_len[conv]))
+                  & (starts.positions < kept_len[conv]))
         conv = conv[placed]
         roles = role_codes[role_offsets[conv] + index[placed]].astype(np.int8)
         renumber = np.cumsum(keep) - 1  # conversation -> sample
         turn_offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
         np.cumsum(np.bincount(renumber[conv], minlength=len(turn_offsets) - 1),
                   out=turn_offsets[1:])
-        kept_turns = Turns(turns.starts[placed], roles, turn_offsets)
+        kept_turns = Turns(starts.positions[placed], roles, turn_offsets)
         return TokenizedArrays(tokens, offsets, trained, rows[keep], truncated[keep],
                                kept_turns)
 

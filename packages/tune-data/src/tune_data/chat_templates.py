@@ -420,7 +420,7 @@ def _jinja_environment():
 
 
 def load_chat_template(
-    spec: str | Path | ChatTemplate | None, tokenizer: Tokenizer
+    spec: str | Path | ChatTemplate | None, tokenizer: Tokenizer | None
 ) -> ChatTemplate:
     """The chat template a config or command line names.
 
@@ -429,7 +429,8 @@ def load_chat_template(
             file; a ``tokenizer_config.json`` holding ``chat_template`` (or its folder);
             Jinja text itself; a ChatTemplate; or None for the tokenizer's default
             (:func:`default_chat_template`).
-        tokenizer: The tokenizer the template will be used with.
+        tokenizer: The tokenizer the template will be used with (only the default needs
+            it; a config check passes None).
 
     Returns:
         The template.
@@ -440,6 +441,8 @@ def load_chat_template(
     if isinstance(spec, ChatTemplate):
         return spec
     if spec is None:
+        if tokenizer is None:
+            raise ValueError("the default chat template depends on the tokenizer: pass it")
         return default_chat_template(tokenizer)
     text = str(spec)
     if text in CHAT_TEMPLATES:

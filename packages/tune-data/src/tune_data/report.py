@@ -201,7 +201,8 @@ def render_sample(
         breaks = {j: "document" for j, p in enumerate(positions) if int(p) == 0 and j}
     turns = getattr(dataset, "turns", None)
     if turns is not None:
-        breaks.update(turns.of(index if index >= 0 else index + len(dataset)))
+        messages = turns.of(index if index >= 0 else index + len(dataset))
+        breaks.update(messages)
     pad_from = _padding_start(tokens, labels, tokenizer.pad_id, positions)
     dim_on, dim_off = ("\x1b[2m", "\x1b[0m") if color else ("⟦", "⟧")
 
@@ -249,7 +250,7 @@ def render_sample(
     n_loss = sum(trained)
     header = (
         f"sample {index}: {len(tokens)} tokens, {n_loss} with loss"
-        + (f", {len(turns.of(index))} messages" if turns is not None else "")
+        + (f", {len(messages)} messages" if turns is not None else "")
         + ("" if color else "; text in ⟦ ⟧ takes no loss")
     )
     out = [header, text]

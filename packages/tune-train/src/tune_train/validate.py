@@ -22,11 +22,8 @@ def missing_files(cfg: TrainConfig) -> list[str]:
             "convert_checkpoint --checkpoint_path <download dir>/consolidated.00.pth`, or set "
             "model_checkpoint: null to start from random weights"
         )
-    if cfg.chat_template is not None and not _names_chat_template(cfg.chat_template):
-        problems.append(
-            f"chat_template {cfg.chat_template} is neither a built-in format nor an existing "
-            ".jinja or tokenizer_config.json file"
-        )
+    if cfg.chat_template is not None:
+        problems += _chat_template_problems(cfg.chat_template)
     files = cfg.data_files if isinstance(cfg.data_files, list) else [cfg.data_files]
     for f in files:
         if f is not None and not Path(f).exists() and not glob.glob(f):
@@ -34,10 +31,14 @@ def missing_files(cfg: TrainConfig) -> list[str]:
     return problems
 
 
-def _names_chat_template(value: str) -> bool:
-    from tune_data import CHAT_TEMPLATES
+def _chat_template_problems(value: str) -> list[str]:
+    from tune_data import DataError, load_chat_template
 
-    return value in CHAT_TEMPLATES or "{" in value or Path(value).exists()
+    try:
+        load_chat_template(value, tokenizer=None)  # a tokenizer only picks the default
+    except DataError as e:
+        return [str(e)]
+    return []
 
 
 def _tokenizer_creates_file(cfg: TrainConfig) -> bool:
