@@ -21,6 +21,7 @@ from tune_data import (
     instruct,
     instruct_dataset,
     is_empty_input,
+    text_completion_dataset,
 )
 from tune_data.instruct import _Encoder
 
@@ -357,14 +358,54 @@ def test_direct_and_datasets_routes_agree_on_truncation_drops_and_input_loss(
         assert direct.truncated.sum() == 1 and direct.source_rows - len(direct) == 1
 
 
-def test_values_that_are_not_text_are_read_as_datasets_reads_them(tmp_path, tokenizer):
-    records = [{"instruction": "Add 2 and 2.", "input": "", "output": 4},
-               {"instruction": "Halve 3.", "input": "", "output": 1.5}]
-    path = tmp_path / "numbers.json"
-    path.write_text(json.dumps(records))
+@pytest.mark.parametrize("column, value, kind", [
+    ("output", 4, "a number"),
+    ("output", 1.5, "a number"),
+    ("input", ["a", "b"], "a list"),
+    ("instruction", {"task": "add"}, "an object"),
+    ("output", True, "true/false"),
+])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_value_that_is_not_text_is_an_error_naming_row_and_column(
+    tmp_path, tokenizer, column, value, kind, suffix
+):
+    # Row 2 of otherwise good records: trained on as its Python spelling (['a', 'b']) before.
+    records = [dict(r) for r in EDGE_RECORDS[:4]]
+    records[2][column] = value
+    path = tmp_path / f"records{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(records))
+    else:
+        write_jsonl(path, records)
+    with pytest.raises(DataError) as e:
+        alpaca_dataset(tokenizer, data_files=path, cache_dir=tmp_path / "c")
+    message = str(e.value)
+    assert f"row 2 (counting from 0) has {kind} in '{column}'" in message, message
+    assert "not text" in message and "\n" not in message
+
+
+def test_a_typed_column_that_is_not_text_is_an_error(tmp_path, tokenizer):
+    path = tmp_path / "qa.parquet"
+    pq.write_table(pa.table({"q": ["2+2?", "3+3?"], "a": [4, 6]}), path)
+    with pytest.raises(DataError, match=r"row 0 \(counting from 0\) has a number in 'a'"):
+        instruct_dataset(tokenizer, "parquet", "Q: {q}\n", data_files=path, response_field="a",
+                         cache_dir=tmp_path / "c")
+
+
+def test_text_completion_checks_its_column_too(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": "Some words."}, {"text": [1, 2]}])
+    with pytest.raises(DataError, match=r"row 1 \(counting from 0\) has a list in 'text'"):
+        text_completion_dataset(tokenizer, data_files=path, cache_dir=tmp_path / "c")
+
+
+def test_csv_cells_that_look_like_numbers_stay_text(tmp_path, tokenizer):
+    # csv has no types: `4` and `1.50` are the answers as written, not numbers to reject or
+    # to print back as 4.0 / 1.5.
+    path = tmp_path / "sums.csv"
+    path.write_text("instruction,input,output\nAdd.,2+2,4\nHalve.,3,1.50\n")
     ds = alpaca_dataset(tokenizer, data_files=path, cache_dir=tmp_path / "c")
     answers = [tokenizer.decode(ds[i]["tokens"].tolist()).rsplit("\n", 1)[1] for i in (0, 1)]
-    assert answers == ["4.0", "1.5"]  # one Arrow column: the int became a float, as before
+    assert answers == ["4", "1.50"]
 
 
 def test_a_damaged_cache_file_is_rebuilt(tmp_path, tokenizer):

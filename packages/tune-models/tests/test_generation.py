@@ -3,14 +3,14 @@ transformers' generate() agrees, sampling is seeded and follows its distribution
 
 import pytest
 import torch
-from hf_reference import hf_and_native
+from hf_reference import family_twins, hf_and_native
 
 import tune_models.generation as generation
-from tune_models import Llama2, Llama2Config, generate, generate_stream, sample_token
+from tune_models import Decoder, DecoderConfig, generate, generate_stream, sample_token
 
 transformers = pytest.importorskip("transformers")
 
-CFG = Llama2Config(vocab_size=256, dim=96, n_layers=3, n_heads=6, n_kv_heads=2, multiple_of=32,
+CFG = DecoderConfig(vocab_size=256, dim=96, n_layers=3, n_heads=6, n_kv_heads=2, multiple_of=32,
                    max_seq_len=128, rope_theta=500000.0)
 PROMPTS = [[1, 17, 42, 99, 7, 3, 250, 11], [1, 5], [1, 200, 201, 202, 13]]
 
@@ -27,7 +27,7 @@ def model(hf_pair):
     return hf_pair[1]
 
 
-def _greedy_by_full_forward(model: Llama2, prompt: list[int], n: int) -> list[int]:
+def _greedy_by_full_forward(model: Decoder, prompt: list[int], n: int) -> list[int]:
     """Reference: no cache, no padding; re-run the whole sequence for every new token."""
     seq = list(prompt)
     with torch.no_grad():
@@ -77,6 +77,20 @@ def test_greedy_matches_transformers_generate(hf_pair):
     got = generate(ours, PROMPTS, 16, stop_tokens=eos)
     assert got == expected_eos
     assert len(got[1]) <= 6 and got[1][-1] == eos
+
+
+@pytest.mark.parametrize("name", list(family_twins()))
+def test_every_family_decodes_like_transformers_and_its_full_forward(name):
+    """Ragged batch, 24 new tokens: past mistral's 16-token window and llama3's 48-position
+    original context, through tied embeddings (llama3_2, qwen2) and q/k/v biases (qwen2)."""
+    cfg, architecture = family_twins()[name]
+    hf, ours = hf_and_native(cfg, 0, architecture, initializer_range=0.1, pad_token_id=0,
+                             bos_token_id=1, eos_token_id=None)
+    prompts = [[1, *range(30, 60)], [1, 5], [1, 200, 201, 202, 13]]
+    got = generate(ours, prompts, 24)
+    assert got == _hf_generate(hf, prompts, 24)
+    for prompt, tokens in zip(prompts, got):
+        assert tokens == _greedy_by_full_forward(ours, prompt, 24)
 
 
 def test_eos_stops_only_its_row(model):
@@ -197,7 +211,7 @@ def test_sample_token_refuses_what_would_give_junk(kwargs):
 
 def test_zero_new_tokens_and_bf16(model):
     assert generate(model, PROMPTS, 0) == [[], [], []]
-    small = Llama2(Llama2Config(vocab_size=64, dim=32, n_layers=1, n_heads=2, max_seq_len=32))
+    small = Decoder(DecoderConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, max_seq_len=32))
     small.init_weights(0.2)
     small = small.to(torch.bfloat16)
     out = generate(small, [[1, 2, 3], [4]], 6)
@@ -210,7 +224,7 @@ def test_zero_new_tokens_and_bf16(model):
 def test_compiled_generation_on_gpu_equals_eager(model):
     """The real thing: inductor + CUDA graphs, ragged batch, EOS, repeated calls (fp32, so
     fused kernels cannot flip a greedy choice by rounding)."""
-    gpu = Llama2(CFG).to("cuda")
+    gpu = Decoder(CFG).to("cuda")
     gpu.load_state_dict(model.state_dict())
     expected = generate(gpu, PROMPTS, 24)
     assert generate(gpu, PROMPTS, 24, compile=True) == expected

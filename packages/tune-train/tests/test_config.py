@@ -92,6 +92,42 @@ def test_mistakes_are_named(data, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lr=inf", "'lr' must be a finite number, got inf"),
+        ("lr=nan", "'lr' must be a finite number, got nan"),
+        ("lr=.nan", "'lr' must be a finite number, got nan"),
+        ("lr=1e999", "'lr' must be a finite number, got inf"),
+        ("lr=-1e-5", "'lr' must be positive, got -1e-05"),
+        ("min_lr_ratio=-3", "'min_lr_ratio' is the final lr as a fraction of lr and must be "
+                            "between 0 and 1, got -3.0"),
+        ("min_lr_ratio=1.5", "must be between 0 and 1, got 1.5"),
+        ("weight_decay=-5", "'weight_decay' must be >= 0, got -5.0"),
+        ("weight_decay=.inf", "'weight_decay' must be a finite number, got inf"),
+        ("max_grad_norm=0", "'max_grad_norm' must be positive, or null for no clipping, got 0.0"),
+        ("max_grad_norm=nan", "'max_grad_norm' must be a finite number, got nan"),
+        ("warmup_steps=-1", "'warmup_steps' must be >= 0, got -1"),
+        ("seed=-1", "'seed' must be >= 0, got -1"),
+    ],
+)
+def test_numbers_out_of_range_are_named(override, message):
+    """Values that used to pass and then train to NaN, ascend the gradient, or fail later
+    as an unexpected error."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_numbers_at_the_edges_of_their_ranges_are_fine():
+    cfg = load_config(None, ["min_lr_ratio=0", "weight_decay=0", "max_grad_norm=null",
+                             "warmup_steps=0", "seed=0"])
+    assert cfg.max_grad_norm is None and cfg.min_lr_ratio == 0.0
+    assert load_config(None, ["min_lr_ratio=1"]).min_lr_ratio == 1.0
+
+
+
+
 def test_bad_override_syntax_and_unknown_builtin():
     with pytest.raises(ConfigError, match="must look like key=value"):
         parse_overrides(["batch_size"])

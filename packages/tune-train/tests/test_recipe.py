@@ -169,6 +169,15 @@ def test_unknown_names_suggest_the_right_one(tiny_run, key, value, message):
     assert message in str(e.value)
 
 
+def test_model_args_that_resize_the_model_rederive_head_dim(tiny_run):
+    """llama2_tiny has 4 heads of 16; at dim 128 they must become 4 heads of 32."""
+    recipe = FullFinetuneRecipe(load_config(tiny_run(model_args={"dim": 128, "n_heads": 4})))
+    recipe.setup()
+    recipe.cleanup()
+    assert recipe.model_config.head_dim == 32
+    assert recipe.model.layers[0].attention.wo.weight.shape == (128, 128)
+
+
 @pytest.mark.parametrize("name", sorted(builtin_configs()))
 def test_every_shipped_config_sets_up_against_a_tiny_model(name, tiny_run, demo_files,
                                                            llama2_tokenizer_path, tmp_path):

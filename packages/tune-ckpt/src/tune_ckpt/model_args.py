@@ -23,10 +23,11 @@ from tune_ckpt.reading import read_tensor_meta
 from tune_ckpt.writing import write_text_atomic
 
 FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "multiple_of",
-          "ffn_dim_multiplier", "norm_eps", "max_seq_len", "rope_theta")
+          "ffn_dim_multiplier", "norm_eps", "max_seq_len", "rope_theta", "head_dim", "qkv_bias",
+          "tie_embeddings", "rope_scaling", "sliding_window")
 _REQUIRED = ("vocab_size", "dim", "n_layers", "n_heads")
 _INTS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "multiple_of",
-         "max_seq_len")
+         "max_seq_len", "head_dim", "sliding_window")
 
 
 def meta_hidden_dim(
@@ -59,6 +60,12 @@ def normalize_args(args: dict, where: str = "model arguments") -> dict:
             if isinstance(out[k], bool) or not isinstance(out[k], (int, float)) or out[k] <= 0:
                 raise CheckpointError(f"{where}: '{k}' must be a positive number, got {out[k]!r}")
             out[k] = float(out[k])
+    for k in ("qkv_bias", "tie_embeddings"):
+        if k in out and not isinstance(out[k], bool):
+            raise CheckpointError(f"{where}: '{k}' must be true or false, got {out[k]!r}")
+    if "rope_scaling" in out and not isinstance(out["rope_scaling"], dict):
+        raise CheckpointError(f"{where}: 'rope_scaling' must be an object, got "
+                              f"{out['rope_scaling']!r}")
     out.setdefault("n_kv_heads", out["n_heads"])
     if "hidden_dim" not in out:
         out["hidden_dim"] = meta_hidden_dim(

@@ -400,23 +400,14 @@ def data_stats(config_name: str, overrides: tuple[str, ...]) -> None:
 
 
 def _build_dataset(config_name: str, overrides: tuple[str, ...]):
-    import inspect
-
     from tune_train import registry
     from tune_train.config import load_config
 
     cfg = load_config(config_name, list(overrides))
     tokenizer = registry.lookup(registry.TOKENIZERS, cfg.tokenizer, "tokenizer")(
         cfg.tokenizer_checkpoint)
-    builder = registry.lookup(registry.DATASETS, cfg.dataset, "dataset")
-    kwargs = dict(data_files=cfg.data_files, split=cfg.dataset_split,
-                  train_on_input=cfg.train_on_input, max_seq_len=cfg.max_seq_len,
-                  **cfg.dataset_args)
-    if cfg.dataset_source is not None:
-        kwargs["source"] = cfg.dataset_source
-    if "chat_template" in inspect.signature(builder).parameters:
-        kwargs["chat_template"] = cfg.chat_template
-    return builder(tokenizer, **kwargs)
+    return registry.build_dataset(cfg, tokenizer,
+                                  warn=lambda line: click.echo(f"warning: {line}", err=True))
 
 
 # ----------------------------------------------------------------------------- config

@@ -342,7 +342,7 @@ def _text(value: Any) -> str:
 
 def instruct_dataset(
     tokenizer: Tokenizer,
-    source: str,
+    source: str | None,
     template: PromptTemplate | str,
     *,
     column_map: Mapping[str, str] | None = None,
@@ -364,7 +364,7 @@ def instruct_dataset(
     Args:
         tokenizer: The model's tokenizer.
         source: Hub dataset name, local file, or builder name (see
-            :func:`tune_data.sources.load_records`).
+            :func:`tune_data.sources.load_records`); None to read ``data_files``.
         template: The prompt: a PromptTemplate, a ``str.format`` text over field names
             (``"### Question:\\n{question}\\n\\n### Answer:\\n"``) or a name ("alpaca").
         column_map: Field name -> column name, for data whose columns are named differently,
@@ -385,6 +385,10 @@ def instruct_dataset(
     """
     if max_seq_len is not None and max_seq_len < 2:
         raise DataError(f"max_seq_len must be at least 2 tokens, got {max_seq_len}")
+    if source is None and data_files is None:
+        raise DataError("an instruct dataset needs a source (hub name or file; "
+                        "dataset_source in a config) or data_files")
+    source = source or ""
     template = as_template(template)
     column_map = dict(column_map or {})
     fields = [*template.fields, response_field]
@@ -501,10 +505,27 @@ def alpaca_dataset(
     )
 
 
-def alpaca_cleaned_dataset(tokenizer: Tokenizer, **kwargs: Any) -> TokenizedDataset:
-    """Alpaca with the community's fixes (``yahma/alpaca-cleaned``); see :func:`alpaca_dataset`."""
-    kwargs.setdefault("source", "yahma/alpaca-cleaned")
-    return alpaca_dataset(tokenizer, **kwargs)
+def alpaca_cleaned_dataset(
+    tokenizer: Tokenizer,
+    source: str = "yahma/alpaca-cleaned",
+    data_files: DataFiles | None = None,
+    split: str = "train",
+    train_on_input: bool = False,
+    max_seq_len: int | None = 512,
+    *,
+    column_map: Mapping[str, str] | None = None,
+    cache_dir: str | Path | None = None,
+    **load_kwargs: Any,
+) -> TokenizedDataset:
+    """Alpaca with the community's fixes (``yahma/alpaca-cleaned``); see :func:`alpaca_dataset`.
+
+    The parameters are spelled out (not ``**kwargs``) so that a config passes exactly the
+    arguments this builder takes (``tune_train.registry.dataset_arguments`` reads them).
+    """
+    return alpaca_dataset(
+        tokenizer, source, data_files, split, train_on_input, max_seq_len,
+        column_map=column_map, cache_dir=cache_dir, **load_kwargs,
+    )
 
 
 def _describe_source(source: str, data_files: DataFiles | None) -> str:

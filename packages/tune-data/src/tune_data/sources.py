@@ -62,6 +62,12 @@ def load_records(
             kwargs.setdefault("keep_default_na", False)
             if Path(files[0]).suffix.lower() == ".tsv":
                 kwargs.setdefault("sep", "\t")
+            if "converters" not in kwargs and "features" not in kwargs:
+                # A csv cell is text even where it looks like a number (an answer `4`, not
+                # the 4.0 of a column pandas made float).
+                header = _csv_header(files[0], kwargs.get("sep") or kwargs.get("delimiter"))
+                if header:
+                    kwargs["converters"] = dict.fromkeys(header, str)
         if source == "text":
             kwargs.setdefault("sample_by", "document")
         kwargs["data_files"] = files
@@ -78,6 +84,20 @@ def load_records(
             "check the name "
             "and your connection, or pass data_files= a local json/jsonl/csv/parquet file"
         ) from error
+
+
+def _csv_header(path: str, sep: str | None) -> list[str]:
+    """The column names of a local csv file ([] if it cannot be read here; datasets will say
+    what is wrong with it)."""
+    import csv
+
+    if not Path(path).is_file():
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f, delimiter=sep or ","), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -116,11 +136,15 @@ def _builder_for(path: str) -> str:
 
 
 def check_columns(ds: datasets.Dataset, columns: Sequence[str], where: str, hint: str) -> None:
-    """Fail on the first missing column or missing (null) value, naming the row and column.
+    """Fail on the first missing column, missing (null) value or value that is not text,
+    naming the row and column.
+
+    A number, list or object where text belongs would otherwise be trained on as its Python
+    spelling (``['a', 'b']``), which nobody means.
 
     Args:
         ds: The loaded records.
-        columns: Columns every record needs.
+        columns: Columns every record needs, as text.
         where: What to call the data in the message (file or hub name).
         hint: The fix to suggest for a missing column.
 
@@ -136,12 +160,45 @@ def check_columns(ds: datasets.Dataset, columns: Sequence[str], where: str, hint
                 f"{where}: row 0 has no '{name}' column (columns: {have}); {hint}"
             )
         column = ds.data.column(name)
-        if column.null_count:
-            row = pc.index(pc.is_null(column), True).as_py()
+        row = pc.index(pc.is_null(column), True).as_py() if column.null_count else None
+        if row is None and not _is_text(ds.features[name]):
+            # Not a text column (numbers, lists, objects, or text mixed with them): find the
+            # first value that is not a string, or a null hidden in a mixed column.
+            row, value = next(
+                ((r, v) for r, v in enumerate(ds[name]) if not isinstance(v, str)), (None, None)
+            )
+            if value is not None:
+                raise DataError(
+                    f"{where}: row {row} (counting from 0) has {_kind(value)} in '{name}' "
+                    f"({_preview(value)}), not text; write it as a string in the data, or "
+                    "remove the row"
+                )
+        if row is not None:
             raise DataError(
                 f"{where}: row {row} (counting from 0) has no '{name}'; "
                 "fill it in (an empty string is fine) or remove the row"
             )
+
+
+def _is_text(feature: Any) -> bool:
+    return getattr(feature, "dtype", None) in ("string", "large_string")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def _preview(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def local_json_files(

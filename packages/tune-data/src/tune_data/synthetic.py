@@ -15,10 +15,6 @@ from tune_data.dataset import TokenizedDataset
 
 def random_tokens_dataset(
     tokenizer: Any,
-    source: str | None = None,
-    data_files: Any = None,
-    split: str = "train",
-    train_on_input: bool = False,
     max_seq_len: int | None = 2048,
     *,
     num_samples: int = 64,
@@ -27,8 +23,8 @@ def random_tokens_dataset(
     """``num_samples`` sequences of exactly ``max_seq_len`` uniform random tokens (never zeros:
     they would make softmax and matmul work unrepresentative), every position a target.
 
-    Takes the same arguments as the other builders so a config can name it; the data
-    arguments are ignored.
+    It reads no data, so it takes none of the data arguments (source, data_files, ...); a
+    config that sets them is told they are ignored.
     """
     length = max_seq_len or 2048
     rng = np.random.default_rng(seed)

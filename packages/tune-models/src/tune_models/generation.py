@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from tune_models.llama2 import Llama2
+from tune_models.decoder import Decoder
 
 # How often (in steps) generate() asks whether every row has stopped. Asking is a
 # device-to-host sync; doing it every step would stall a GPU pipeline for nothing.
@@ -88,7 +88,7 @@ def sample_token(
     return (probs / race).argmax(dim=-1)
 
 
-def _logits(model: Llama2, hidden: torch.Tensor) -> torch.Tensor:
+def _logits(model: Decoder, hidden: torch.Tensor) -> torch.Tensor:
     """(B, D) final hidden states -> (B, V) logits."""
     if hidden.device.type != "cpu":
         return model.output(hidden)
@@ -103,7 +103,7 @@ def _logits(model: Llama2, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_step(
-    model: Llama2, token: torch.Tensor, pos: torch.Tensor, pad_start: torch.Tensor
+    model: Decoder, token: torch.Tensor, pos: torch.Tensor, pad_start: torch.Tensor
 ) -> torch.Tensor:
     """One token per row at cache slot pos (1,); returns (B, V) logits. Static shapes only."""
     cache_len = model.layers[0].attention.kv_cache.max_seq_len
@@ -135,7 +135,7 @@ def _stop_tensor(stop_tokens: int | Sequence[int] | None, device) -> torch.Tenso
 
 
 def _check_request(
-    model: Llama2,
+    model: Decoder,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     temperature: float,
@@ -167,7 +167,7 @@ def _check_request(
     check_sampling(temperature, top_k, top_p)
 
 
-def _reusable_cache(model: Llama2, batch_size: int, length: int) -> bool:
+def _reusable_cache(model: Decoder, batch_size: int, length: int) -> bool:
     """True when the caller set up a cache this request fits in (then it is kept after)."""
     if not model.caches_are_enabled:
         return False
@@ -177,7 +177,7 @@ def _reusable_cache(model: Llama2, batch_size: int, length: int) -> bool:
 
 @torch.no_grad()
 def _decode(
-    model: Llama2,
+    model: Decoder,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     temperature: float,
@@ -244,7 +244,7 @@ def _decode(
 
 
 def generate_stream(
-    model: Llama2,
+    model: Decoder,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
@@ -278,7 +278,7 @@ def generate_stream(
 
 
 def generate(
-    model: Llama2,
+    model: Decoder,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
@@ -297,7 +297,7 @@ def generate(
     calls reuse one graph instead of recompiling for every new cache size.
 
     Args:
-        model: A Llama2 (any device and dtype); its weights are not changed.
+        model: A Decoder of any family (any device and dtype); its weights are not changed.
         prompts: Token ids of each prompt (BOS included if the model expects one); lengths
             may differ.
         max_new_tokens: Most tokens to add to each prompt.

@@ -31,11 +31,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if with_grad:
             grad_hidden = torch.zeros_like(hidden)
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # Two chunk-sized buffers reused by every chunk: fresh (C, V) tensors each time would
+        # be fresh pages from the OS each time, and faulting them in costs as much as a pass
+        # over them.
+        rows = min(chunk, h.shape[0])
+        logits_buf = torch.empty(rows, vocab, dtype=compute_dtype, device=hidden.device)
+        logp_buf = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start : start + chunk], targets[start : start + chunk]
+            logits = torch.mm(hc, w.T, out=logits_buf[: len(yc)])  # (C, V)
             # One fused log_softmax pass, then one exp for the gradient: cheaper than
             # logsumexp followed by a separate softmax.
-            logp = torch.log_softmax((hc @ w.T).float(), dim=-1)  # (C, V)
+            logp = torch.log_softmax(logits.float(), dim=-1, out=logp_buf[: len(yc)])  # (C, V)
             loss -= logp.gather(1, yc[:, None]).sum()
             if with_grad:
                 probs = logp.exp_()  # softmax, in place: (C, V)
@@ -44,7 +51,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden.index_copy_(
                     0, valid[start : start + chunk], (g @ w).to(grad_hidden.dtype)
                 )
-                grad_weight += (g.T @ hc).float()
+                if g.dtype == grad_weight.dtype:
+                    # Accumulate inside the GEMM: no (V, D) temporary per chunk to add.
+                    grad_weight.addmm_(g.T, hc)
+                else:
+                    grad_weight += (g.T @ hc).float()
         if with_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss

@@ -10,6 +10,7 @@ so ``tune config validate`` and ``tune config show`` stay quick.
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
@@ -368,10 +369,26 @@ def _check_values(cfg: TrainConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"'{key}' must be positive or null, got {value}")
+    # YAML reads `.nan`, `inf` and `1e999` as numbers (and `nan` is accepted as a float
+    # string): none of them trains, and each would only fail, or silently diverge, later.
+    for key in ("lr", "min_lr_ratio", "weight_decay", "max_grad_norm"):
+        value = getattr(cfg, key)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"'{key}' must be a finite number, got {value}")
     if cfg.lr <= 0:
         raise ConfigError(f"'lr' must be positive, got {cfg.lr}")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ConfigError(f"'min_lr_ratio' is the final lr as a fraction of lr and must be "
+                          f"between 0 and 1, got {cfg.min_lr_ratio}")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"'weight_decay' must be >= 0, got {cfg.weight_decay}")
+    if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
+        raise ConfigError(f"'max_grad_norm' must be positive, or null for no clipping, got "
+                          f"{cfg.max_grad_norm}")
     if cfg.warmup_steps < 0:
         raise ConfigError(f"'warmup_steps' must be >= 0, got {cfg.warmup_steps}")
+    if cfg.seed < 0:
+        raise ConfigError(f"'seed' must be >= 0, got {cfg.seed}")
     known_loggers = ["stdout", "jsonl", "tensorboard", "wandb"]
     for name in cfg.metric_loggers:
         if name not in known_loggers:

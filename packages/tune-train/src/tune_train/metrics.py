@@ -1,4 +1,5 @@
-"""Metric loggers: stdout, JSONL, TensorBoard and Weights & Biases, combinable.
+"""Metric loggers: stdout, JSONL, TensorBoard and Weights & Biases, combinable; and the
+progress of an epoch, as a bar on a terminal or as plain lines in a log file.
 
 Each logger takes ``log(metrics: dict, step: int)`` and ``close()``. Only rank 0 builds them.
 """
@@ -8,8 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any, Protocol
+
+from tqdm import tqdm
+
+# Where stderr is not a terminal, at most one progress line this often (seconds).
+PLAIN_PROGRESS_SECONDS = 30.0
 
 
 class MetricLogger(Protocol):
@@ -174,3 +182,50 @@ class MetricLoggers:
     def close(self) -> None:
         for logger in self.loggers:
             logger.close()
+
+
+class StepProgress:
+    """Progress through an epoch: tqdm's bar on a terminal. In a log file (``tune run ... >
+    train.log 2>&1``) every redraw of a bar is one more ``\\r`` frame, so there it prints a
+    plain line at most every PLAIN_PROGRESS_SECONDS instead.
+
+    Args:
+        total: Steps in the epoch.
+        initial: Steps already done (a resumed epoch).
+        desc: What is running, e.g. ``epoch 1/2``.
+        show: False on every process but the one that reports (rank 0).
+    """
+
+    def __init__(self, total: int, initial: int, desc: str, show: bool = True):
+        self.total, self.initial, self.n, self.desc = total, initial, initial, desc
+        self.lines = show and not sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
+                        dynamic_ncols=True, disable=not show or self.lines)
+        self.start = self.last_line = time.monotonic()
+
+    def update(self, loss: float) -> None:
+        """One more step done, with its loss."""
+        self.n += 1
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}")
+        now = time.monotonic()
+        if self.lines and now - self.last_line >= PLAIN_PROGRESS_SECONDS:
+            self.last_line = now
+            tqdm.write(tqdm.format_meter(
+                self.n, self.total, now - self.start, prefix=self.desc, unit="step",
+                initial=self.initial, postfix=f"loss={loss:.4f}",
+                bar_format="{desc}: step {n_fmt}/{total_fmt} ({percentage:.0f}%), "
+                           "{elapsed} elapsed, {remaining} left, {rate_fmt}{postfix}"))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def quiet_library_progress_bars() -> None:
+    """Turn off the progress bars of tqdm's users (datasets, huggingface_hub, ...) for this
+    process and its children when stderr is a log file, not a terminal: there every redraw
+    would be one more ``\\r`` frame. Call it before those libraries are imported."""
+    if not sys.stderr.isatty():
+        for name in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS",
+                     "HF_HUB_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(name, "1")

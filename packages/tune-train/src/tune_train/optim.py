@@ -40,6 +40,8 @@ class DynamicLossScaler:
     which clip_grad_norm_ already reduces over all ranks.
     """
 
+    min_scale = 1.0  # below this, scaling no longer explains an overflow
+
     def __init__(self, init_scale: float = 2.0**16, growth_interval: int = 2000):
         self.scale = init_scale
         self.growth_interval = growth_interval
@@ -53,7 +55,7 @@ class DynamicLossScaler:
     def update(self, grad_norm_finite: bool) -> bool:
         """Record the outcome of a step; returns whether the optimizer may step."""
         if not grad_norm_finite:
-            self.scale = max(self.scale / 2.0, 1.0)
+            self.scale = max(self.scale / 2.0, self.min_scale)
             self.good_steps = 0
             return False
         self.good_steps += 1
@@ -61,6 +63,12 @@ class DynamicLossScaler:
             self.scale *= 2.0
             self.good_steps = 0
         return True
+
+    @property
+    def can_back_off(self) -> bool:
+        """Whether an overflow can still be blamed on the scale (it is above its minimum):
+        at the minimum, non-finite gradients are the model's, not fp16's."""
+        return self.scale > self.min_scale
 
     def state_dict(self) -> dict[str, float]:
         return {"scale": self.scale, "good_steps": self.good_steps}

@@ -62,6 +62,20 @@ def unknown_names(cfg: TrainConfig) -> list[str]:
     return problems
 
 
+def dataset_argument_problems(cfg: TrainConfig) -> list[str]:
+    """A message if the dataset builder cannot take the config's arguments (dataset_args)."""
+    from tune_train import registry
+
+    builder = registry.DATASETS.get(cfg.dataset)
+    if builder is None:
+        return []  # unknown_names reports it
+    try:
+        registry.dataset_arguments(builder, cfg)
+    except ConfigError as e:
+        return [str(e)]
+    return []
+
+
 def validate_config(cfg: TrainConfig) -> list[str]:
     """Every problem found, names first; an empty list means the run can start."""
-    return unknown_names(cfg) + missing_files(cfg)
+    return unknown_names(cfg) + dataset_argument_problems(cfg) + missing_files(cfg)

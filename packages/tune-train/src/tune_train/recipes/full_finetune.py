@@ -11,7 +11,6 @@ The whole training loop is visible in ``FullFinetuneRecipe.train``.
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
 import resource
@@ -35,7 +34,9 @@ from tune_train.distributed import (
     shard_model,
 )
 from tune_train.errors import RecipeError, explain, user_errors
+from tune_train.metrics import StepProgress, quiet_library_progress_bars
 from tune_train.optim import DynamicLossScaler, lr_multiplier
+from tune_train.output_dir import OutputDirError, OutputDirLock, claim_output_dir
 from tune_train.validate import missing_files
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,6 +55,7 @@ class FullFinetuneRecipe:
         self.epoch = 0
         self.step_in_epoch = 0  # optimizer steps taken in self.epoch
         self.loggers = None
+        self.output_lock: OutputDirLock | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -66,6 +68,7 @@ class FullFinetuneRecipe:
         dataset_fn = registry.lookup(registry.DATASETS, cfg.dataset, "dataset")
         self.optimizer_cls = registry.lookup(registry.OPTIMIZERS, cfg.optimizer, "optimizer")
         self.loss_fn = registry.lookup(registry.LOSSES, cfg.loss, "loss")
+        registry.dataset_arguments(dataset_fn, cfg)  # a wrong dataset_args key fails here
         problems = missing_files(cfg)
         if problems:
             raise RecipeError(problems[0])
@@ -87,10 +90,8 @@ class FullFinetuneRecipe:
                               "is False; set enable_fsdp: True (or launch one process)")
 
         output_dir = Path(cfg.output_dir)
-        if self.dist.is_main:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_partial_checkpoints(output_dir)
-        self._barrier()
+        # Nothing in output_dir is touched before this run holds it alone.
+        self._on_main_rank(self._claim_output_dir)
         self.resume_from = ckpt.latest_checkpoint(output_dir)
         if self.resume_from is not None and not cfg.resume_from_checkpoint:
             raise RecipeError(
@@ -114,7 +115,7 @@ class FullFinetuneRecipe:
             if cfg.dtype == "fp16" and not self.sharded
             else nullcontext()
         )
-        self._setup_data(dataset_fn)
+        self._setup_data()
         self.total_steps = self.steps_per_epoch * cfg.epochs
 
         if self.resume_from is not None:
@@ -125,6 +126,32 @@ class FullFinetuneRecipe:
         if self.dist.is_main:
             (output_dir / "config.yaml").write_text(dump_config(cfg))
             self.loggers = self._setup_loggers()
+
+    def _claim_output_dir(self) -> None:
+        try:
+            self.output_lock = claim_output_dir(self.cfg.output_dir)
+        except OutputDirError as e:
+            raise RecipeError(str(e)) from e
+        ckpt.remove_partial_checkpoints(self.cfg.output_dir)
+
+    def _on_main_rank(self, work) -> None:
+        """Run ``work`` on rank 0 only; if it fails there, every rank stops with its message
+        (instead of the others waiting for rank 0 until a timeout)."""
+        error = None
+        if self.dist.is_main:
+            try:
+                work()
+            except RecipeError as e:
+                if not self.dist.distributed:
+                    raise
+                error = e
+        if self.dist.distributed:
+            message = [str(error) if error is not None else None]
+            dist.broadcast_object_list(message, src=0)
+            if error is not None:
+                raise error
+            if message[0] is not None:
+                raise RecipeError(message[0])
 
     def _model_config(self, model_fn):
         cfg = self.cfg
@@ -142,6 +169,8 @@ class FullFinetuneRecipe:
                               f"fields are {', '.join(sorted(fields))}")
         if "dim" in overrides or "multiple_of" in overrides or "ffn_dim_multiplier" in overrides:
             fields["hidden_dim"] = None  # re-derive the FFN width from the new sizes
+        if "dim" in overrides or "n_heads" in overrides:
+            fields["head_dim"] = None  # likewise the head size (dim // n_heads)
         fields.update(overrides)
         try:
             model_config = type(model_config)(**fields)
@@ -240,18 +269,13 @@ class FullFinetuneRecipe:
         except TypeError as e:
             raise ConfigError(f"optimizer_args do not fit {cfg.optimizer}: {e}") from e
 
-    def _setup_data(self, dataset_fn) -> None:
+    def _setup_data(self) -> None:
         from tune_data import ShardedBatchSampler, collate, pack
+        from tune_train import registry
 
         cfg = self.cfg
-        kwargs = dict(data_files=cfg.data_files, split=cfg.dataset_split,
-                      train_on_input=cfg.train_on_input, max_seq_len=cfg.max_seq_len,
-                      **cfg.dataset_args)
-        if cfg.dataset_source is not None:
-            kwargs["source"] = cfg.dataset_source
-        if "chat_template" in inspect.signature(dataset_fn).parameters:
-            kwargs["chat_template"] = cfg.chat_template
-        dataset = dataset_fn(self.tokenizer, **kwargs)
+        dataset = registry.build_dataset(cfg, self.tokenizer,
+                                         warn=lambda line: _warn_once(self.dist, line))
         if cfg.packing:
             dataset = pack(dataset, cfg.max_seq_len, pad_id=self.tokenizer.pad_id)
         self.dataset = dataset
@@ -382,9 +406,8 @@ class FullFinetuneRecipe:
             # The epoch's batch order is a pure function of (seed, epoch, world size), so a
             # resumed run skips exactly the batches the interrupted one had consumed.
             batches = iter(self.sampler.epoch_batches(epoch)[self.step_in_epoch * accum:])
-            progress = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
-                            desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                            disable=not self.dist.is_main, dynamic_ncols=True)
+            progress = StepProgress(self.steps_per_epoch, self.step_in_epoch,
+                                    f"epoch {epoch + 1}/{cfg.epochs}", show=self.dist.is_main)
             tokens_since_log, time_since_log = 0, time.perf_counter()
             while self.step_in_epoch < self.steps_per_epoch:
                 micro = [self.collate(b) for _, b in zip(range(accum), batches)]
@@ -394,7 +417,7 @@ class FullFinetuneRecipe:
                 # micro-batches (or k ranks) give the update of one k-times bigger batch.
                 n_local = sum(int((m["labels"] != -100).sum()) for m in micro)
                 counts = all_reduce_sum(torch.tensor([float(n_local), float(sum(
-                    self._real_tokens(m) for m in micro))]))
+                    self._real_tokens(m) for m in micro))], device=self.device))
                 n_global, seen_tokens = counts.tolist()
                 loss_sum = torch.zeros((), device=self.device)
                 scale = self.loss_scaler.scale if self.loss_scaler else 1.0
@@ -408,13 +431,14 @@ class FullFinetuneRecipe:
                     (loss * (scale / divisor)).backward()
                     loss_sum += loss.detach()
 
+                mean_loss = all_reduce_sum(loss_sum).item() / max(n_global, 1.0)
+                if not math.isfinite(mean_loss):
+                    raise self._diverged(self.global_step + 1, f"the loss is {mean_loss}")
                 grad_norm, stepped = self._optimizer_step()
                 self.global_step += 1
                 self.step_in_epoch += 1
                 tokens_since_log += seen_tokens
-                mean_loss = all_reduce_sum(loss_sum).item() / max(n_global, 1.0)
-                progress.update(1)
-                progress.set_postfix(loss=f"{mean_loss:.4f}")
+                progress.update(mean_loss)
                 if self.global_step % cfg.log_every_n_steps == 0 and self.loggers:
                     elapsed = time.perf_counter() - time_since_log
                     self.loggers.log(self._metrics(mean_loss, grad_norm, stepped,
@@ -422,9 +446,11 @@ class FullFinetuneRecipe:
                     tokens_since_log, time_since_log = 0, time.perf_counter()
                 if cfg.save_every_n_steps and self.global_step % cfg.save_every_n_steps == 0 \
                         and self.step_in_epoch < self.steps_per_epoch:
+                    self._check_weights_finite()
                     self.save_checkpoint()
             progress.close()
             self.epoch, self.step_in_epoch = epoch + 1, 0
+            self._check_weights_finite()
             path = self.save_checkpoint()
             if self.dist.is_main:
                 tqdm.write(f"epoch {epoch + 1} done: checkpoint {path}")
@@ -446,13 +472,41 @@ class FullFinetuneRecipe:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
         grad_norm = float(grad_norm)
+        finite = math.isfinite(grad_norm)
+        if not finite and not (self.loss_scaler and self.loss_scaler.can_back_off):
+            # fp16's loss scaler skips a step whose scaled gradients overflowed and retries
+            # at a lower scale; anything else is divergence, and stepping would ruin weights.
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._diverged(self.global_step + 1, f"the gradient norm is {grad_norm}")
         stepped = True
         if self.loss_scaler:
-            stepped = self.loss_scaler.update(math.isfinite(grad_norm))
+            stepped = self.loss_scaler.update(finite)
         if stepped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, stepped
+
+    def _diverged(self, step: int, problem: str) -> RecipeError:
+        """The error that stops a run whose numbers stopped being finite, before any harm."""
+        latest = ckpt.latest_checkpoint(self.cfg.output_dir)
+        kept = (f"the latest checkpoint, {latest}, is unchanged" if latest is not None
+                else "no checkpoint was written")
+        return RecipeError(
+            f"training diverged at step {step}: {problem}; {kept}. Lower lr (now "
+            f"{self.cfg.lr:g}) or clip gradients (max_grad_norm), then resume with "
+            "resume_from_checkpoint: True"
+        )
+
+    def _check_weights_finite(self) -> None:
+        """Refuse to checkpoint weights that hold inf or nan (a step with a finite loss and
+        gradient can still overflow them); the previous checkpoint stays the latest."""
+        bad = torch.zeros((), device=self.device)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                local = p.to_local() if hasattr(p, "to_local") else p  # this rank's shard
+                bad += (~torch.isfinite(local)).any().to(bad.device)
+        if all_reduce_sum(bad).item():
+            raise self._diverged(self.global_step, "its update made some weights inf or nan")
 
     def _metrics(self, loss: float, grad_norm: float, stepped: bool,
                  tokens_per_second: float) -> dict[str, float]:
@@ -488,6 +542,8 @@ class FullFinetuneRecipe:
                     tqdm.write(f"loss curve: {png}")
                 except (PlotError, FileNotFoundError) as e:
                     tqdm.write(f"no loss curve drawn: {e}")
+        if self.output_lock is not None:
+            self.output_lock.release()
         cleanup_distributed()
 
 
@@ -564,6 +620,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4")
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("TUNE_DEBUG") == "1"
+    quiet_library_progress_bars()
     try:
         main(load_config(args.config, args.overrides))
     except (KeyboardInterrupt, *user_errors()) as e:

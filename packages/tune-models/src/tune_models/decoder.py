@@ -1,11 +1,19 @@
-"""Llama 2 in one file: config, modules and presets (torch only).
+"""One decoder for every family tune fine-tunes: config, modules and numerics (torch only).
+
+Llama 2, Llama 3.x, Mistral and Qwen2.5 are the same pre-norm transformer with SwiGLU and
+rotary embeddings; they differ in sizes and in a few switches, all of them fields of
+:class:`DecoderConfig`: grouped-query attention with an explicit ``head_dim``, biases on the
+q/k/v projection (Qwen2), one matrix for the input and output embeddings (Llama 3.2 1B/3B,
+Qwen2.5 up to 3B), Llama 3.1's RoPE frequency scaling, and Mistral's sliding-window attention.
+The presets of each family and what else tune knows about it live in ``families.py``.
 
 The parameter names below are the *native key schema* that tune-ckpt converts to and from; see
 the package README for the full table. Two choices define it:
 
 * Attention has ONE fused projection ``wqkv`` whose output rows are laid out
   ``[Q heads | K heads | V heads]`` (n_heads*head_dim, then n_kv_heads*head_dim twice). One
-  matmul instead of three is faster at every size, and the split is a free view.
+  matmul instead of three is faster at every size, and the split is a free view. A q/k/v bias
+  is one ``wqkv.bias`` in the same layout.
 * Rotary embeddings use Meta's convention: dimension pairs ``(2i, 2i+1)`` of each head are
   rotated together, so Meta's ``wq``/``wk`` rows are taken as they are.
 """
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +32,20 @@ from torch.utils.checkpoint import checkpoint
 from tune_models.kv_cache import KVCache
 from tune_models.loss import linear_cross_entropy
 
+# The fields of a rope_scaling dict, by rope_type. The names are transformers' (and Meta's
+# params.json's), so a config.json's rope_scaling carries over as it is.
+ROPE_SCALING_FIELDS = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+}
+
 
 @dataclass
-class Llama2Config:
-    """Shape of a Llama-2-class model.
+class DecoderConfig:
+    """Shape of a decoder of any supported family.
+
+    Every field is a plain JSON value, so ``vars(config)`` is what a checkpoint's
+    ``tune_model.json`` holds and ``DecoderConfig(**json.load(f))`` rebuilds the model.
 
     Args:
         vocab_size: Number of token ids.
@@ -40,9 +59,17 @@ class Llama2Config:
         norm_eps: Epsilon of RMSNorm.
         max_seq_len: Longest sequence the model accepts.
         rope_theta: Base of the rotary embedding frequencies.
+        head_dim: Size of one attention head; None means dim // n_heads.
+        qkv_bias: Whether the q/k/v projection has a bias (Qwen2).
+        tie_embeddings: Whether the output projection is the input embedding matrix (then the
+            model has no ``output.weight`` parameter).
+        rope_scaling: None, or a dict with ``rope_type`` "llama3" and the fields in
+            ``ROPE_SCALING_FIELDS["llama3"]`` (Llama 3.1's long-context frequency scaling).
+        sliding_window: If set, a query attends to at most this many positions: itself and
+            the sliding_window - 1 before it (Mistral v0.1: 4096).
 
     Raises:
-        ValueError: When the sizes do not fit together.
+        ValueError: When the sizes do not fit together or a field has a bad value.
     """
 
     vocab_size: int = 32000
@@ -56,6 +83,11 @@ class Llama2Config:
     norm_eps: float = 1e-5
     max_seq_len: int = 4096
     rope_theta: float = 10000.0
+    head_dim: int | None = None
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    rope_scaling: dict[str, Any] | None = None
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -63,18 +95,26 @@ class Llama2Config:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
-            raise ValueError(
-                f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})"
-            )
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(
+                    f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}), "
+                    f"or give head_dim"
+                )
+            self.head_dim = self.dim // self.n_heads
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be positive and even for RoPE")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
             )
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError(
-                f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for RoPE"
-            )
+        for name in ("qkv_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
         if self.hidden_dim is None:
             # Meta's rule: 2/3 of 4*dim (SwiGLU has three matrices), optionally scaled, then
             # rounded up to multiple_of. 7B: 4096 -> 11008.
@@ -83,44 +123,73 @@ class Llama2Config:
                 hidden = int(self.ffn_dim_multiplier * hidden)
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+
+def _check_rope_scaling(scaling: dict[str, Any]) -> None:
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be a dict or None, got {scaling!r}")
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALING_FIELDS:
+        raise ValueError(
+            f"rope_scaling type {kind!r} is not supported (supported: "
+            f"{', '.join(ROPE_SCALING_FIELDS)}); set rope_type to one of them or rope_scaling "
+            f"to None"
+        )
+    expected = set(ROPE_SCALING_FIELDS[kind])
+    missing = sorted(expected - set(scaling))
+    unknown = sorted(set(scaling) - expected - {"rope_type"})
+    if missing or unknown:
+        what = f"lacks '{missing[0]}'" if missing else f"has unknown field '{unknown[0]}'"
+        raise ValueError(
+            f"rope_scaling of type {kind!r} {what}; it takes {', '.join(sorted(expected))}"
+        )
+    for name in ROPE_SCALING_FIELDS[kind]:
+        value = scaling[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"rope_scaling['{name}'] must be a positive number, got {value!r}")
+    if scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
+        raise ValueError(
+            f"rope_scaling: low_freq_factor ({scaling['low_freq_factor']}) must be below "
+            f"high_freq_factor ({scaling['high_freq_factor']})"
+        )
 
 
-def llama2_7b() -> Llama2Config:
-    """Llama-2-7B: 6,738,415,616 parameters."""
-    return Llama2Config(dim=4096, n_layers=32, n_heads=32)
+def rope_frequencies(
+    head_dim: int, theta: float = 10000.0, scaling: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Angular frequency of each rotated pair of a head, Llama 3.1's scaling applied if given.
+
+    Llama 3.1 stretches the context from original_max_position_embeddings to factor times
+    that: pairs that turn slowly (wavelength above original / low_freq_factor) are slowed down
+    by ``factor``, pairs that turn fast (below original / high_freq_factor) keep their speed,
+    and those in between blend the two linearly in original / wavelength.
+
+    Args:
+        head_dim: Size of one attention head (even).
+        theta: Frequency base.
+        scaling: None, or a "llama3" rope_scaling dict (see :class:`DecoderConfig`).
+        device: Where to make the tensor.
+
+    Returns:
+        float32 tensor of shape (head_dim // 2,).
+    """
+    freqs = theta ** -(
+        torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    )  # (D/2,)
+    if scaling is None:
+        return freqs
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / freqs
+    blend = ((original / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    # blend is 0 for long wavelengths (all of freqs / factor), 1 for short ones (freqs as is).
+    return (1 - blend) * freqs / factor + blend * freqs
 
 
-def llama2_13b() -> Llama2Config:
-    """Llama-2-13B: 13,015,864,320 parameters."""
-    return Llama2Config(dim=5120, n_layers=40, n_heads=40)
-
-
-def llama2_70b() -> Llama2Config:
-    """Llama-2-70B (grouped-query attention, 8 KV heads): 68,976,648,192 parameters."""
-    return Llama2Config(
-        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096
-    )
-
-
-def llama2_tiny(vocab_size: int = 32000) -> Llama2Config:
-    """A ~1M-parameter (plus embeddings) Llama 2 for tests and demos; grouped-query like 70B."""
-    return Llama2Config(
-        vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
-        max_seq_len=512,
-    )
-
-
-def llama2_20m(vocab_size: int = 32000) -> Llama2Config:
-    """A ~20M-parameter Llama 2 (most of it embeddings at vocab 32000), the CPU benchmark size."""
-    return Llama2Config(
-        vocab_size=vocab_size, dim=256, n_layers=4, n_heads=8, multiple_of=64, max_seq_len=1024
-    )
-
-
-def rope_cache(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+def rope_cache(
+    positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
+    scaling: dict[str, Any] | None = None,
+) -> torch.Tensor:
     """Cosines and sines of the rotary angles at the given positions.
 
     Computed per forward from positions rather than kept as a buffer: it costs T*head_dim/2
@@ -131,13 +200,12 @@ def rope_cache(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -
         positions: Integer positions, any shape P.
         head_dim: Size of one attention head (even).
         theta: Frequency base.
+        scaling: None, or a "llama3" rope_scaling dict (see :func:`rope_frequencies`).
 
     Returns:
         float32 tensor of shape (*P, head_dim // 2, 2) holding (cos, sin).
     """
-    freqs = theta ** -(
-        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
-    )
+    freqs = rope_frequencies(head_dim, theta, scaling, device=positions.device)  # (D/2,)
     angles = positions.to(torch.float32).unsqueeze(-1) * freqs  # (*P, D/2)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)  # (*P, D/2, 2)
 
@@ -174,13 +242,13 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Grouped-query self-attention with a fused QKV projection and rotary embeddings."""
 
-    def __init__(self, config: Llama2Config):
+    def __init__(self, config: DecoderConfig):
         super().__init__()
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
         qkv_out = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
-        self.wqkv = nn.Linear(config.dim, qkv_out, bias=False)
+        self.wqkv = nn.Linear(config.dim, qkv_out, bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
@@ -236,7 +304,7 @@ class TransformerBlock(nn.Module):
     parameter names do not change, so checkpoints and FSDP wrapping are unaffected.
     """
 
-    def __init__(self, config: Llama2Config):
+    def __init__(self, config: DecoderConfig):
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.attention = Attention(config)
@@ -255,31 +323,64 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Llama2(nn.Module):
-    """The Llama 2 decoder.
+class TiedOutput(nn.Module):
+    """The output projection of a model with tied embeddings: ``h @ tok_embeddings.weight.T``.
+
+    It owns no parameter, so the matrix is in the state dict once (as
+    ``tok_embeddings.weight``, no ``output.weight``), safetensors never sees two names for one
+    tensor, and FSDP shards it once. ``weight`` is read from the embedding at every call, so
+    it follows whatever ``.to()``, ``load_state_dict(assign=True)`` or FSDP put there.
+    """
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        # Kept out of the module tree on purpose: as a submodule the matrix would be listed
+        # twice, under a second name.
+        self.__dict__["_embedding"] = embedding
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Decoder(nn.Module):
+    """The decoder of every supported family (Llama 2, Llama 3.x, Mistral, Qwen2.5).
+
+    ``model.output`` is the output projection in every family: an ``nn.Linear`` or, with tied
+    embeddings, a :class:`TiedOutput`; ``model.output(h)`` and ``model.output.weight`` work
+    the same either way.
 
     Args:
         config: Model shape.
     """
 
-    def __init__(self, config: Llama2Config):
+    def __init__(self, config: DecoderConfig):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output = TiedOutput(self.tok_embeddings)
+        else:
+            self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
 
     def init_weights(self, std: float = 0.02) -> None:
         """Random initialisation for training from scratch (pretrained weights skip this).
 
         Normal(0, std) everywhere, with the projections that write into the residual stream
-        (wo, w2) scaled by 1/sqrt(2 * n_layers) so its variance does not grow with depth.
+        (wo, w2) scaled by 1/sqrt(2 * n_layers) so its variance does not grow with depth;
+        biases start at zero.
         """
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(param)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(param)
             elif name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(param, 0.0, out_std)
             else:
@@ -330,6 +431,7 @@ class Llama2(nn.Module):
                 Packed batches pass per-sample positions (B, T).
             mask: Optional boolean attention mask, (B, T, S) or (T, S), True = may attend.
                 Default: causal. With a KV cache the default is causal over cache slots.
+                With a sliding window, the window is applied on top of any mask.
             labels: Optional (B, T) next-token targets with -100 where no loss is taken. When
                 given, the summed cross-entropy is returned instead of logits, computed in
                 chunks so the fp32 logits of the whole batch never exist.
@@ -378,15 +480,29 @@ class Llama2(nn.Module):
             if input_pos is None or input_pos.dim() != 1:
                 raise ValueError("with a KV cache, input_pos must be given as a (T,) tensor")
             cache_pos = input_pos
+            query_slots = input_pos  # (T,)
+            key_slots = torch.arange(self.layers[0].attention.kv_cache.max_seq_len,
+                                     device=tokens.device)  # (S,)
             if mask is None:
-                slots = torch.arange(self.layers[0].attention.kv_cache.max_seq_len,
-                                     device=tokens.device)
-                mask = slots[None, :] <= input_pos[:, None]  # (T, S)
-        elif input_pos is None:
-            input_pos = torch.arange(t, device=tokens.device)
+                mask = key_slots[None, :] <= query_slots[:, None]  # (T, S)
+        else:
+            if input_pos is None:
+                input_pos = torch.arange(t, device=tokens.device)
+            # Without a cache, keys are the tokens themselves: the window runs over indices
+            # (within a packed document those differ exactly as its positions do).
+            query_slots = key_slots = torch.arange(t, device=tokens.device)  # (T,)
+        window = self.config.sliding_window
+        if window is not None and key_slots.numel() > window:
+            # Key slot s is visible from query slot q only if q - window < s.
+            band = key_slots[None, :] > query_slots[:, None] - window  # (T, S)
+            if mask is None:
+                mask = band & (key_slots[None, :] <= query_slots[:, None])  # causal too
+            else:
+                mask = mask & band
         if mask is not None and mask.dim() == 2:
             mask = mask.unsqueeze(0)  # (1, T, S)
-        rope = rope_cache(input_pos, self.config.head_dim, self.config.rope_theta)
+        rope = rope_cache(input_pos, self.config.head_dim, self.config.rope_theta,
+                          self.config.rope_scaling)
 
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:

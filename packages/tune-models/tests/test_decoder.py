@@ -1,0 +1,311 @@
+"""The decoder against transformers (Llama, Mistral, Qwen2), the KV cache against the full
+forward, presets against the published parameter counts."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hf_reference import family_twins, hf_and_native, hf_config, hf_to_native_reference
+
+from tune_models import (
+    Decoder,
+    DecoderConfig,
+    Llama2,
+    Llama2Config,
+    TiedOutput,
+    linear_cross_entropy,
+    llama2_7b,
+    llama2_13b,
+    llama2_70b,
+    llama2_tiny,
+    llama3_1_8b,
+    llama3_1_70b,
+    llama3_2_1b,
+    llama3_2_3b,
+    llama3_tiny,
+    mistral_7b,
+    qwen2_5_0_5b,
+    qwen2_5_1_5b,
+    qwen2_5_7b,
+    rope_frequencies,
+)
+
+transformers = pytest.importorskip("transformers")
+
+# name -> (config, transformers architecture): one tiny twin per family, plus multi-head
+# attention and a head_dim that is not dim / n_heads.
+CASES = {
+    **family_twins(),
+    "mha": (DecoderConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, multiple_of=32,
+                          max_seq_len=128), "llama"),
+    "head_dim": (DecoderConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                               head_dim=24, hidden_dim=96, max_seq_len=128), "llama"),
+}
+# Longer than llama3's original context (48) and mistral's window (16).
+SEQ_LEN = 70
+
+
+def _hf_pair(name: str, seed: int = 0):
+    cfg, architecture = CASES[name]
+    return hf_and_native(cfg, seed, architecture)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logits_match_transformers(name):
+    cfg = CASES[name][0]
+    hf, ours = _hf_pair(name)
+    tokens = torch.randint(0, cfg.vocab_size, (3, SEQ_LEN))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        got = ours(tokens)
+    assert got.shape == (3, SEQ_LEN, cfg.vocab_size)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_loss_and_grads_match_transformers(name):
+    """labels= gives HF's loss (as a sum) and the same parameter gradients."""
+    cfg = CASES[name][0]
+    hf, ours = _hf_pair(name)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 40))
+    labels = tokens.clone()
+    labels[0, :7] = -100  # a masked prompt
+    # HF shifts labels inside; ours takes already-shifted next-token targets.
+    shifted = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)
+    n_tokens = (shifted != -100).sum()
+    hf(tokens, labels=labels).loss.backward()
+    loss_sum = ours(tokens, labels=shifted)
+    (loss_sum / n_tokens).backward()
+    hf_loss = F.cross_entropy(
+        hf(tokens).logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum"
+    )
+    torch.testing.assert_close(loss_sum, hf_loss.detach(), atol=1e-4, rtol=1e-6)
+    # With tied embeddings HF lists the matrix once (embed_tokens) and so do we: its gradient
+    # sums the input and the output use in both.
+    hf_grads = hf_to_native_reference(
+        {k: p.grad for k, p in hf.named_parameters()}, cfg.n_layers, cfg.n_heads,
+        cfg.n_kv_heads, tied=cfg.tie_embeddings,
+    )
+    assert set(hf_grads) == {k for k, _ in ours.named_parameters()}
+    for key, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, hf_grads[key], atol=1e-6, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("name", list(family_twins()))
+def test_kv_cache_decode_equals_full_forward(name):
+    cfg = CASES[name][0]
+    _, model = _hf_pair(name)
+    tokens = torch.randint(0, cfg.vocab_size, (2, SEQ_LEN))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_caches(batch_size=2, max_seq_len=SEQ_LEN + 8)
+        prefill = model(tokens[:, :10], input_pos=torch.arange(10))
+        steps = [model(tokens[:, i : i + 1], input_pos=torch.tensor([i]))
+                 for i in range(10, SEQ_LEN)]
+    incremental = torch.cat([prefill, *steps], dim=1)
+    torch.testing.assert_close(incremental, full, atol=1e-5, rtol=0)
+    # The caches are not part of the checkpoint.
+    assert not any("kv_cache" in k for k in model.state_dict())
+    model.clear_caches()
+    assert not model.caches_are_enabled
+
+
+def test_sliding_window_limits_what_a_token_sees():
+    """Mistral: each layer reaches back window - 1 positions, so the last logits ignore every
+    token more than n_layers * (window - 1) positions back, and only those."""
+    cfg = CASES["mistral"][0]
+    _, model = _hf_pair("mistral")
+    reach = cfg.n_layers * (cfg.sliding_window - 1)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 40))
+    first_seen = 40 - 1 - reach
+
+    @torch.no_grad()
+    def last_logits(m, changed):
+        x = tokens.clone()
+        x[0, changed] = (x[0, changed] + 1) % cfg.vocab_size
+        return m(x)[0, -1]
+
+    base = last_logits(model, [])
+    torch.testing.assert_close(last_logits(model, list(range(first_seen))), base,
+                               atol=1e-6, rtol=0)
+    assert not torch.allclose(last_logits(model, [first_seen]), base, atol=1e-4)
+    no_window = Decoder(dataclasses.replace(cfg, sliding_window=None)).eval()
+    no_window.load_state_dict(model.state_dict())
+    assert not torch.allclose(last_logits(no_window, [0]), last_logits(no_window, []), atol=1e-4)
+
+
+def test_tied_embeddings_have_one_matrix_and_no_output_key():
+    model = Decoder(llama3_tiny(vocab_size=128))
+    keys = set(model.state_dict())
+    assert "output.weight" not in keys and "tok_embeddings.weight" in keys
+    assert isinstance(model.output, TiedOutput)
+    assert model.output.weight is model.tok_embeddings.weight
+    # It follows the embedding when that is replaced (load with assign=True, dtype moves).
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    assert model.output.weight is model.tok_embeddings.weight
+    model = model.to(torch.float64)
+    assert model.output.weight.dtype == torch.float64
+    assert model.output.weight is model.tok_embeddings.weight
+    # One parameter, counted once: llama3_tiny's params = untied ones - vocab x dim.
+    untied = Decoder(dataclasses.replace(llama3_tiny(vocab_size=128), tie_embeddings=False))
+    n = sum(p.numel() for p in model.parameters())
+    assert n == sum(p.numel() for p in untied.parameters()) - 128 * 64
+
+
+def test_llama3_rope_scaling_matches_transformers_frequencies():
+    """Slow pairs are divided by factor, fast ones kept, the band between blended."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = llama3_tiny()
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config(cfg))
+    got = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    torch.testing.assert_close(got, expected.float(), atol=0, rtol=1e-6)
+    plain = rope_frequencies(cfg.head_dim, cfg.rope_theta)
+    ratio = plain / got
+    factor = cfg.rope_scaling["factor"]
+    assert (ratio == 1).any() and (ratio == factor).any()  # kept and slowed pairs
+    assert ((ratio > 1) & (ratio < factor)).any()  # and at least one blended pair
+
+
+def test_activation_checkpointing_keeps_grads_and_keys():
+    torch.manual_seed(0)
+    cfg = CASES["llama2"][0]
+    model = Decoder(cfg)
+    model.init_weights()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    model(tokens, labels=tokens).backward()
+    plain = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    keys = set(model.state_dict())
+    for layer in model.layers:
+        layer.use_checkpoint = True
+    model(tokens, labels=tokens).backward()
+    assert set(model.state_dict()) == keys
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[k], atol=1e-6, rtol=1e-5)
+
+
+def test_linear_cross_entropy_matches_plain_cross_entropy():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 50, 32, requires_grad=True)
+    weight = torch.randn(1000, 32, requires_grad=True)
+    labels = torch.randint(0, 1000, (3, 50))
+    labels[:, :20] = -100
+    ref = F.cross_entropy((hidden @ weight.T).flatten(0, 1), labels.flatten(), reduction="sum")
+    ref_grads = torch.autograd.grad(ref * 0.37, (hidden, weight))
+    import tune_models.loss as loss_mod
+
+    old, loss_mod._CHUNK_ELEMENTS = loss_mod._CHUNK_ELEMENTS, 7000  # force several chunks
+    try:
+        got = linear_cross_entropy(hidden, weight, labels)
+        grads = torch.autograd.grad(got * 0.37, (hidden, weight))
+    finally:
+        loss_mod._CHUNK_ELEMENTS = old
+    torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels), ref.detach())
+
+
+@pytest.mark.parametrize("name", ["llama2", "mistral"])
+def test_packed_mask_isolates_documents(name):
+    """A block-diagonal causal mask with per-document positions equals separate forwards
+    (for mistral, documents longer than its window: the window applies within each)."""
+    cfg = CASES[name][0]
+    _, model = _hf_pair(name)
+    a, b = torch.randint(0, cfg.vocab_size, (1, 19)), torch.randint(0, cfg.vocab_size, (1, 24))
+    packed = torch.cat([a, b], dim=1)
+    pos = torch.cat([torch.arange(19), torch.arange(24)])[None]
+    doc = torch.cat([torch.zeros(19), torch.ones(24)]).long()
+    mask = (doc[:, None] == doc[None, :]) & torch.ones(43, 43, dtype=torch.bool).tril()
+    with torch.no_grad():
+        got = model(packed, input_pos=pos, mask=mask[None])
+        torch.testing.assert_close(got[:, :19], model(a), atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[:, 19:], model(b), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        (llama2_7b, 6_738_415_616), (llama2_13b, 13_015_864_320), (llama2_70b, 68_976_648_192),
+        (llama3_1_8b, 8_030_261_248), (llama3_1_70b, 70_553_706_496),
+        (llama3_2_1b, 1_235_814_400), (llama3_2_3b, 3_212_749_824),
+        (mistral_7b, 7_241_732_096),
+        (qwen2_5_0_5b, 494_032_768), (qwen2_5_1_5b, 1_543_714_304), (qwen2_5_7b, 7_615_616_512),
+    ],
+    ids=lambda x: getattr(x, "__name__", ""),
+)
+def test_preset_parameter_counts_are_the_published_ones(preset, expected):
+    with torch.device("meta"):
+        model = Decoder(preset())
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+@pytest.mark.parametrize("name", list(family_twins()))
+def test_tiny_presets_train_from_scratch(name):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CASES[name][0], vocab_size=100)
+    model = Decoder(cfg)
+    model.init_weights()
+    biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+    assert len(biases) == (cfg.n_layers if cfg.qkv_bias else 0)
+    assert all(not b.any() for b in biases)  # biases start at zero
+    tokens, labels = torch.randint(0, 100, (2, 2, 12))
+    loss = model(tokens, labels=labels) / labels.numel()
+    loss.backward()
+    # Untrained: loss close to uniform over the vocabulary. (Random labels: with tied
+    # embeddings an untrained model already favours its input token.)
+    assert abs(loss.item() - torch.log(torch.tensor(100.0)).item()) < 0.5
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_llama2_names_still_work():
+    """Code written when tune knew Llama 2 only keeps importing and building it."""
+    assert Llama2 is Decoder and Llama2Config is DecoderConfig
+    cfg = llama2_tiny()
+    assert (cfg.head_dim, cfg.qkv_bias, cfg.tie_embeddings, cfg.rope_scaling,
+            cfg.sliding_window) == (16, False, False, None, None)
+    keys = set(Llama2(cfg).state_dict())
+    assert "output.weight" in keys and not any(k.endswith(".bias") for k in keys)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dim=64, n_heads=6), "dim (64) must be divisible by n_heads (6)"),
+        (dict(dim=64, n_heads=4, n_kv_heads=3), "n_heads (4) must be divisible by n_kv_heads (3)"),
+        (dict(dim=60, n_heads=4), "head_dim (15) must be positive and even"),
+        (dict(dim=64, n_heads=4, head_dim=15), "head_dim (15) must be positive and even"),
+        (dict(n_layers=0), "n_layers must be positive"),
+        (dict(sliding_window=0), "sliding_window must be positive or None"),
+        (dict(qkv_bias="yes"), "qkv_bias must be true or false"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+         "rope_scaling type 'yarn' is not supported (supported: llama3)"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0}),
+         "rope_scaling of type 'llama3' lacks 'original_max_position_embeddings'"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                            "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}),
+         "low_freq_factor (4.0) must be below high_freq_factor (1.0)"),
+    ],
+)
+def test_inconsistent_configs_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DecoderConfig(**kwargs)
+
+
+def test_explicit_head_dim_decouples_heads_from_width():
+    cfg = DecoderConfig(vocab_size=16, dim=64, n_layers=1, n_heads=6, n_kv_heads=2, head_dim=16)
+    model = Decoder(cfg)
+    assert model.layers[0].attention.wqkv.weight.shape == ((6 + 2 * 2) * 16, 64)
+    assert model.layers[0].attention.wo.weight.shape == (64, 6 * 16)
+
+
+def test_too_long_sequence_is_refused():
+    model = Llama2(Llama2Config(vocab_size=16, dim=16, n_layers=1, n_heads=2, max_seq_len=8))
+    with pytest.raises(ValueError, match="sequence length 9 exceeds max_seq_len 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="KV cache length 9 exceeds max_seq_len 8"):
+        model.setup_caches(1, 9)
