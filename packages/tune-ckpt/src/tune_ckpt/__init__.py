@@ -1,8 +1,8 @@
 """tune-ckpt: Hugging Face Hub download and streaming checkpoint conversion (Meta, HF, native).
 
-Needs torch, safetensors and huggingface_hub only; it never imports tune_models, it speaks the
-native key schema. Names load lazily, so ``import tune_ckpt`` (and the ``tune-ckpt --help``
-it backs) costs nothing until a function is used.
+Needs torch, safetensors, huggingface_hub and tune-models (torch only: a model's shape and
+key schema are defined there once). Names load lazily, so ``import tune_ckpt`` (and the
+``tune-ckpt --help`` it backs) costs nothing until a function is used.
 """
 
 from __future__ import annotations
@@ -19,38 +19,40 @@ _EXPORTS = {
     "open_checkpoint": "tune_ckpt.conversion",
     "load_native": "tune_ckpt.reading",
     "find_native_file": "tune_ckpt.reading",
-    "save_native": "tune_ckpt.writing",
+    "save_native": "tune_ckpt.native",
     "read_model_args": "tune_ckpt.model_args",
+    "read_model_family": "tune_ckpt.model_args",
     "write_model_args": "tune_ckpt.model_args",
-    "meta_hidden_dim": "tune_ckpt.model_args",
     "meta_to_native": "tune_ckpt.keymaps",
     "native_to_meta": "tune_ckpt.keymaps",
     "hf_to_native": "tune_ckpt.keymaps",
     "native_to_hf": "tune_ckpt.keymaps",
+    "hf_to_native_rows": "tune_ckpt.keymaps",
+    "native_to_hf_rows": "tune_ckpt.keymaps",
+    "native_shapes": "tune_ckpt.keymaps",
     "merge_meta_shards": "tune_ckpt.shards",
     "meta_shard_dim": "tune_ckpt.shards",
-    "native_shapes": "tune_ckpt.keymaps",
-    "ModelShape": "tune_ckpt.keymaps",
 }
 
 __all__ = [
     "CheckpointError",
-    "ModelShape",
     "convert",
     "detect_format",
     "download",
     "find_native_file",
     "hf_to_native",
+    "hf_to_native_rows",
     "load_native",
     "merge_meta_shards",
-    "meta_hidden_dim",
     "meta_shard_dim",
     "meta_to_native",
     "native_shapes",
     "native_to_hf",
+    "native_to_hf_rows",
     "native_to_meta",
     "open_checkpoint",
     "read_model_args",
+    "read_model_family",
     "save_native",
     "write_model_args",
 ]
@@ -60,17 +62,18 @@ if TYPE_CHECKING:
     from tune_ckpt.conversion import convert, detect_format, open_checkpoint
     from tune_ckpt.hub import download
     from tune_ckpt.keymaps import (
-        ModelShape,
         hf_to_native,
+        hf_to_native_rows,
         meta_to_native,
         native_shapes,
         native_to_hf,
+        native_to_hf_rows,
         native_to_meta,
     )
-    from tune_ckpt.model_args import meta_hidden_dim, read_model_args, write_model_args
+    from tune_ckpt.model_args import read_model_args, read_model_family, write_model_args
+    from tune_ckpt.native import save_native
     from tune_ckpt.reading import find_native_file, load_native
     from tune_ckpt.shards import merge_meta_shards, meta_shard_dim
-    from tune_ckpt.writing import save_native
 
 
 def __getattr__(name: str):
