@@ -54,6 +54,56 @@ def test_data_show_and_stats_of_a_chat_config(tmp_path, sharegpt_json_path,
     assert "sample(s) truncated to 64 tokens" in stats.stdout
 
 
+def test_the_chat_format_is_the_model_familys(tmp_path, sharegpt_json_path,
+                                              mistral_tokenizer_path):
+    # Mistral's tokenizer.model has Llama 2's tokens; the model preset's family decides.
+    config = chat_config(tmp_path, str(sharegpt_json_path), str(mistral_tokenizer_path), "auto",
+                         model="mistral_tiny")
+    mistral = tune("data", "show", str(config), "--index", "2")
+    assert mistral.returncode == 0, mistral.stderr
+    assert mistral.stdout.splitlines()[1:4] == ["⟦<s>⟧", "── user ──",
+                                                "⟦ [INST] What is up? [/INST]⟧"]
+    assert " Hello! How can I help you today?</s>\n" in mistral.stdout
+    llama2 = tune("data", "show", str(config), "--index", "2", "model=llama2_tiny")
+    assert llama2.returncode == 0, llama2.stderr
+    assert "⟦<s>[INST] What is up? [/INST]⟧" in llama2.stdout
+    assert " Hello! How can I help you today? </s>\n" in llama2.stdout
+    # A named format wins over the family's.
+    named = tune("data", "show", str(config), "--index", "2", "chat_template=llama2")
+    assert named.stdout == llama2.stdout
+
+
+def test_chat_validation_and_generate_use_the_familys_format(tmp_path, sharegpt_json_path,
+                                                              mistral_tokenizer_path):
+    from tune_data import chat_dataset, load_tokenizer
+    from tune_train import registry
+    from tune_train.config import load_config
+    from tune_train.loading import model_family_of, resolve_chat_template
+
+    records = json.loads(sharegpt_json_path.read_text())
+    train, held = tmp_path / "train.json", tmp_path / "val.json"
+    train.write_text(json.dumps(records[:60]))
+    held.write_text(json.dumps(records[60:80]))
+    config = chat_config(tmp_path, str(train), str(mistral_tokenizer_path), "auto",
+                         model="mistral_tiny", validation_data_files=str(held),
+                         eval_every_n_steps=2)
+    tok = load_tokenizer(mistral_tokenizer_path)
+    validation = registry.build_validation_dataset(load_config(str(config)), tok)
+    expected = chat_dataset(tok, data_files=str(held), chat_template="mistral",
+                            max_seq_len=128, cache_dir=tmp_path / "cache")
+    assert len(validation) == len(expected) == 20
+    for i in range(20):
+        assert validation[i]["tokens"].tolist() == expected[i]["tokens"].tolist(), i
+        assert validation[i]["labels"].tolist() == expected[i]["labels"].tolist(), i
+    steps = _run(config, tmp_path / "out")
+    assert [s["step"] for s in steps if "val_loss" in s] == [2, 3]  # every 2 steps, epoch end
+    # tune generate --chat on the run's checkpoint: the run's model names the family.
+    weights = sorted((tmp_path / "out").glob("checkpoints/step_*/native_pytorch_model.pt"))[-1]
+    assert model_family_of(weights).name == "mistral"
+    assert registry.chat_template(resolve_chat_template(weights, None), tok,
+                                  model_family_of(weights)).name == "mistral"
+
+
 def test_a_bad_row_is_one_line(tmp_path, llama2_tokenizer_path):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
@@ -126,15 +176,15 @@ def qwen_run(tmp_path_factory, sharegpt_json_path, qwen2_tokenizer_path):
     """Three steps on the ShareGPT conversations with Qwen2's tokenizer and its own template."""
     tmp_path = tmp_path_factory.mktemp("qwen")
     config = chat_config(tmp_path, str(sharegpt_json_path), str(qwen2_tokenizer_path),
-                         "qwen2_tokenizer")
+                         "qwen2_tokenizer", model="qwen2_tiny")
     _run(config, tmp_path / "out")
     return tmp_path / "out"
 
 
 def _always_says(out: Path, token: int) -> None:
     """Rewrite the run's latest weights so the model predicts ``token`` after anything:
-    every block adds nothing to the residual stream, every embedding is the same vector,
-    and only ``token``'s output row matches it."""
+    every block adds nothing to the residual stream, every embedding points the same way,
+    and ``token``'s output row matches it best."""
     weights = sorted(out.glob("checkpoints/step_*/native_pytorch_model.pt"))[-1]
     state = torch.load(weights, weights_only=True)
     for key, value in state.items():
@@ -142,8 +192,11 @@ def _always_says(out: Path, token: int) -> None:
             value.zero_()
     direction = torch.ones(state["tok_embeddings.weight"].shape[1])
     state["tok_embeddings.weight"][:] = direction
-    state["output.weight"].zero_()
-    state["output.weight"][token] = direction
+    if "output.weight" in state:
+        state["output.weight"].zero_()
+        state["output.weight"][token] = direction
+    else:  # tied embeddings: the output rows are the embeddings; one longer row wins
+        state["tok_embeddings.weight"][token] = 2 * direction
     torch.save(state, weights)
 
 

@@ -298,6 +298,17 @@ def test_every_family_defaults_to_its_format(tokenizer, llama3_tokenizer, qwen2_
     assert default_chat_template(qwen2_tokenizer).name.endswith("chat_template.jinja")
 
 
+def test_the_family_format_comes_after_the_models_own(mistral_tokenizer, qwen2_tokenizer):
+    # Mistral's SentencePiece model has Llama 2's tokens: only the family tells them apart.
+    assert default_chat_template(mistral_tokenizer).name == "llama2"
+    assert default_chat_template(mistral_tokenizer, "mistral").name == "mistral"
+    assert load_chat_template(None, mistral_tokenizer, "mistral").name == "mistral"
+    # A template shipped beside the tokenizer is the model's own: it wins over the family's.
+    assert default_chat_template(qwen2_tokenizer, "chatml").name.endswith(
+        "chat_template.jinja")
+    assert load_chat_template("llama2", mistral_tokenizer, "mistral").name == "llama2"
+
+
 def test_describe_and_render_show_turns(tokenizer, sharegpt_json_path, conversations,
                                         tmp_path):
     ds = build(tokenizer, sharegpt_json_path, tmp_path, chat_template="llama2")

@@ -249,13 +249,14 @@ def generate(checkpoint, config_name, tokenizer, device, dtype, prompts, templat
 
 
 def _chat_template(tok, name: str | None, config_name: str | None, weights: Path):
-    """--chat-template, else the training run's chat_template, else the tokenizer's default."""
-    from tune_data import load_chat_template
-    from tune_train.loading import resolve_chat_template
+    """--chat-template, else the training run's chat_template, else the model's default
+    (its own template, else its family's: tune_model.json or the run's config names it)."""
+    from tune_train.loading import model_family_of, resolve_chat_template
+    from tune_train.registry import chat_template
 
     if name is None and config_name is not None:
         name = _config(config_name).chat_template
-    return load_chat_template(resolve_chat_template(weights, name), tok)
+    return chat_template(resolve_chat_template(weights, name), tok, model_family_of(weights))
 
 
 def _turns(system: str | None, history: list[dict[str, str]], prompt: str

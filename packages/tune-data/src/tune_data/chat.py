@@ -406,8 +406,11 @@ def chat_dataset(
             as well.
         max_seq_len: Longest sample in tokens (None: no limit).
         chat_template: ``llama2``, ``llama3``, ``chatml``, ``mistral``, a ``.jinja`` file, a
-            ``tokenizer_config.json`` holding ``chat_template``, or None for the model's
-            own / its family's (:func:`tune_data.chat_templates.default_chat_template`).
+            ``tokenizer_config.json`` holding ``chat_template``, a ChatTemplate, or None for
+            the model's own, else the one its tokenizer tells
+            (:func:`tune_data.chat_templates.default_chat_template`). A ``dataset: chat``
+            config passes its model family's format instead of that guess
+            (``tune_train.registry.chat_template``).
         conversation_column: The column holding the conversations (default: ``messages``
             or ``conversations``, whichever the data has).
         system_prompt: A system message for conversations that have none.

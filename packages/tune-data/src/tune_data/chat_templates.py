@@ -420,17 +420,20 @@ def _jinja_environment():
 
 
 def load_chat_template(
-    spec: str | Path | ChatTemplate | None, tokenizer: Tokenizer | None
+    spec: str | Path | ChatTemplate | None, tokenizer: Tokenizer | None,
+    family_template: str | None = None,
 ) -> ChatTemplate:
     """The chat template a config or command line names.
 
     Args:
         spec: A built-in name (``llama2``, ``llama3``, ``chatml``, ``mistral``); a ``.jinja``
             file; a ``tokenizer_config.json`` holding ``chat_template`` (or its folder);
-            Jinja text itself; a ChatTemplate; or None for the tokenizer's default
+            Jinja text itself; a ChatTemplate; or None for the model's default
             (:func:`default_chat_template`).
         tokenizer: The tokenizer the template will be used with (only the default needs
             it; a config check passes None).
+        family_template: With ``spec`` None: the built-in format of the model's family
+            (see :func:`default_chat_template`).
 
     Returns:
         The template.
@@ -443,7 +446,7 @@ def load_chat_template(
     if spec is None:
         if tokenizer is None:
             raise ValueError("the default chat template depends on the tokenizer: pass it")
-        return default_chat_template(tokenizer)
+        return default_chat_template(tokenizer, family_template)
     text = str(spec)
     if text in CHAT_TEMPLATES:
         return CHAT_TEMPLATES[text]
@@ -499,25 +502,35 @@ def _template_beside(tokenizer_file: Path) -> ChatTemplate | None:
     return None
 
 
-def default_chat_template(tokenizer: Tokenizer) -> ChatTemplate:
+def default_chat_template(tokenizer: Tokenizer,
+                          family_template: str | None = None) -> ChatTemplate:
     """The chat format to use when a config names none.
 
     The model's own template shipped beside its tokenizer file comes first (a Hugging Face
     repository's ``chat_template.jinja`` or ``tokenizer_config.json``): training with exactly
-    the format the model will be prompted with. Otherwise the family's format, told from the
-    tokenizer's control tokens: ``<|start_header_id|>`` means Llama 3, ``<|im_start|>``
-    ChatML, a SentencePiece model Llama 2 (Mistral's model cannot be told from Llama 2's by
-    its tokens: name ``chat_template: mistral``).
+    the format the model will be prompted with. Then the model family's format, which the
+    caller that knows the family passes (tune-train takes it from
+    ``tune_models.ModelFamily.chat_template``; this package does not know model families).
+    Without one it is told from the tokenizer's control tokens: ``<|start_header_id|>``
+    means Llama 3, ``<|im_start|>`` ChatML, a SentencePiece model Llama 2 (Mistral's model
+    cannot be told from Llama 2's by its tokens: that takes the family, or
+    ``chat_template: mistral``).
 
-    Hook: the model-family registry names each family's default chat template; a caller that
-    knows the family passes that name as ``chat_template`` instead of relying on this guess.
+    Args:
+        tokenizer: The model's tokenizer.
+        family_template: A built-in format name (a key of :data:`CHAT_TEMPLATES`), or None.
 
     Raises:
-        DataError: If neither tells the format.
+        DataError: If none of these tells the format.
     """
     own = _template_beside(Path(tokenizer.path))
     if own is not None:
         return own
+    if family_template is not None:
+        if family_template not in CHAT_TEMPLATES:
+            raise ValueError(f"unknown family chat format '{family_template}'; the built-in "
+                             f"ones: {', '.join(CHAT_TEMPLATES)}")
+        return CHAT_TEMPLATES[family_template]
     special = tokenizer.special_tokens
     if "<|start_header_id|>" in special and "<|eot_id|>" in special:
         return CHAT_TEMPLATES["llama3"]

@@ -117,6 +117,24 @@ def checkpoint_family(checkpoint: str | Path) -> str | None:
     return family if isinstance(family, str) else None
 
 
+def model_family_of(weights: Path):
+    """The ``tune_models.ModelFamily`` of a weights file, or None if nothing says.
+
+    Its ``tune_model.json`` says first (:func:`checkpoint_family`); else, for a training
+    run's checkpoint, the ``model`` preset in the run's config.yaml.
+    """
+    from tune_models import FAMILIES, MODELS, family_of
+
+    name = checkpoint_family(weights)
+    if name is not None:
+        return FAMILIES.get(name)
+    for folder in _run_folders(weights):
+        model = _run_setting(folder, "model")
+        if isinstance(model, str) and model in MODELS:
+            return family_of(model)
+    return None
+
+
 def checkpoint_config(checkpoint: str | Path):
     """The shape of the model a checkpoint holds, as a ``tune_models.DecoderConfig``.
 
