@@ -36,6 +36,12 @@ def alpaca_json_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def sharegpt_json_path() -> Path:
+    """500 real ShareGPT conversations of 2, 4 and 6 turns (FastChat's dummy set)."""
+    return _shared_file("sharegpt/dummy_conversation.json")
+
+
+@pytest.fixture(scope="session")
 def tinyshakespeare_path() -> Path:
     return _shared_file("tinyshakespeare/input.txt")
 

@@ -1,7 +1,7 @@
-"""Alpaca data-pipeline throughput (template + tokenise + mask): tune-data vs torchtune 0.6.1.
+"""Data-pipeline throughput (template + tokenise + mask): tune-data vs torchtune 0.6.1.
 
     uv run python benchmarks/data.py [--rounds 3] [--max-seq-len 512] [--no-collect]
-                                     [--families llama2,llama3]
+                                     [--families llama2,llama3,chat]
 
 For each tokenizer family (Llama 2's SentencePiece model, Llama 3's tiktoken file) both sides
 build an Alpaca dataset from the same local file (alpaca_5000.json) with that family's
@@ -20,6 +20,14 @@ without it each side's first timed build pays for the imports' garbage; ``--no-c
 measures that way.
 Rounds alternate ours and torchtune's; medians, spread and the ratio are printed per
 family, the cold ratio last.
+
+The chat row builds the 500 ShareGPT conversations of sharegpt/dummy_conversation.json (2, 4
+and 6 turns) with Llama 2's tokenizer and chat format on both sides: torchtune's
+``chat_dataset(conversation_style="sharegpt")`` with ``Llama2ChatTemplate``, tune-data's
+``chat_dataset(chat_template="llama2")``, every assistant turn trained. 500 conversations
+take tune-data a few tens of milliseconds, a third of them fixed per-process costs (the
+tokenizer's one-off vocabulary scan); ``--chat-copies 10`` repeats them ten times (5,000
+conversations) to show the rate at scale.
 
 With Llama 2 both sides make the same samples (checked token for token). With Llama 3,
 torchtune wraps the prompt and the response in Llama 3's chat headers (``<|start_header_id|>
@@ -60,7 +68,28 @@ def _worker(side: str, family: str, data: str, tokenizer: str, max_seq_len: int,
     datasets.load_dataset("json", data_files=str(warmup), split="train",
                           cache_dir=f"{cache}/warmup")
 
-    if side == "tune":
+    if family == "chat" and side == "tune":
+        from tune_data import Llama2Tokenizer, chat_dataset
+
+        tok = Llama2Tokenizer(tokenizer)
+
+        def build():
+            ds = chat_dataset(tok, data_files=data, chat_template="llama2",
+                              max_seq_len=max_seq_len, cache_dir=cache)
+            return [ds[i] for i in range(len(ds))], ds.rows.tolist()
+    elif family == "chat":
+        from torchtune.datasets import chat_dataset
+        from torchtune.models.llama2 import llama2_tokenizer
+
+        tok = llama2_tokenizer(tokenizer, max_seq_len=max_seq_len,
+                               prompt_template="torchtune.models.llama2.Llama2ChatTemplate")
+
+        def build():
+            ds = chat_dataset(tok, source="json", data_files=data, split="train",
+                              conversation_column="conversations", conversation_style="sharegpt",
+                              train_on_input=False, cache_dir=cache)
+            return [ds[i] for i in range(len(ds))], list(range(len(ds)))
+    elif side == "tune":
         from tune_data import Llama2Tokenizer, Llama3Tokenizer, alpaca_dataset
 
         tok = (Llama3Tokenizer if family == "llama3" else Llama2Tokenizer)(tokenizer)
@@ -104,7 +133,8 @@ def _worker(side: str, family: str, data: str, tokenizer: str, max_seq_len: int,
 def _run(python: str, side: str, family: str, args: argparse.Namespace,
          dump: str | None = None) -> dict:
     tokenizer = args.llama3_tokenizer if family == "llama3" else args.tokenizer
-    cmd = [python, __file__, "--worker", side, "--family", family, "--data", str(args.data),
+    data = args.chat_data if family == "chat" else args.data
+    cmd = [python, __file__, "--worker", side, "--family", family, "--data", str(data),
            "--tokenizer", str(tokenizer), "--max-seq-len", str(args.max_seq_len)]
     if args.no_collect:
         cmd.append("--no-collect")
@@ -186,6 +216,47 @@ def _compare_llama3(ours_path: str, theirs_path: str, records: list[dict], token
             f"on {same:,} of {comparable:,} comparable samples")
 
 
+# torchtune's Llama2ChatTemplate encodes "[INST] ", the user text and " [/INST] " apart,
+# which puts an extra "▁" (29871) before "▁[/INST]", and it strips the space Meta's format has
+# before </s> (tune-data's ids are Meta's: packages/tune-data/tests/test_chat.py).
+_SPACE, _END_INST, _EOS = 29871, [518, 29914, 25580], 2
+
+
+def _as_metas_format(tokens: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """torchtune's Llama 2 chat sample with those two differences undone."""
+    out_tokens, out_labels = [], []
+    for j, (token, label) in enumerate(zip(tokens, labels)):
+        if token == _SPACE and tokens[j + 1 : j + 4] == _END_INST:
+            continue
+        if token == _EOS:  # the space before </s> is trained exactly when </s> is
+            out_tokens.append(_SPACE)
+            out_labels.append(_SPACE if label != -100 else -100)
+        out_tokens.append(token)
+        out_labels.append(label)
+    return out_tokens, out_labels
+
+
+def _compare_chat(ours_path: str, theirs_path: str, max_seq_len: int) -> str:
+    """Same tokens and the same loss positions once torchtune's sample is put in Meta's
+    format (see _as_metas_format); samples either side truncated are left out."""
+    ours = json.loads(Path(ours_path).read_text())
+    theirs = json.loads(Path(theirs_path).read_text())
+    by_row = dict(zip(ours["rows"], zip(ours["tokens"], ours["labels"])))
+    same = comparable = trained = 0
+    for row, (t_tok, t_lab) in enumerate(zip(theirs["tokens"], theirs["labels"])):
+        if row not in by_row or len(by_row[row][0]) >= max_seq_len or len(t_tok) >= max_seq_len:
+            continue
+        comparable += 1
+        o_tok, o_lab = by_row[row]
+        t_tok, t_lab = _as_metas_format(t_tok, t_lab)
+        # Our labels are shifted (labels[i] is the target of tokens[i]); torchtune's are not.
+        same += o_tok == t_tok and o_lab[:-1] == t_lab[1:]
+        trained += sum(lab != -100 for lab in o_lab)
+    return (f"identical tokens and loss masks on {same:,} of {comparable:,} conversations "
+            f"({trained:,} trained tokens) once torchtune's two differences from Meta's "
+            "Llama 2 format are undone (an extra '▁' before [/INST], none before </s>)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -196,8 +267,12 @@ def main() -> None:
                         help="the Llama 2 tokenizer.model")
     parser.add_argument("--llama3-tokenizer", type=Path,
                         default=SHARED / "llama3-tokenizer" / "tokenizer.model")
-    parser.add_argument("--families", default="llama2,llama3",
-                        help="comma-separated: llama2, llama3")
+    parser.add_argument("--chat-data", type=Path,
+                        default=SHARED / "sharegpt" / "dummy_conversation.json")
+    parser.add_argument("--chat-copies", type=int, default=1,
+                        help="repeat the chat data this many times (rate at scale)")
+    parser.add_argument("--families", default="llama2,llama3,chat",
+                        help="comma-separated: llama2, llama3 (Alpaca), chat (ShareGPT)")
     parser.add_argument("--no-collect", action="store_true",
                         help="skip the untimed gc.collect() after imports")
     parser.add_argument("--worker", choices=["tune", "torchtune"], help=argparse.SUPPRESS)
@@ -209,14 +284,19 @@ def main() -> None:
                 args.max_seq_len, args.dump, collect=not args.no_collect)
         return
     families = [f.strip() for f in args.families.split(",") if f.strip()]
-    unknown = set(families) - {"llama2", "llama3"}
+    unknown = set(families) - {"llama2", "llama3", "chat"}
     if unknown:
-        sys.exit(f"unknown families {sorted(unknown)}; choose from llama2, llama3")
-    paths = [args.data] + [args.llama3_tokenizer if f == "llama3" else args.tokenizer
-                           for f in families]
+        sys.exit(f"unknown families {sorted(unknown)}; choose from llama2, llama3, chat")
+    paths = [args.chat_data if f == "chat" else args.data for f in families]
+    paths += [args.llama3_tokenizer if f == "llama3" else args.tokenizer for f in families]
     for path in paths:
         if not path.is_file():
             sys.exit(f"{path} not found: set TUNE_SHARED_DATA to the shared/data folder")
+    if args.chat_copies > 1 and "chat" in families:
+        copies = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+        copies.write(json.dumps(json.loads(args.chat_data.read_text()) * args.chat_copies))
+        copies.close()
+        args.chat_data = Path(copies.name)
     venv = Path(os.environ.get("TORCHTUNE_VENV", HERE / ".venv-torchtune"))
     peer_python = venv / "bin" / "python"
     if not peer_python.is_file():
@@ -226,12 +306,14 @@ def main() -> None:
     from _timing import median, summary
 
     records = json.loads(args.data.read_text())
-    n = len(records)
-    print(f"Alpaca {n:,} records ({args.data.name}), max_seq_len {args.max_seq_len}, "
+    print(f"Alpaca {len(records):,} records ({args.data.name}), ShareGPT "
+          f"{len(json.loads(args.chat_data.read_text())):,} conversations "
+          f"({args.chat_data.name}), max_seq_len {args.max_seq_len}, "
           f"{args.rounds} alternating rounds, CPU ({os.cpu_count()} cores), "
           f"gc.collect() after imports: {'no' if args.no_collect else 'yes'}")
     ratios = []
     for family in families:
+        n = len(json.loads((args.chat_data if family == "chat" else args.data).read_text()))
         results: dict[str, dict[str, list[float]]] = {
             side: {"cold": [], "warm": []} for side in ("tune", "torchtune")
         }
@@ -242,13 +324,16 @@ def main() -> None:
                     out = _run(python, side, family, args, dumps[side] if round_ == 0 else None)
                     results[side]["cold"].append(n / out["cold_s"])
                     results[side]["warm"].append(n / out["warm_s"])
-            if family == "llama3":
+            if family == "chat":
+                agreement = _compare_chat(dumps["tune"], dumps["torchtune"], args.max_seq_len)
+            elif family == "llama3":
                 agreement = _compare_llama3(dumps["tune"], dumps["torchtune"], records,
                                             args.llama3_tokenizer, args.max_seq_len)
             else:
                 agreement = _compare(dumps["tune"], dumps["torchtune"], records,
                                      args.max_seq_len)
-        name = {"llama2": "Llama 2 (SentencePiece)", "llama3": "Llama 3 (tiktoken)"}[family]
+        name = {"llama2": "Llama 2 (SentencePiece)", "llama3": "Llama 3 (tiktoken)",
+                "chat": "Chat, ShareGPT with Llama 2's format"}[family]
         print(f"{name}")
         print(f"  check: {agreement}")
         for kind in ("warm", "cold"):

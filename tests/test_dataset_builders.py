@@ -58,6 +58,14 @@ def _text_completion(request, tmp_path) -> tuple[dict, str]:
     return {"dataset_source": str(text), "train_on_input": True}, "samples from 1 records"
 
 
+def _chat(request, tmp_path) -> tuple[dict, str]:
+    # ShareGPT conversations; the chat format is the model family's (llama2_tiny: llama2).
+    records = json.loads(request.getfixturevalue("sharegpt_json_path").read_text())[:RECORDS]
+    path = tmp_path / "chats.json"
+    path.write_text(json.dumps(records))
+    return {"data_files": str(path)}, f"from {RECORDS} records"
+
+
 def _demo(request, tmp_path) -> tuple[dict, str]:
     return {"dataset_source": str(tmp_path / "demo.jsonl"), "tokenizer": "demo_tokenizer",
             "tokenizer_checkpoint": str(tmp_path / "demo.model"),
@@ -75,6 +83,7 @@ BUILDERS: dict[str, Callable[..., tuple[dict, str]]] = {
     "alpaca_cleaned": _alpaca_cleaned,
     "instruct": _instruct,
     "text_completion": _text_completion,
+    "chat": _chat,
     "demo": _demo,
     "random_tokens": _random_tokens,
 }

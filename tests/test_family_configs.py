@@ -27,9 +27,6 @@ CONFIGS = sorted(name for name in builtin_configs() if name != "demo")
 # What shrinks each model to a few seconds of CPU: every field that sets the family apart
 # (tied embeddings, q/k/v biases, RoPE scaling, sliding window) stays the preset's.
 TINY = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128}
-# `tune eval` reads every tokenizer as SentencePiece until tune_cli's _load moves to
-# tune_data.load_tokenizer (the chat branch does); strict, so the merge shows these pass.
-EVAL_NEEDS_LOAD_TOKENIZER = {"llama3", "qwen2"}
 
 
 def tune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -108,9 +105,6 @@ def test_each_config_trains_its_familys_model(trained, request):
 def test_tune_eval_scores_every_token_with_the_familys_tokenizer(trained, request,
                                                                  tinyshakespeare_path):
     name, out, result = trained
-    if _family(name) in EVAL_NEEDS_LOAD_TOKENIZER:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="tune_cli._load still reads every tokenizer as SentencePiece"))
     assert result.returncode == 0
     text = tinyshakespeare_path.read_text()[:3000]
     sample = out.parent / "sample.txt"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tune_data import Llama2Tokenizer, alpaca_dataset, collate, pack
+from tune_data import Llama2Tokenizer, alpaca_dataset, chat_dataset, collate, pack
 from tune_models import Llama2, llama2_tiny
 
 
@@ -16,13 +16,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def setup(llama2_tokenizer_path, alpaca_json_path, tmp_path_factory):
+@pytest.fixture(scope="module", params=["alpaca", "chat"])
+def setup(request, llama2_tokenizer_path, tmp_path_factory):
     tokenizer = Llama2Tokenizer(llama2_tokenizer_path)
-    data = alpaca_dataset(
-        tokenizer, data_files=alpaca_json_path, split="train[:24]", max_seq_len=256,
-        cache_dir=tmp_path_factory.mktemp("cache"),
-    )
+    cache_dir = tmp_path_factory.mktemp("cache")
+    if request.param == "alpaca":
+        data = alpaca_dataset(
+            tokenizer, data_files=request.getfixturevalue("alpaca_json_path"),
+            split="train[:24]", max_seq_len=256, cache_dir=cache_dir,
+        )
+    else:  # conversations of 2 to 6 turns: several trained spans per sample
+        data = chat_dataset(
+            tokenizer, data_files=request.getfixturevalue("sharegpt_json_path"),
+            split="train[:24]", max_seq_len=256, chat_template="llama2", cache_dir=cache_dir,
+        )
+        assert data.turns.counts.max() == 6
     torch.manual_seed(0)
     model = Llama2(llama2_tiny(vocab_size=tokenizer.vocab_size))
     # Larger weights than a real init: peaked attention makes any leak across documents show.

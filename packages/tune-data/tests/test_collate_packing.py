@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tune_data import IGNORE_INDEX, TokenizedDataset, collate, document_mask, pack, plan_rows
+from tune_data.dataset import prefix_mask
 
 
 def handmade(lengths, prompt_len=2):
@@ -14,7 +15,8 @@ def handmade(lengths, prompt_len=2):
     n = len(lengths)
     prompt_len = np.broadcast_to(prompt_len, (n,)).copy()
     return TokenizedDataset(
-        tokens.astype(np.int32), offsets, prompt_len, np.arange(n), np.zeros(n, bool)
+        tokens.astype(np.int32), offsets, prefix_mask(offsets, prompt_len), np.arange(n),
+        np.zeros(n, bool),
     )
 
 
@@ -102,3 +104,16 @@ def test_real_alpaca_packs_densely(alpaca):
     assert (batch["labels"] != IGNORE_INDEX).sum() == sum(
         int(alpaca.loss_tokens[i]) for r in (0, 1) for i in packed.bins[r]
     )
+
+
+def test_several_trained_spans_survive_collate_and_packing():
+    # A conversation-like sample: tokens 1-3 and 6-7 are targets, 4-5 are not.
+    tokens = np.arange(1, 9, dtype=np.int32)
+    trained = np.array([0, 1, 1, 1, 0, 0, 1, 1], dtype=bool)
+    offsets = np.array([0, 8])
+    ds = TokenizedDataset(tokens, offsets, trained, np.arange(1), np.zeros(1, bool))
+    expected = [2, 3, 4, IGNORE_INDEX, IGNORE_INDEX, 7, 8, IGNORE_INDEX]
+    assert ds[0]["labels"].tolist() == expected and ds.loss_tokens.tolist() == [5]
+    assert collate([ds[0]])["labels"][0].tolist() == expected
+    packed = pack(ds, max_seq_len=10, pad_id=0)
+    assert packed[0]["labels"].tolist() == expected + [IGNORE_INDEX] * 2

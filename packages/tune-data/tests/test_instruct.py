@@ -316,7 +316,7 @@ def test_registry_builds_by_name(tmp_path, tokenizer):
     assert len(ds) == 2
 
 
-ARRAYS = ("_tokens", "_offsets", "_labels", "lengths", "prompt_len", "rows", "truncated")
+ARRAYS = ("_tokens", "_offsets", "_labels", "lengths", "loss_tokens", "rows", "truncated")
 
 
 def _assert_same_samples(a, b):

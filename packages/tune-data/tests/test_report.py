@@ -5,6 +5,7 @@ import json
 import numpy as np
 
 from tune_data import ALPACA, TokenizedDataset, alpaca_dataset, describe, pack, render_sample
+from tune_data.dataset import prefix_mask
 
 
 def test_describe_real_alpaca(alpaca):
@@ -25,8 +26,9 @@ def test_describe_real_alpaca(alpaca):
 def test_describe_counts_samples_without_loss(tokenizer):
     tokens = np.array(tokenizer.encode("one two three four five six"), dtype=np.int32)
     n = len(tokens)
+    offsets = np.array([0, n, 2 * n])
     ds = TokenizedDataset(
-        np.concatenate([tokens, tokens]), np.array([0, n, 2 * n]), np.array([n, 2]),
+        np.concatenate([tokens, tokens]), offsets, prefix_mask(offsets, np.array([n, 2])),
         np.array([4, 9]), np.zeros(2, bool), tokenizer=tokenizer, name="hand", source_rows=10,
     )
     stats = describe(ds)

@@ -131,30 +131,45 @@ def _load(checkpoint: Path | None, config_name: str | None, tokenizer: Path | No
           device: str, dtype: str | None):
     import torch
 
-    from tune_data import Llama2Tokenizer
+    from tune_data import load_tokenizer
     from tune_train.loading import load_model, resolve_checkpoint, resolve_tokenizer
 
     if checkpoint is None and config_name is None:
         raise click.UsageError("pass --checkpoint (a weights file or output_dir) or --config")
     if checkpoint is None:
-        from tune_train.config import load_config
-
-        cfg = load_config(config_name)
+        cfg = _config(config_name)
         checkpoint = Path(cfg.output_dir)
         tokenizer = tokenizer or Path(cfg.tokenizer_checkpoint)
     weights = resolve_checkpoint(checkpoint)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         dtype or "")
     model, _ = load_model(weights, device=device, dtype=torch_dtype)
-    return model, Llama2Tokenizer(resolve_tokenizer(weights, tokenizer)), weights
+    return model, load_tokenizer(resolve_tokenizer(weights, tokenizer)), weights
+
+
+def _config(config_name: str):
+    from tune_train.config import load_config
+
+    return load_config(config_name)
 
 
 @cli.command(context_settings=CONTEXT)
 @_model_options
-@click.option("--prompt", "-p", "prompts", multiple=True, required=True,
+@click.option("--prompt", "-p", "prompts", multiple=True,
               help="Prompt text (repeat for a batch).")
 @click.option("--template", default="none", show_default=True,
               help="Wrap each prompt as an instruction: none, alpaca, demo.")
+@click.option("--chat", is_flag=True,
+              help="Send each prompt as a user turn in the model's chat format; the answer "
+              "ends at the end-of-turn token.")
+@click.option("--chat-template", "--chat_template", "chat_template", default=None,
+              help="With --chat: llama2, llama3, chatml, mistral, or a .jinja / "
+              "tokenizer_config.json file (default: the run's chat_template, else the "
+              "model's own or its family's).")
+@click.option("--system", default=None, help="With --chat: a system prompt.")
+@click.option("--interactive", is_flag=True,
+              help="Chat turn by turn: read each user turn as a line from stdin until EOF, "
+              "keeping the conversation.")
 @click.option("--max-new-tokens", "--max_new_tokens", "max_new_tokens", default=256,
               show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, type=float,
@@ -168,8 +183,9 @@ def _load(checkpoint: Path | None, config_name: str | None, tokenizer: Path | No
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the decode step: faster after a one-off compile "
                    "(on CPU it needs a C++ compiler).")
-def generate(checkpoint, config_name, tokenizer, device, dtype, prompts, template,
-             max_new_tokens, temperature, top_k, top_p, seed, compile_) -> None:
+def generate(checkpoint, config_name, tokenizer, device, dtype, prompts, template, chat,
+             chat_template, system, interactive, max_new_tokens, temperature, top_k, top_p,
+             seed, compile_) -> None:
     """Generate text from a checkpoint; prints each answer, then tokens/s on stderr."""
     import time
 
@@ -183,28 +199,97 @@ def generate(checkpoint, config_name, tokenizer, device, dtype, prompts, templat
     if template != "none" and template not in TEMPLATES:
         raise click.UsageError(f"unknown template '{template}'; choose none, "
                                f"{', '.join(TEMPLATES)}")
+    chat = chat or interactive
+    if chat and template != "none":
+        raise click.UsageError("--template wraps plain prompts; with --chat the chat template "
+                               "formats them (choose it with --chat-template)")
+    if not chat and (chat_template is not None or system is not None):
+        raise click.UsageError("--chat-template and --system apply to --chat")
+    if not prompts and not interactive:
+        raise click.UsageError("pass --prompt/-p (or --interactive to chat from stdin)")
     model, tok, weights = _load(checkpoint, config_name, tokenizer, device, dtype)
-    texts = [p if template == "none" else TEMPLATES[template].render(
-        {"instruction": p, "input": ""} if template == "alpaca" else _split_demo(p))
-        for p in prompts]
-    encoded = [tok.encode(t, add_bos=True) for t in texts]
-    limit = model.config.max_seq_len - max(len(e) for e in encoded)
-    if limit < 1:
-        raise click.ClickException(f"the prompt fills the model's whole context "
-                                   f"({model.config.max_seq_len} tokens); shorten it")
+
+    def run(encoded: list[list[int]]) -> list[list[int]]:
+        limit = model.config.max_seq_len - max(len(e) for e in encoded)
+        if limit < 1:
+            raise click.ClickException(f"the prompt fills the model's whole context "
+                                       f"({model.config.max_seq_len} tokens); shorten it")
+        return generate_tokens(model, encoded, min(max_new_tokens, limit),
+                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                               stop_tokens=tok.stop_tokens, compile=compile_)
+
+    def answer_of(out: list[int]) -> str:
+        return tok.decode([t for t in out if t not in tok.stop_tokens])
+
     start = time.perf_counter()
-    outputs = generate_tokens(model, encoded, min(max_new_tokens, limit),
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                              stop_tokens=tok.eos_id, compile=compile_)
+    if interactive:
+        new_tokens = _chat_interactively(
+            tok, _chat_template(tok, chat_template, config_name, weights), system, prompts, run,
+            answer_of)
+    else:
+        if chat:
+            from tune_data import chat_prompt
+
+            template_ = _chat_template(tok, chat_template, config_name, weights)
+            encoded = [chat_prompt(tok, template_, _turns(system, [], p)) for p in prompts]
+        else:
+            texts = [p if template == "none" else TEMPLATES[template].render(
+                {"instruction": p, "input": ""} if template == "alpaca" else _split_demo(p))
+                for p in prompts]
+            encoded = [tok.encode(t, add_bos=True) for t in texts]
+        outputs = run(encoded)
+        for prompt, out in zip(prompts, outputs):
+            if len(prompts) > 1:
+                click.echo(f"### {prompt}")
+            click.echo(answer_of(out))
+        new_tokens = sum(len(o) for o in outputs)
     elapsed = time.perf_counter() - start
-    for prompt, out in zip(prompts, outputs):
-        answer = tok.decode([t for t in out if t != tok.eos_id])
-        if len(prompts) > 1:
-            click.echo(f"### {prompt}")
-        click.echo(answer)
-    new_tokens = sum(len(o) for o in outputs)
     click.echo(f"[{weights}] {new_tokens} new tokens in {elapsed:.2f} s: "
                f"{new_tokens / max(elapsed, 1e-9):.1f} tokens/s", err=True)
+
+
+def _chat_template(tok, name: str | None, config_name: str | None, weights: Path):
+    """--chat-template, else the training run's chat_template, else the model's default
+    (its own template, else its family's: tune_model.json or the run's config names it)."""
+    from tune_train.loading import model_family_of, resolve_chat_template
+    from tune_train.registry import chat_template
+
+    if name is None and config_name is not None:
+        name = _config(config_name).chat_template
+    return chat_template(resolve_chat_template(weights, name), tok, model_family_of(weights))
+
+
+def _turns(system: str | None, history: list[dict[str, str]], prompt: str
+           ) -> list[dict[str, str]]:
+    first = [{"role": "system", "content": system}] if system else []
+    return [*first, *history, {"role": "user", "content": prompt}]
+
+
+def _chat_interactively(tok, template, system, prompts, run, answer_of) -> int:
+    """Each line of stdin (after any --prompt turns) is a user turn; the answers stay in the
+    conversation. Returns the number of new tokens."""
+    from tune_data import chat_prompt
+
+    stdin = click.get_text_stream("stdin")
+    history: list[dict[str, str]] = []
+    new_tokens = 0
+    lines = iter(prompts)
+    while True:
+        line = next(lines, None)
+        if line is None:
+            if stdin.isatty():
+                click.echo("> ", nl=False, err=True)
+            line = stdin.readline()
+            if not line:
+                return new_tokens
+            line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        out = run([chat_prompt(tok, template, _turns(system, history, line))])[0]
+        answer = answer_of(out)
+        click.echo(answer)
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+        new_tokens += len(out)
 
 
 def _check_option(option: str, check, *args, **kwargs):

@@ -7,10 +7,19 @@ start fast.
     >>> tok = load_tokenizer("tokenizer.model")  # SentencePiece, Llama 3 tiktoken or tokenizer.json
     >>> ds = alpaca_dataset(tok, data_files="alpaca_5000.json", max_seq_len=512)
     >>> print(describe(ds))
+    >>> chats = chat_dataset(tok, data_files="sharegpt.json", chat_template="llama2")
 """
 
 from collections.abc import Callable
 
+from tune_data.chat import chat_dataset, chat_prompt, normalize_messages
+from tune_data.chat_templates import (
+    CHAT_TEMPLATES,
+    ChatTemplate,
+    JinjaChatTemplate,
+    default_chat_template,
+    load_chat_template,
+)
 from tune_data.collate import collate, document_mask
 from tune_data.dataset import IGNORE_INDEX, TokenizedDataset, shifted_labels
 from tune_data.demo import DEMO_TEMPLATE, demo_dataset, demo_tokenizer
@@ -44,12 +53,15 @@ DATASETS: dict[str, Callable[..., TokenizedDataset]] = {
     "alpaca_cleaned": alpaca_cleaned_dataset,
     "instruct": instruct_dataset,
     "text_completion": text_completion_dataset,
+    "chat": chat_dataset,
     "demo": demo_dataset,
     "random_tokens": random_tokens_dataset,
 }
 
 __all__ = [
-    "ALPACA", "DATASETS", "DEMO_TEMPLATE", "IGNORE_INDEX", "NO_INPUT_PLACEHOLDERS", "DataError",
+    "ALPACA", "CHAT_TEMPLATES", "ChatTemplate", "JinjaChatTemplate", "chat_dataset",
+    "chat_prompt", "default_chat_template", "load_chat_template", "normalize_messages",
+    "DATASETS", "DEMO_TEMPLATE", "IGNORE_INDEX", "NO_INPUT_PLACEHOLDERS", "DataError",
     "DataStats", "HFTokenizer", "Llama2Tokenizer", "Llama3Tokenizer", "PackedDataset",
     "PromptTemplate", "SentencePieceTokenizer", "ShardedBatchSampler", "TEMPLATES",
     "TokenizedDataset", "Tokenizer", "alpaca_cleaned_dataset", "alpaca_dataset", "as_template",

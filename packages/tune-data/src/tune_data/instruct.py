@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from tune_data import cache
-from tune_data.dataset import TokenizedArrays, TokenizedDataset
+from tune_data.dataset import TokenizedArrays, TokenizedDataset, prefix_mask
 from tune_data.errors import DataError
 from tune_data.ragged import flatten, gather
 from tune_data.sources import (
@@ -46,7 +46,7 @@ from tune_data.templates import ALPACA, PromptTemplate, as_template, is_empty_in
 from tune_data.tokenizers import Tokenizer
 
 # Bump when the tokenisation below changes, so stale cached datasets are not reused.
-_FORMAT_VERSION = "instruct-2"
+_FORMAT_VERSION = "instruct-3"  # 3: a per-token loss mask instead of a prompt length
 _MAP_BATCH = 2048
 _LOCAL_BATCH = 1 << 15  # records per tokenizer call when reading local JSON directly
 
@@ -314,8 +314,8 @@ class _Encoder:
             )
         prompt_len = np.zeros(n, dtype=np.int64) if self.train_on_input else head
         return TokenizedArrays(
-            tokens.astype(np.int32, copy=False), offsets, prompt_len[keep], rows[keep],
-            truncated[keep],
+            tokens.astype(np.int32, copy=False), offsets, prefix_mask(offsets, prompt_len[keep]),
+            rows[keep], truncated[keep],
         )
 
 
@@ -538,14 +538,14 @@ def _describe_source(source: str, data_files: DataFiles | None) -> str:
 
 def _tokenize_records(
     records, encode, settings: tuple, tokenizer: Tokenizer, max_seq_len: int | None,
-    where: str, *, short_name: bool, batch_size: int,
+    where: str, *, short_name: bool, batch_size: int, turns: bool = False,
 ) -> TokenizedDataset:
     """Run encode over the records with ``datasets.map`` (cached under the records'
     fingerprint and the settings that change the output) and wrap the result."""
     key = repr((records._fingerprint, *settings))
     tokenized = records.map(
         encode, batched=True, with_indices=True, batch_size=batch_size,
-        remove_columns=records.column_names, features=_features(),
+        remove_columns=records.column_names, features=_features(turns),
         new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
         desc=f"Tokenizing {Path(where).name if short_name else where}",
     )
@@ -555,12 +555,17 @@ def _tokenize_records(
     )
 
 
-def _features():
+def _features(turns: bool = False):
+    """The columns of :meth:`TokenizedArrays.to_arrow` as ``datasets`` features."""
     import datasets
 
-    return datasets.Features({
+    columns = {
         "tokens": datasets.List(datasets.Value("int32")),
-        "prompt_len": datasets.Value("int32"),
+        "trained": datasets.List(datasets.Value("bool")),
         "row": datasets.Value("int64"),
         "truncated": datasets.Value("bool"),
-    })
+    }
+    if turns:
+        columns["turn_starts"] = datasets.List(datasets.Value("int32"))
+        columns["turn_roles"] = datasets.List(datasets.Value("int8"))
+    return datasets.Features(columns)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch.utils.data import Dataset
 
-from tune_data.dataset import IGNORE_INDEX, TokenizedDataset
+from tune_data.dataset import IGNORE_INDEX, ROLES, TokenizedDataset
 from tune_data.packing import PackedDataset
 from tune_data.tokenizers import Tokenizer
 
@@ -41,6 +41,8 @@ class DataStats:
     padding: dict[int, float] = field(default_factory=dict)  # batch size -> padded fraction
     packed_rows: int | None = None
     packed_fill: float | None = None
+    turns: dict[int, int] | None = None  # chat: conversations by number of turns kept
+    assistant_turns: int | None = None  # chat: assistant turns kept (trained, whole or cut)
 
     @property
     def warnings(self) -> list[str]:
@@ -76,12 +78,23 @@ class DataStats:
             f"{self.length_mean:.0f}, p95 {self.length_p95:.0f}, max {self.length_max}"
             + (f" (max_seq_len {self.max_seq_len})" if self.max_seq_len else ""),
         ]
+        if self.turns is not None:
+            lines.append(f"  turns per conversation: {_histogram(self.turns)}; "
+                         f"{self.assistant_turns:,} assistant turns")
         for batch_size, waste in self.padding.items():
             lines.append(f"  padding at batch size {batch_size}: {waste:.0%} of tokens")
         if self.packed_rows is not None:
             lines.append(f"  packed into {self.packed_rows:,} rows, {self.packed_fill:.1%} full")
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def _histogram(counts: dict[int, int]) -> str:
+    """``2 (167), 4 (166)`` for a few distinct values, else the range and median."""
+    if len(counts) <= 6:
+        return ", ".join(f"{k} ({v:,})" for k, v in sorted(counts.items()))
+    values = np.repeat(list(counts), list(counts.values()))
+    return f"min {values.min()}, median {np.median(values):.0f}, max {values.max()}"
 
 
 def _rows(rows: list[int], total: int) -> str:
@@ -137,6 +150,14 @@ def describe(dataset: Dataset, batch_sizes: tuple[int, ...] = ()) -> DataStats:
             stats.padding[batch_size] = 1 - batches.sum() / padded
     if packed is not None:
         stats.packed_rows, stats.packed_fill = len(packed), packed.fill
+    if base.turns is not None:
+        # Turns are user and assistant messages; a system prompt is not one.
+        roles = base.turns.roles
+        owner = np.repeat(np.arange(len(base)), base.turns.counts)
+        per_sample = np.bincount(owner[roles != ROLES.index("system")], minlength=len(base))
+        values, counts = np.unique(per_sample, return_counts=True)
+        stats.turns = dict(zip(values.tolist(), counts.tolist()))
+        stats.assistant_turns = int((roles == ROLES.index("assistant")).sum())
     return stats
 
 
@@ -152,8 +173,9 @@ def render_sample(
 
     A token takes loss when it is the target of the position before it. Masked text is dimmed
     (``color=True``, ANSI) or wrapped in ``⟦ ⟧``; special tokens show by name (``<s>``,
-    ``<|eot_id|>``); each document of a packed row starts on a ``──`` line and its padding
-    is counted last.
+    ``<|eot_id|>``); each message of a conversation (chat datasets) starts on a ``── role ──``
+    line, each document of a packed row on a ``── document ──`` line, and a packed row's
+    padding is counted last.
 
     Args:
         dataset: A TokenizedDataset, PackedDataset, or any dataset of ``tokens``/``labels``.
@@ -173,12 +195,18 @@ def render_sample(
     labels = [int(t) for t in sample["labels"]]
     positions = sample.get("input_pos")
     trained = [False] + [lab != IGNORE_INDEX for lab in labels[:-1]]  # token j is a target?
-    starts = {0} | ({j for j, p in enumerate(positions) if int(p) == 0} if positions is not None
-                    else set())
+    # Lines that open a part of the sample: a document of a packed row, a message.
+    breaks: dict[int, str] = {}
+    if positions is not None:
+        breaks = {j: "document" for j, p in enumerate(positions) if int(p) == 0 and j}
+    turns = getattr(dataset, "turns", None)
+    if turns is not None:
+        messages = turns.of(index if index >= 0 else index + len(dataset))
+        breaks.update(messages)
     pad_from = _padding_start(tokens, labels, tokenizer.pad_id, positions)
     dim_on, dim_off = ("\x1b[2m", "\x1b[0m") if color else ("⟦", "⟧")
 
-    pieces: list[tuple[str, bool]] = []  # (text, masked)
+    pieces: list[tuple[str, bool | None]] = []  # (text, masked); None: a line of ours
     span: list[int] = []  # ids of the current run of ordinary tokens
     masked = False
     text_start = True  # some tokenizers drop a text's leading space; mid-text it is real
@@ -194,10 +222,10 @@ def render_sample(
 
     for j, tok in enumerate(tokens[:pad_from]):
         special = names.get(tok)
-        if j in starts and j:
+        if j in breaks:
             flush()
-            pieces.append(("\n── document ──\n", False))
-            text_start = True
+            pieces.append((f"── {breaks[j]} ──\n", None))
+            text_start = breaks[j] == "document"
         if special is not None or (not trained[j]) != masked:
             flush()
             masked = not trained[j]
@@ -208,11 +236,13 @@ def render_sample(
             span.append(tok)
     flush()
     if pad_from < len(tokens):
-        pieces.append((f"\n── {len(tokens) - pad_from} padding tokens ──", False))
-    # Adjacent runs with the same state share one pair of marks.
-    merged: list[tuple[str, bool]] = []
+        pieces.append((f"── {len(tokens) - pad_from} padding tokens ──", None))
+    # Adjacent runs with the same state share one pair of marks; our lines start a line.
+    merged: list[tuple[str, bool | None]] = []
     for text, is_masked in pieces:
-        if merged and merged[-1][1] == is_masked:
+        if is_masked is None and merged and not merged[-1][0].endswith("\n"):
+            text = "\n" + text
+        if merged and merged[-1][1] == is_masked and is_masked is not None:
             merged[-1] = (merged[-1][0] + text, is_masked)
         else:
             merged.append((text, is_masked))
@@ -220,6 +250,7 @@ def render_sample(
     n_loss = sum(trained)
     header = (
         f"sample {index}: {len(tokens)} tokens, {n_loss} with loss"
+        + (f", {len(messages)} messages" if turns is not None else "")
         + ("" if color else "; text in ⟦ ⟧ takes no loss")
     )
     out = [header, text]

@@ -32,7 +32,7 @@ def random_tokens_dataset(
     tokens = rng.integers(3, vocab, size=num_samples * length, dtype=np.int32)
     offsets = np.arange(0, num_samples * length + 1, length, dtype=np.int64)
     return TokenizedDataset(
-        tokens, offsets, prompt_len=np.zeros(num_samples, dtype=np.int64),
+        tokens, offsets, trained=np.ones(len(tokens), dtype=bool),
         rows=np.arange(num_samples), truncated=np.zeros(num_samples, dtype=bool),
         tokenizer=tokenizer, name="random tokens", max_seq_len=length,
     )

@@ -16,7 +16,7 @@ from tune_data.ragged import flatten
 from tune_data.sources import DataFiles, check_columns, load_records
 from tune_data.tokenizers import Tokenizer
 
-_FORMAT_VERSION = "text-1"
+_FORMAT_VERSION = "text-2"  # 2: a per-token loss mask
 
 
 class _Chunker:
@@ -41,7 +41,7 @@ class _Chunker:
         tokens, offsets = flatten(chunks)
         n = len(chunks)
         return TokenizedArrays(
-            tokens, offsets, np.zeros(n, np.int64), np.array(rows, dtype=np.int64),
+            tokens, offsets, np.ones(len(tokens), dtype=bool), np.array(rows, dtype=np.int64),
             np.zeros(n, dtype=bool),
         ).to_arrow()
 

@@ -93,6 +93,10 @@ class TrainConfig:
         default_factory=dict)
     max_seq_len: int = _help("Samples are truncated to this many tokens.", 512)
     train_on_input: bool = _help("Also take loss on the prompt, not only the response.", False)
+    chat_template: str | None = _help(
+        "Chat format for dataset: chat (and generate --chat): llama2, llama3, chatml, mistral, "
+        "or a .jinja / tokenizer_config.json file; None = the model's own or its family's.",
+        None)
     packing: bool = _help("Pack samples into max_seq_len rows (no padding; documents do not "
                           "attend to each other).", False)
     group_by_length: bool = _help("Batch samples of similar length together (less padding).",

@@ -69,6 +69,17 @@ def resolve_tokenizer(checkpoint: Path, tokenizer: str | Path | None) -> Path:
                       "path/to/tokenizer.model (or tokenizer.json)")
 
 
+def resolve_chat_template(checkpoint: Path, chat_template: str | None) -> str | None:
+    """The chat template to prompt a checkpoint with: as given, else the one its training
+    run used (its output_dir's config.yaml), else None (the tokenizer's default)."""
+    if chat_template is not None:
+        return chat_template
+    for folder in _run_folders(checkpoint):
+        if (folder / "config.yaml").is_file():
+            return _run_setting(folder, "chat_template")
+    return None
+
+
 def _run_folders(checkpoint: Path) -> tuple[Path, Path]:
     """The checkpoint's folder and the training output_dir above a step folder."""
     return checkpoint.parent, checkpoint.parent.parent.parent
@@ -104,6 +115,24 @@ def checkpoint_family(checkpoint: str | Path) -> str | None:
         return None  # absent or unreadable: reading the model arguments says which
     family = data.get("family") if isinstance(data, dict) else None
     return family if isinstance(family, str) else None
+
+
+def model_family_of(weights: Path):
+    """The ``tune_models.ModelFamily`` of a weights file, or None if nothing says.
+
+    Its ``tune_model.json`` says first (:func:`checkpoint_family`); else, for a training
+    run's checkpoint, the ``model`` preset in the run's config.yaml.
+    """
+    from tune_models import FAMILIES, MODELS, family_of
+
+    name = checkpoint_family(weights)
+    if name is not None:
+        return FAMILIES.get(name)
+    for folder in _run_folders(weights):
+        model = _run_setting(folder, "model")
+        if isinstance(model, str) and model in MODELS:
+            return family_of(model)
+    return None
 
 
 def checkpoint_config(checkpoint: str | Path):

@@ -2,7 +2,8 @@
 
 A config's ``model: llama2_7b`` is looked up in MODELS, ``optimizer: AdamW`` in OPTIMIZERS,
 and so on; ``lookup`` turns a miss into one line with a did-you-mean. ``dataset_arguments``
-is the one place that decides which config keys a dataset builder receives;
+is the one place that decides which config keys a dataset builder receives, and
+``chat_template`` the one place that picks a model's chat format;
 ``FAMILY_TOKENIZERS`` the one place where a model family's tokenizer kind
 (``tune_models.ModelFamily.tokenizer``) becomes a tune_data class.
 """
@@ -20,11 +21,13 @@ import torch
 
 from tune_data import (
     DATASETS,
+    ChatTemplate,
     HFTokenizer,
     Llama3Tokenizer,
     SentencePieceTokenizer,
     Tokenizer,
     demo_tokenizer,
+    load_chat_template,
     load_tokenizer,
 )
 from tune_models import MODELS, DecoderConfig, ModelFamily, family_of
@@ -77,7 +80,8 @@ LOSSES: dict[str, Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Ten
 }
 
 __all__ = ["DATASETS", "FAMILY_TOKENIZERS", "LOSSES", "MODELS", "OPTIMIZERS", "TOKENIZERS",
-           "build_dataset", "build_tokenizer", "build_validation_dataset", "dataset_arguments",
+           "build_dataset", "build_tokenizer", "build_validation_dataset", "chat_template",
+           "dataset_arguments",
            "family_tokenizer_files", "lookup", "model_config", "model_family", "tokenizer_fits",
            "tokenizer_problem"]
 
@@ -230,10 +234,12 @@ DATASET_KEYS = {
     "split": "dataset_split",
     "train_on_input": "train_on_input",
     "max_seq_len": "max_seq_len",
+    "chat_template": "chat_template",
 }
-# Keys that mean something beyond the dataset (max_seq_len also sizes the model and packing):
-# a builder without them simply does not need them.
-_NOT_ONLY_DATA = {"max_seq_len"}
+# Keys that mean something beyond the dataset (max_seq_len also sizes the model and packing;
+# chat_template also formats `tune generate --chat` prompts): a builder without them simply
+# does not need them.
+_NOT_ONLY_DATA = {"max_seq_len", "chat_template"}
 
 
 def dataset_arguments(builder: Callable[..., Any], cfg: TrainConfig,
@@ -243,9 +249,10 @@ def dataset_arguments(builder: Callable[..., Any], cfg: TrainConfig,
 
     A builder receives only the parameters its signature names (after the tokenizer): the
     data keys of the config (``dataset_source`` as ``source``, ``data_files``,
-    ``dataset_split`` as ``split``, ``train_on_input``, ``max_seq_len``) and
-    ``dataset_args``. A ``**kwargs`` catch-all (passed on to ``datasets.load_dataset``)
-    accepts extra ``dataset_args``, never the data keys it does not name.
+    ``dataset_split`` as ``split``, ``train_on_input``, ``max_seq_len``,
+    ``chat_template``) and ``dataset_args``. A ``**kwargs`` catch-all (passed on to
+    ``datasets.load_dataset``) accepts extra ``dataset_args``, never the data keys it does
+    not name.
 
     Args:
         builder: A dataset builder, e.g. ``DATASETS["alpaca"]``.
@@ -318,7 +325,7 @@ def build_dataset(cfg: TrainConfig, tokenizer: Any,
     kwargs, ignored = dataset_arguments(builder, cfg)
     for key in ignored if warn is not None else ():
         warn(_ignored_line(cfg, key, {}))
-    return builder(tokenizer, **kwargs)
+    return _build(builder, cfg, tokenizer, kwargs)
 
 
 def build_validation_dataset(cfg: TrainConfig, tokenizer: Any,
@@ -346,7 +353,36 @@ def build_validation_dataset(cfg: TrainConfig, tokenizer: Any,
         # Only what the user set for validation; inherited training values were reported.
         if key in VALIDATION_KEYS and getattr(view, VALIDATION_KEYS[key]) is not None:
             warn(_ignored_line(view, key, VALIDATION_KEYS))
+    return _build(builder, view, tokenizer, kwargs)
+
+
+def _build(builder: Callable[..., Any], cfg: TrainConfig, tokenizer: Any,
+           kwargs: dict[str, Any]) -> Any:
+    if "chat_template" in kwargs:  # a chat builder: the format the model's family uses
+        kwargs = {**kwargs, "chat_template": chat_template(
+            kwargs["chat_template"], tokenizer, model_family(cfg))}
     return builder(tokenizer, **kwargs)
+
+
+def chat_template(name: str | None, tokenizer: Tokenizer,
+                  family: ModelFamily | None) -> ChatTemplate:
+    """The chat format a model is trained and prompted in.
+
+    The one named (``chat_template`` in a config, ``--chat-template``); else the model's own,
+    shipped beside its tokenizer file (``chat_template.jinja`` or tokenizer_config.json);
+    else its family's (``tune_models.ModelFamily.chat_template``: llama2, llama3, mistral,
+    chatml); else, with no family known, the one the tokenizer's control tokens tell.
+
+    Args:
+        name: A built-in format, a .jinja / tokenizer_config.json file, or None.
+        tokenizer: The model's tokenizer.
+        family: The model's family, or None if unknown (a checkpoint without tune_model.json).
+
+    Raises:
+        DataError: If ``name`` names nothing usable, or no format can be told.
+    """
+    return load_chat_template(name, tokenizer,
+                              family.chat_template if family is not None else None)
 
 
 def _ignored_line(cfg: TrainConfig, key: str, names: Mapping[str, str]) -> str:

@@ -23,12 +23,24 @@ def missing_files(cfg: TrainConfig) -> list[str]:
             "convert_checkpoint --checkpoint_path <download dir>/consolidated.00.pth`, or set "
             "model_checkpoint: null to start from random weights"
         )
+    if cfg.chat_template is not None:
+        problems += _chat_template_problems(cfg.chat_template)
     for key in ("data_files", "validation_data_files"):
         value = getattr(cfg, key)
         for f in value if isinstance(value, list) else [value]:
             if f is not None and not Path(f).exists() and not glob.glob(f):
                 problems.append(f"{key} {f} does not exist")
     return problems
+
+
+def _chat_template_problems(value: str) -> list[str]:
+    from tune_data import DataError, load_chat_template
+
+    try:
+        load_chat_template(value, tokenizer=None)  # a tokenizer only picks the default
+    except DataError as e:
+        return [str(e)]
+    return []
 
 
 def _tokenizer_creates_file(cfg: TrainConfig) -> bool:

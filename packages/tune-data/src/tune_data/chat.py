@@ -1,0 +1,513 @@
+"""Chat datasets: conversations with any number of turns, every assistant turn trained.
+
+Conversations come in OpenAI style (``{"messages": [{"role", "content"}, ...]}``) or
+ShareGPT style (``{"conversations": [{"from": "human" | "gpt" | "system", "value"}, ...]}``),
+from local json / jsonl / parquet files or the Hub. A chat template
+(:mod:`tune_data.chat_templates`) turns each into text and control tokens;
+:func:`encode_pieces` tokenises them so the ids equal those of the whole rendered text
+(transformers' ``apply_chat_template(tokenize=True)`` for the same template and tokenizer),
+and the loss mask covers every assistant turn with the token that ends it.
+
+Speed, measured in ``benchmarks/data.py``: local JSON is read with the json module and the
+result cached in one Arrow file (as for instruction data); all of a batch's texts go through
+the tokenizer in one call, and texts that may be cut where a trained span starts (just after
+a newline, or for SentencePiece before a single space) are encoded in parts instead of twice.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from tune_data import cache
+from tune_data.chat_templates import (
+    ChatTemplate,
+    JinjaChatTemplate,
+    Message,
+    Piece,
+    load_chat_template,
+)
+from tune_data.dataset import ROLES, TokenizedArrays, TokenizedDataset, Turns
+from tune_data.errors import DataError
+from tune_data.instruct import _describe_source, _encode_all, _tokenize_records
+from tune_data.ragged import flatten, gather
+from tune_data.sources import DataFiles, _json_records, load_records, local_json_files
+from tune_data.tokenizers import Tokenizer
+
+# Bump when the tokenisation below changes, so stale cached datasets are not reused.
+_FORMAT_VERSION = "chat-1"
+_MAP_BATCH = 1024
+
+# Role names in the data -> the roles templates know. ShareGPT writes human / gpt.
+ROLE_NAMES = {
+    "system": "system", "user": "user", "assistant": "assistant",
+    "human": "user", "gpt": "assistant",
+}
+CONVERSATION_COLUMNS = ("messages", "conversations")  # OpenAI style, ShareGPT style
+_ROLE_CODES = {role: code for code, role in enumerate(ROLES)}
+
+
+def normalize_messages(
+    conversation: Any, role_map: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
+) -> list[Message]:
+    """One conversation as ``[{"role": system|user|assistant, "content": str}, ...]``.
+
+    Args:
+        conversation: A list of OpenAI-style (``role``/``content``) or ShareGPT-style
+            (``from``/``value``) messages.
+        role_map: Extra role names, e.g. ``{"bot": "assistant"}`` (beside
+            :data:`ROLE_NAMES`).
+        system_prompt: Put first as a system message when the conversation has none.
+
+    Returns:
+        The messages.
+
+    Raises:
+        DataError: For an unknown role, a missing or empty content, or no messages (one
+            line without the row; the dataset adds it).
+    """
+    return _normalize(conversation, {**ROLE_NAMES, **(role_map or {})}, system_prompt)
+
+
+def _normalize(conversation: Any, names: Mapping[str, str], system_prompt: str | None
+               ) -> list[Message]:
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise DataError("has no messages (expected a list of {role, content} or "
+                        "{from, value} objects)")
+    messages = []
+    for k, message in enumerate(conversation):
+        if type(message) is not dict and not isinstance(message, Mapping):
+            raise DataError(f"message {k} is not an object with a role and a content")
+        role = message.get("role")
+        if role is None and "from" in message:  # ShareGPT
+            role, content = message.get("from"), message.get("value")
+        else:
+            content = message.get("content")
+        name = names.get(role) if isinstance(role, str) else None
+        if name not in ROLES:
+            known = ", ".join(sorted(names))
+            raise DataError(f"message {k} has the unknown role {role!r} (known: {known}); "
+                            "map it with role_map={" + repr(role) + ": 'assistant'} or fix it")
+        if type(content) is not str or not content or content.isspace():
+            what = "an empty content" if isinstance(content, str) or content is None \
+                else f"a content that is not text ({type(content).__name__})"
+            raise DataError(f"message {k} ({name}) has {what}; fill it in or remove the row")
+        messages.append({"role": name, "content": content})
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+# --------------------------------------------------------------------------- tokenising
+def _safe_cut(tokenizer: Tokenizer, before: str, after: str) -> bool:
+    """True when ``before + after`` encodes as ``before`` alone followed by ``after``
+    through :meth:`Tokenizer.encode_after_newline`: just after a newline followed by a
+    character that is not whitespace (:attr:`Tokenizer.cuts_after_newline`), or, where
+    spaces are boundaries too (SentencePiece's ``splits_at_spaces``: Llama 2, Mistral),
+    before a single space that follows a character that is not one."""
+    if not before or not after:
+        return False
+    if before[-1] == "\n" and not after[0].isspace():
+        return tokenizer.cuts_after_newline
+    if after[0] == " " and before[-1] not in " \u2581":
+        return tokenizer.cuts_after_newline and getattr(tokenizer, "splits_at_spaces", False)
+    return False
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector. Tokenising makes many small objects that
+    never form cycles (messages, pieces); with the collector on, each burst of them sets
+    off collections that rescan every object alive, the loaded records included: a third
+    of the time for 5,000 conversations."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+_SPECIAL, _START, _CONT, _PART = 0, 1, 2, 3  # what a segment of a conversation is
+
+
+class MessageStarts(NamedTuple):
+    """Where each message's first token is: ``positions[offsets[i]:offsets[i + 1]]`` within
+    conversation i, for the messages ``messages[offsets[i]:offsets[i + 1]]`` (indices)."""
+
+    positions: np.ndarray
+    messages: np.ndarray
+    offsets: np.ndarray
+
+
+def encode_pieces(
+    tokenizer: Tokenizer, conversations: Sequence[Sequence[Piece]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, MessageStarts]:
+    """Token ids of rendered conversations, with the trained mask and message starts.
+
+    Text between control tokens is one text, encoded as a whole would be: parts cut where
+    :func:`_safe_cut` allows are encoded apart (that is exact; the built-in formats cut
+    only there with the tokenizers of their families), other cuts are placed where the
+    encodings of the text and of its part before the cut stop agreeing (a token that spans
+    the cut goes with the part after it).
+
+    Args:
+        tokenizer: The tokenizer.
+        conversations: Each conversation's pieces (:meth:`ChatTemplate.pieces`).
+
+    Returns:
+        ``(tokens, offsets, trained, starts)``: flat int32 ids, (N + 1,) offsets, flat bool
+        (token j lies in a trained span), and where each message starts.
+    """
+    texts: tuple[list[str], list[str]] = ([], [])  # encoded as a text's start / after a cut
+    specials: list[int] = []
+    # One entry per segment, in order: what it is, which text or token, trained, message.
+    kinds: list[int] = []
+    refs: list[int] = []
+    trained_flags: list[bool] = []
+    messages: list[int] = []
+    counts: list[int] = []  # segments per conversation
+    # Texts holding unsafe cuts: [after a cut?, text index, cut offsets, segment indices].
+    joined: list[list] = []
+    for pieces in conversations:
+        before = len(kinds)
+        text = None  # the text the next piece may continue: (after a cut?, index)
+        joining = None  # its entry in joined, once it holds an unsafe cut
+        for value, trained, message, new_text in pieces:
+            if value.__class__ is int:
+                kinds.append(_SPECIAL)
+                refs.append(len(specials))
+                specials.append(value)
+                text = None
+            elif not value:
+                continue
+            elif text is None or new_text or _safe_cut(tokenizer, texts[text[0]][text[1]],
+                                                       value):
+                cont = text is not None and not new_text
+                kinds.append(_CONT if cont else _START)
+                refs.append(len(texts[cont]))
+                text, joining = (cont, len(texts[cont])), None
+                texts[cont].append(value)
+            else:  # an unsafe cut: joined to the text before it, placed once encoded
+                if joining is None:
+                    joining = [text[0], text[1], [], [len(kinds) - 1]]
+                    kinds[-1], refs[-1] = _PART, len(joined)
+                    joined.append(joining)
+                owner = texts[text[0]]
+                joining[2].append(len(owner[text[1]]))
+                joining[3].append(len(kinds))
+                owner[text[1]] += value
+                kinds.append(_PART)
+                refs.append(refs[-1])
+            trained_flags.append(trained)
+            messages.append(message)
+        counts.append(len(kinds) - before)
+
+    # Each text with unsafe cuts is encoded whole and cut where its prefixes' ids end.
+    prefix_refs = []
+    for cont, index, cuts, _ in joined:
+        whole = texts[cont][index]
+        prefix_refs.append(range(len(texts[cont]), len(texts[cont]) + len(cuts)))
+        texts[cont].extend(whole[:c] for c in cuts)
+    start_ids, start_offsets = flatten(tokenizer.encode_batch(texts[0], add_bos=False))
+    if texts[1]:
+        cont_ids, cont_offsets = tokenizer.encode_after_newline(texts[1])
+    else:
+        cont_ids, cont_offsets = np.zeros(0, np.int32), np.zeros(1, np.int64)
+    source = np.concatenate([start_ids, cont_ids, np.asarray(specials, dtype=np.int32)])
+
+    kind = np.asarray(kinds, dtype=np.int8)
+    ref = np.asarray(refs, dtype=np.int64)
+    seg_start = np.zeros(len(kind), dtype=np.int64)
+    seg_len = np.ones(len(kind), dtype=np.int64)
+    for code, offsets, base in ((_START, start_offsets, 0),
+                                (_CONT, cont_offsets, len(start_ids))):
+        at = kind == code
+        seg_start[at] = base + offsets[ref[at]]
+        seg_len[at] = offsets[ref[at] + 1] - offsets[ref[at]]
+    at = kind == _SPECIAL
+    seg_start[at] = len(start_ids) + len(cont_ids) + ref[at]
+    for (cont, index, _, segments), prefixes in zip(joined, prefix_refs):
+        ids, offsets = (cont_ids, cont_offsets) if cont else (start_ids, start_offsets)
+        begin, end = int(offsets[index]), int(offsets[index + 1])
+        bounds = [0]
+        for p in prefixes:
+            prefix = ids[int(offsets[p]) : int(offsets[p + 1])]
+            bounds.append(max(bounds[-1], _common_prefix(prefix, ids[begin:end])))
+        bounds.append(end - begin)
+        seg_start[segments] = (len(start_ids) if cont else 0) + begin + np.array(bounds[:-1])
+        seg_len[segments] = np.diff(bounds)
+
+    tokens, _ = gather(source, seg_start, seg_len)
+    trained = np.repeat(np.asarray(trained_flags, dtype=bool), seg_len)
+    conv = np.repeat(np.arange(len(counts)), counts)
+    lengths = np.bincount(conv, weights=seg_len, minlength=len(counts)).astype(np.int64)
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return tokens.astype(np.int32, copy=False), offsets, trained, _message_starts(
+        conv, np.asarray(messages, dtype=np.int64), seg_len, offsets)
+
+
+def _message_starts(conv: np.ndarray, message: np.ndarray, seg_len: np.ndarray,
+                    offsets: np.ndarray) -> MessageStarts:
+    """Where each message's first token is, per conversation."""
+    position = np.cumsum(seg_len) - seg_len - offsets[conv]  # segment start within its sample
+    real = (seg_len > 0) & (message >= 0)
+    conv, message, position = conv[real], message[real], position[real]
+    # The first segment of each (conversation, message), in order: segments are in order.
+    first = np.ones(len(conv), dtype=bool)
+    first[1:] = (conv[1:] != conv[:-1]) | (message[1:] != message[:-1])
+    conv, message, position = conv[first], message[first], position[first]
+    turn_offsets = np.zeros(len(offsets), dtype=np.int64)
+    np.cumsum(np.bincount(conv, minlength=len(offsets) - 1), out=turn_offsets[1:])
+    return MessageStarts(position.astype(np.int32), message, turn_offsets)
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+def chat_prompt(
+    tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Message]
+) -> list[int]:
+    """Token ids that prompt a model for the next assistant turn of a conversation.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        template: The chat template the model was trained with.
+        messages: The conversation so far (ending with a user turn).
+
+    Returns:
+        The ids, ending with the template's generation prompt.
+    """
+    pieces = template.pieces(messages, tokenizer, add_generation_prompt=True)
+    tokens, _, _, _ = encode_pieces(tokenizer, [pieces])
+    return tokens.tolist()
+
+
+# --------------------------------------------------------------------------- the dataset
+class _ChatEncoder:
+    """Turns a batch of conversations into tokens, loss masks and message starts."""
+
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, *, train_on_input: bool,
+                 max_seq_len: int | None, system_prompt: str | None,
+                 role_map: Mapping[str, str] | None, where: str):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.train_on_input = train_on_input
+        self.max_seq_len = max_seq_len
+        self.system_prompt = system_prompt
+        self.names = {**ROLE_NAMES, **(role_map or {})}
+        self.where = where
+
+    def __call__(self, batch: Mapping[str, list[Any]], indices: list[int]):
+        """For ``datasets.map(batched=True, with_indices=True)``: the batch as an Arrow table."""
+        return self.encode(batch, np.asarray(indices, dtype=np.int64)).to_arrow()
+
+    def encode(self, batch: Mapping[str, Sequence[Any]], rows: np.ndarray) -> TokenizedArrays:
+        """Tokenise one batch; ``batch`` has one column of conversations, ``rows`` numbers
+        them."""
+        with _collector_paused():
+            return self._encode(batch, rows)
+
+    def _encode(self, batch: Mapping[str, Sequence[Any]], rows: np.ndarray) -> TokenizedArrays:
+        ((column, conversations),) = batch.items()
+        all_pieces, all_roles = [], []
+        for row, conversation in zip(rows.tolist(), conversations):
+            try:
+                if conversation is None:
+                    raise DataError(f"has no '{column}'; fill it in or remove the row")
+                messages = _normalize(conversation, self.names, self.system_prompt)
+                all_pieces.append(self.template.pieces(messages, self.tokenizer))
+            except DataError as e:
+                raise DataError(f"{self.where}: row {row} (counting from 0): {e}") from None
+            all_roles.append([_ROLE_CODES[m["role"]] for m in messages])
+        tokens, offsets, assistant, starts = encode_pieces(self.tokenizer, all_pieces)
+        return self._truncate(tokens, offsets, assistant, starts, all_roles, rows)
+
+    def _truncate(self, tokens, offsets, assistant, starts: MessageStarts, all_roles, rows):
+        """Conversations longer than max_seq_len cut there, the mask kept as it was; one
+        left without any trained token is dropped (counted by describe())."""
+        lengths = np.diff(offsets)
+        limit = self.max_seq_len
+        kept_len = lengths if limit is None else np.minimum(lengths, limit)
+        truncated = kept_len < lengths
+        keep = np.ones(len(rows), dtype=bool)
+        if truncated.any():
+            # Assistant tokens that stay targets: positions 1 .. limit - 1 of the sample.
+            counts = np.zeros(len(assistant) + 1, dtype=np.int64)
+            np.cumsum(assistant, out=counts[1:])
+            first = offsets[:-1]
+            left = counts[first + kept_len] - counts[np.minimum(first + 1, first + kept_len)]
+            keep = ~truncated | (left > 0)
+            tokens, offsets = gather(tokens, first[keep], kept_len[keep])
+            assistant, _ = gather(assistant, first[keep], kept_len[keep])
+        trained = np.ones(len(tokens), dtype=bool) if self.train_on_input else assistant
+        # Message indices -> roles; messages past the cut (or a generation prompt) go.
+        role_codes, role_offsets = flatten(all_roles)
+        conv = np.repeat(np.arange(len(rows)), np.diff(starts.offsets))
+        index = starts.messages
+        placed = (keep[conv] & (index < np.diff(role_offsets)[conv])
+                  & (starts.positions < kept_len[conv]))
+        conv = conv[placed]
+        roles = role_codes[role_offsets[conv] + index[placed]].astype(np.int8)
+        renumber = np.cumsum(keep) - 1  # conversation -> sample
+        turn_offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(renumber[conv], minlength=len(turn_offsets) - 1),
+                  out=turn_offsets[1:])
+        kept_turns = Turns(starts.positions[placed], roles, turn_offsets)
+        return TokenizedArrays(tokens, offsets, trained, rows[keep], truncated[keep],
+                               kept_turns)
+
+
+def chat_dataset(
+    tokenizer: Tokenizer,
+    source: str | None = None,
+    data_files: DataFiles | None = None,
+    split: str = "train",
+    train_on_input: bool = False,
+    max_seq_len: int | None = 512,
+    *,
+    chat_template: str | Path | ChatTemplate | None = None,
+    conversation_column: str | None = None,
+    system_prompt: str | None = None,
+    role_map: Mapping[str, str] | None = None,
+    cache_dir: str | Path | None = None,
+    **load_kwargs: Any,
+) -> TokenizedDataset:
+    """Conversations, templated, tokenised and masked: every assistant turn is trained.
+
+    Each record holds one conversation, OpenAI style (``messages: [{role, content}]``) or
+    ShareGPT style (``conversations: [{from, value}]``, human -> user, gpt -> assistant),
+    with an optional system message first and any number of turns. Loss is taken on every
+    assistant turn, including the token that ends it (``</s>``, ``<|eot_id|>``,
+    ``<|im_end|>``), never on system or user turns unless ``train_on_input``. A
+    conversation longer than ``max_seq_len`` is cut there (a turn cut in the middle keeps
+    its mask, without an end token); one left with no assistant token is dropped. Both are
+    counted by :func:`tune_data.describe`.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        source: Hub dataset name, local file, or builder name (see
+            :func:`tune_data.sources.load_records`); None to read ``data_files``.
+        data_files: Local json / jsonl / parquet file(s).
+        split: Split to load.
+        train_on_input: Take the loss on system and user turns (and the template's text)
+            as well.
+        max_seq_len: Longest sample in tokens (None: no limit).
+        chat_template: ``llama2``, ``llama3``, ``chatml``, ``mistral``, a ``.jinja`` file, a
+            ``tokenizer_config.json`` holding ``chat_template``, a ChatTemplate, or None for
+            the model's own, else the one its tokenizer tells
+            (:func:`tune_data.chat_templates.default_chat_template`). A ``dataset: chat``
+            config passes its model family's format instead of that guess
+            (``tune_train.registry.chat_template``).
+        conversation_column: The column holding the conversations (default: ``messages``
+            or ``conversations``, whichever the data has).
+        system_prompt: A system message for conversations that have none.
+        role_map: More role names, e.g. ``{"bot": "assistant"}``.
+        cache_dir: Cache folder.
+        **load_kwargs: Passed on to ``datasets.load_dataset``.
+
+    Returns:
+        The dataset; ``dataset[i]`` is ``{"tokens", "labels"}``, ``dataset.turns`` says where
+        each message starts.
+
+    Raises:
+        DataError: If the data cannot be loaded, or a row has an unknown role, an empty
+            message, turns its template cannot hold, or makes the template fail: one line
+            naming the row.
+    """
+    if max_seq_len is not None and max_seq_len < 2:
+        raise DataError(f"max_seq_len must be at least 2 tokens, got {max_seq_len}")
+    if source is None and data_files is None:
+        raise DataError("a chat dataset needs a source (hub name or file; dataset_source in a "
+                        "config) or data_files")
+    source = source or ""
+    template = load_chat_template(chat_template, tokenizer)
+    where = _describe_source(source, data_files)
+    encoder = _ChatEncoder(tokenizer, template, train_on_input=train_on_input,
+                           max_seq_len=max_seq_len, system_prompt=system_prompt,
+                           role_map=role_map, where=where)
+    settings = (
+        tokenizer.fingerprint, _template_key(template), train_on_input, max_seq_len,
+        system_prompt, sorted((role_map or {}).items()),
+    )
+    files = local_json_files(source, data_files, split, load_kwargs)
+    if files is not None:
+        built = _from_json_files(files, conversation_column, encoder, settings, where, cache_dir)
+        if built is not None:
+            return built
+    records = load_records(source, data_files, split, cache_dir, **load_kwargs)
+    column = _conversation_column(records.column_names, conversation_column, where)
+    records = records.select_columns([column])
+    return _tokenize_records(
+        records, encoder, (_FORMAT_VERSION, column, *settings), tokenizer, max_seq_len, where,
+        short_name=data_files is not None, batch_size=_MAP_BATCH, turns=True,
+    )
+
+
+def _template_key(template: ChatTemplate) -> str:
+    """What identifies a template's output in cache keys."""
+    if isinstance(template, JinjaChatTemplate):
+        return "jinja:" + hashlib.sha256(template.source.encode()).hexdigest()
+    return f"{type(template).__name__}:{template.name}"
+
+
+def _conversation_column(columns: Sequence[str], wanted: str | None, where: str) -> str:
+    if wanted is not None:
+        if wanted in columns:
+            return wanted
+        found = None
+    else:
+        found = next((c for c in CONVERSATION_COLUMNS if c in columns), None)
+    if found is None:
+        have = ", ".join(columns) or "none"
+        named = f"'{wanted}'" if wanted else "'messages' or 'conversations'"
+        raise DataError(f"{where}: row 0 has no {named} column (columns: {have}); name the "
+                        "column that holds the conversations with conversation_column=...")
+    return found
+
+
+def _from_json_files(
+    files: list[Path], column: str | None, encoder: _ChatEncoder, settings: tuple, where: str,
+    cache_dir: str | Path | None,
+) -> TokenizedDataset | None:
+    """Local JSON read with the json module and tokenised, cached in our own Arrow file;
+    None when the files are not plain JSON arrays / lines of objects (datasets then reads
+    them, and says what is wrong)."""
+    blobs = [f.read_bytes() for f in files]
+    key = repr((_FORMAT_VERSION, "json", [cache.digest(b) for b in blobs], column, *settings))
+    path = cache.cache_file(cache_dir, key)
+    hit = cache.read(path, key)
+    if hit is not None:
+        arrays, source_rows = hit
+    else:
+        records: list[dict] = []
+        for blob in blobs:
+            with _collector_paused():
+                part = _json_records(blob)
+            if part is None:
+                return None
+            records += part
+        if not records:
+            return None
+        column = _conversation_column(list(records[0]), column, where)
+        batch = {column: [r.get(column) for r in records]}
+        source_rows = len(records)
+        arrays = _encode_all(encoder, batch, source_rows, f"Tokenizing {Path(where).name}")
+        if not (cache.caching_enabled() and cache.write(path, arrays, source_rows, key)):
+            path = None
+    return TokenizedDataset.from_arrays(
+        arrays, tokenizer=encoder.tokenizer, name=where, source_rows=source_rows,
+        max_seq_len=encoder.max_seq_len, cache_file=path,
+    )
