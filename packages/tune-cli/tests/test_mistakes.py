@@ -121,3 +121,29 @@ def test_plot_names_what_is_wrong_with_metrics(tmp_path, content, message):
     result = tune("plot", str(tmp_path))
     _one_problem(result, 1, f"error: {tmp_path}/{message}")
     assert not (tmp_path / "loss_curve.png").exists()
+
+
+def test_a_full_disk_while_writing_is_named_not_a_bug(tmp_path):
+    # A file size limit stands in for a disk that fills while the picture is written: the
+    # write fails with EFBIG as it would with ENOSPC.
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        f'{{"step": {i}, "loss": {1 / i}}}\n' for i in range(1, 50)))
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+            "from tune_cli.main import main; main(sys.argv[1:])")
+    result = subprocess.run([sys.executable, "-c", code, "plot", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(f"error: File too large: {tmp_path}/loss_curve.png; free "), (
+        result.stderr)
+    assert "unexpected" not in result.stderr and len(result.stderr.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no half picture
+
+
+def test_plot_never_replaces_what_is_not_a_file(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (tmp_path / "curve").mkdir()
+    result = tune("plot", str(tmp_path), "-o", str(tmp_path / "curve"))
+    _one_problem(result, 1, f"error: {tmp_path}/curve exists and is not a regular file; "
+                            "pass --output path/to/loss_curve.png")
+    assert (tmp_path / "curve").is_dir()

@@ -114,6 +114,14 @@ def test_round_trips_and_special_tokens_left_out(any_tokenizer):
         assert any_tokenizer.decode(ids) == text
 
 
+def test_ids_past_the_vocabulary_decode_to_nothing(any_tokenizer):
+    # A model's embedding may have more rows than its tokenizer has ids (Qwen2.5 pads 151,665
+    # to 151,936); a sampled padding id must not crash generation.
+    ids = any_tokenizer.encode("Hello world")
+    beyond = [any_tokenizer.vocab_size, any_tokenizer.vocab_size + 271]
+    assert any_tokenizer.decode(ids[:1] + beyond + ids[1:]) == "Hello world"
+
+
 def test_a_sample_decodes_piece_by_piece(any_tokenizer):
     # render_sample decodes a sample in runs; mid-text runs keep their leading space.
     tok = any_tokenizer

@@ -67,6 +67,20 @@ def test_restricted_reader_reads_what_torch_writes_and_what_torch_reads(tmp_path
     assert loaded["param_groups"][0]["lr"] == 0.1
 
 
+def test_resuming_keeps_the_configured_hyperparameters_not_the_checkpoints(tmp_path):
+    # A user who lowers weight_decay (or changes betas) before resuming gets the new values.
+    model, optimizer = _trained(torch.optim.AdamW, torch.float32, weight_decay=0.1)
+    path = tmp_path / ckpt.TRAINING_STATE
+    ckpt.save_optimizer_state(path, model, optimizer)
+    fresh_model = _model(torch.float32)
+    fresh = torch.optim.AdamW(fresh_model.parameters(), lr=0.1, weight_decay=0.0,
+                              betas=(0.8, 0.9))
+    ckpt.load_optimizer_state(path, fresh_model, fresh)
+    group = fresh.param_groups[0]
+    assert (group["weight_decay"], group["betas"]) == (0.0, (0.8, 0.9))
+    assert fresh.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+
+
 class _RunsCode:
     def __init__(self, marker: str):
         self.marker = marker

@@ -622,6 +622,11 @@ def load_optimizer_state(path: Path, model: torch.nn.Module,
             else:
                 self.state_dict[read_item.dest_index.fqn] = obj
 
+    # The run's config decides the hyperparameters (weight_decay, betas, momentum, ...): a user
+    # who changes one before resuming gets the new value, not the checkpoint's. The lr is set
+    # by the schedule at every step.
+    configured = [{k: v for k, v in group.items() if k not in ("params", "lr")}
+                  for group in optimizer.param_groups]
     reader = _safe_reader(Path(path))
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     try:
@@ -636,3 +641,5 @@ def load_optimizer_state(path: Path, model: torch.nn.Module,
             f"the optimizer state in {path} does not fit this run ({_first_failure(e)}); "
             "resume with the model, optimizer and optimizer_args it was saved with") from None
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)

@@ -12,6 +12,7 @@ This module imports no torch: the ``tune`` command's error path stays quick.
 
 from __future__ import annotations
 
+import errno
 import sys
 
 # Exit statuses. Usage mistakes (a bad flag value) are 2, as click and argparse make them.
@@ -32,6 +33,10 @@ class EvalError(Exception):
 
 class PlotError(Exception):
     """Nothing to plot, or metrics that cannot be read; the message is what the user sees."""
+
+
+# No space left on device, disk quota exceeded, over the file size limit (ulimit -f).
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -68,6 +73,12 @@ def explain(error: BaseException) -> tuple[str, int]:
     if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError
                   | NotADirectoryError) and error.filename is not None:
         return f"{error.strerror}: {error.filename}", EXIT_USER_ERROR
+    if isinstance(error, OSError) and error.errno in _FULL_DISK:
+        # A metrics line, a plot or a log written while the disk fills: the training state
+        # written before stays valid, so this is the user's to fix, not a bug.
+        where = f": {error.filename}" if error.filename else ""
+        return (f"{error.strerror or 'No space left on device'}{where}; free some space (or "
+                "write elsewhere) and run it again"), EXIT_USER_ERROR
     if isinstance(error, ImportError) and "pip install" in str(error):
         return str(error), EXIT_USER_ERROR
     text = str(error).strip()

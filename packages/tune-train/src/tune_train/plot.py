@@ -93,8 +93,21 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path | None = None,
     ax_loss.set_title(title or metrics_path.parent.name)
     fig.tight_layout()
     png_path = Path(png_path) if png_path else metrics_path.parent / "loss_curve.png"
+    if png_path.exists() and not png_path.is_file():
+        plt.close(fig)
+        # The picture replaces its output whole (a rename), which must never take the place
+        # of a folder, a device or a pipe.
+        raise PlotError(f"{png_path} exists and is not a regular file; pass --output "
+                        "path/to/loss_curve.png")
     tmp = png_path.with_name(png_path.name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    tmp.replace(png_path)
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        tmp.replace(png_path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half picture behind
+        if isinstance(e, OSError) and e.filename is None:  # matplotlib's writer names no file
+            raise OSError(e.errno, e.strerror, str(png_path)) from e
+        raise
+    finally:
+        plt.close(fig)
     return png_path

@@ -144,8 +144,10 @@ class SentencePieceTokenizer(Tokenizer):
         )
 
     def decode(self, ids: Sequence[int]) -> str:
-        # SentencePiece leaves control pieces (<s>, </s>) out by itself, not <unk>.
-        return self._sp.decode([i for i in map(int, ids) if i != self._unk_id])
+        # SentencePiece leaves control pieces (<s>, </s>) out by itself, not <unk>; ids past
+        # the vocabulary (a model's padded embedding rows) would raise.
+        n = self.vocab_size
+        return self._sp.decode([i for i in map(int, ids) if 0 <= i < n and i != self._unk_id])
 
     def decode_continuation(self, ids: Sequence[int]) -> str:
         text = self.decode(ids)
