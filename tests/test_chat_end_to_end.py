@@ -78,7 +78,7 @@ def test_chat_validation_and_generate_use_the_familys_format(tmp_path, sharegpt_
     from tune_data import chat_dataset, load_tokenizer
     from tune_train import registry
     from tune_train.config import load_config
-    from tune_train.loading import model_family_of, resolve_chat_template
+    from tune_train.loading import checkpoint_family, model_family_of, resolve_chat_template
 
     records = json.loads(sharegpt_json_path.read_text())
     train, held = tmp_path / "train.json", tmp_path / "val.json"
@@ -100,6 +100,7 @@ def test_chat_validation_and_generate_use_the_familys_format(tmp_path, sharegpt_
     # tune generate --chat on the run's checkpoint: the run's model names the family.
     weights = sorted((tmp_path / "out").glob("checkpoints/step_*/native_pytorch_model.pt"))[-1]
     assert model_family_of(weights).name == "mistral"
+    assert checkpoint_family(weights) == "mistral"  # recorded beside the weights themselves
     assert registry.chat_template(resolve_chat_template(weights, None), tok,
                                   model_family_of(weights)).name == "mistral"
 

@@ -446,9 +446,13 @@ class FullFinetuneRecipe:
     def _write_model(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
         """What tune generate, eval and convert read: the weights and the model's shape."""
         from tune_ckpt import save_native, write_model_args
+        from tune_train import registry
 
         save_native(state, folder / ckpt.MODEL_FILES[self.cfg.checkpoint_format])
-        write_model_args(folder, _model_args(self.model_config))
+        # The family travels with the weights: tune generate --chat and a later fine-tune of
+        # this checkpoint read it even where the run's config.yaml is not beside it.
+        write_model_args(folder, _model_args(self.model_config),
+                         family=registry.model_family(self.cfg).name)
 
     def _resume(self, latest: Path) -> None:
         """Restore optimizer, progress and RNG; the weights were loaded by _setup_model."""
