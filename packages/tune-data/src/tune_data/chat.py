@@ -217,7 +217,7 @@ def encode_pieces(
         whole = texts[cont][index]
         prefix_refs.append(range(len(texts[cont]), len(texts[cont]) + len(cuts)))
         texts[cont].extend(whole[:c] for c in cuts)
-    start_ids, start_offsets = flatten(tokenizer.encode_batch(texts[0], add_bos=False))
+    start_ids, start_offsets = tokenizer.encode_flat(texts[0])
     if texts[1]:
         cont_ids, cont_offsets = tokenizer.encode_after_newline(texts[1])
     else:
