@@ -121,8 +121,15 @@ class SentencePieceTokenizer(Tokenizer):
         (after a newline: as ``"\\n" + word``, the newline's ids cut off), the others stand
         alone: SentencePiece's "▁" before a lone word is the space it followed. A text with
         a space where no word follows (double, trailing; leading, for a text's start) or a
-        literal "▁" is one word, encoded whole.
+        literal "▁" is one word, encoded whole. Chat data repeats whole turns (system
+        prompts, greetings): those are split once.
         """
+        distinct_texts = list(dict.fromkeys(texts))
+        if len(distinct_texts) < len(texts):  # each distinct text is split once
+            ids, offsets = self._encode_words(distinct_texts, after_newline)
+            index = dict(zip(distinct_texts, range(len(distinct_texts))))
+            which = np.fromiter(map(index.__getitem__, texts), dtype=np.int64, count=len(texts))
+            return gather(ids, offsets[which], offsets[which + 1] - offsets[which])
         lead = "\n" if after_newline else ""
         words: list[str] = []
         firsts: list[int] = []  # index in words of each text's first word
@@ -242,12 +249,13 @@ def _piece_spans(model: bytes, size: int) -> tuple[np.ndarray, np.ndarray, np.nd
 def _facts_from_bytes(b: np.ndarray, starts: np.ndarray, lengths: np.ndarray
                       ) -> _VocabularyFacts:
     """:class:`_VocabularyFacts` from the pieces' places in the model's bytes."""
-    # +1 where a piece starts, -1 just past it (records never touch: the starts and the
-    # ends are each distinct), summed up.
-    in_piece = np.zeros(len(b) + 1, dtype=np.int8)
-    in_piece[starts] = 1
-    in_piece[starts + lengths] -= 1
-    in_piece = np.cumsum(in_piece[:-1], dtype=np.int8).view(bool)
+    # Which bytes are piece text: runs alternate between the rest of a record (or what
+    # follows the pieces) and a piece's text.
+    ends = starts + lengths
+    runs = np.empty(2 * len(starts) + 1, dtype=np.int64)
+    runs[0], runs[1::2], runs[2:-1:2], runs[-1] = starts[0], lengths, starts[1:] - ends[:-1], (
+        len(b) - ends[-1])
+    in_piece = np.repeat(np.arange(len(runs)) % 2 == 1, runs)
     newline = bool((in_piece & (b == 0x0A)).any())
     # Each "▁" (UTF-8 e2 96 81; e2 only ever leads a character) inside a piece's text.
     mark = np.zeros(len(b), dtype=bool)
@@ -255,8 +263,8 @@ def _facts_from_bytes(b: np.ndarray, starts: np.ndarray, lengths: np.ndarray
         b[2:] == _SPACE_MARK[2])
     mark &= in_piece
     # Glued: a "▁" with a character of its piece before it (the byte before lies in a
-    # piece, the same one: records keep piece texts at least nine bytes apart) that is not
-    # a "▁" (no mark starts three bytes earlier). glued[i] is about the mark at i + 1.
+    # piece, the same one: record headers keep piece texts apart) that is not a "▁" (no
+    # mark in a piece starts three bytes earlier). glued[i] is about the mark at i + 1.
     glued = mark[1:] & in_piece[:-1]
     glued[2:] &= ~mark[:-3]
     return _VocabularyFacts(newline=newline, glued_space=bool(glued.any()))
