@@ -2,6 +2,7 @@
 
 import io
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 
@@ -115,3 +116,51 @@ def test_a_vocabulary_with_pieces_across_spaces_is_encoded_whole(tmp_path):
     assert tok.cuts_after_newline and not tok.splits_at_spaces
     texts = ["the cat sat", "a cat and a rat", "the  mat ", " the rat", ""]
     assert _after_newline(tok, texts) == _continuations_whole(tok, texts)
+
+
+def test_encode_flat_gives_each_texts_own_ids(sp_tokenizer):
+    # Texts are encoded by distinct words; any spacing must give each text's own ids.
+    texts = TRICKY + [
+        "a  b", " x", "x ", "\u2581lead", "a \u2581b", "[INST] Who are you? [/INST]",
+        "[INST] Who are you? [/INST]", "\nstarts with a newline", "x\n y",
+    ]
+    ids, offsets = sp_tokenizer.encode_flat(texts)
+    got = [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    assert got == [sp_tokenizer.encode(t, add_bos=False) for t in texts]
+    assert ids.dtype == np.int32 and offsets.dtype == np.int64
+
+
+def _trained(tmp_path, **options):
+    """A small BPE model trained here, as a tokenizer."""
+    sentences = ["the cat sat on the mat", "the cat ate the rat", "a cat and a rat sat"] * 50
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, model_type="bpe",
+        vocab_size=300, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+        minloglevel=2, num_threads=1, **options,
+    )
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return Llama2Tokenizer(path)
+
+
+@pytest.mark.parametrize("symbol, newline_safe, space_safe", [
+    ("cat\nrat", False, False),  # a piece across a newline: cuts there would change ids
+    ("cat\u2581rat", True, False),  # across a space
+    ("\u2581\u2581cat", True, True),  # a run of "▁" then a word spans nothing
+    ("x" * 200 + "\u2581y", True, False),  # pieces this long are found another way
+    ("x" * 200, True, True),
+])
+def test_a_vocabulary_is_read_for_pieces_across_newlines_and_spaces(
+    tmp_path, symbol, newline_safe, space_safe
+):
+    tok = _trained(tmp_path, user_defined_symbols=[symbol])
+    assert symbol.replace(" ", "\u2581") in [tok.id_to_piece(i) for i in range(tok.vocab_size)]
+    assert (tok.cuts_after_newline, tok.splits_at_spaces) == (newline_safe, space_safe)
+    texts = ["the cat sat", "a cat and a rat", "the  mat ", " the rat", "", symbol]
+    assert _after_newline(tok, texts) == _continuations_whole(tok, texts)
+    ids, offsets = tok.encode_flat(texts)
+    assert [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == [
+        tok.encode(t, add_bos=False) for t in texts
+    ]

@@ -10,8 +10,9 @@ and the loss mask covers every assistant turn with the token that ends it.
 
 Speed, measured in ``benchmarks/data.py``: local JSON is read with the json module and the
 result cached in one Arrow file (as for instruction data); all of a batch's texts go through
-the tokenizer in one call, and texts that may be cut where a trained span starts (just after
-a newline, or for SentencePiece before a single space) are encoded in parts instead of twice.
+the tokenizer in one call (SentencePiece: each distinct text, then each distinct word, once),
+and texts that may be cut where a trained span starts (just after a newline, or for
+SentencePiece before a single space) are encoded in parts instead of twice.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def encode_pieces(
         whole = texts[cont][index]
         prefix_refs.append(range(len(texts[cont]), len(texts[cont]) + len(cuts)))
         texts[cont].extend(whole[:c] for c in cuts)
-    start_ids, start_offsets = flatten(tokenizer.encode_batch(texts[0], add_bos=False))
+    start_ids, start_offsets = tokenizer.encode_flat(texts[0])
     if texts[1]:
         cont_ids, cont_offsets = tokenizer.encode_after_newline(texts[1])
     else:

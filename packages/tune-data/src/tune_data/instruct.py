@@ -221,7 +221,7 @@ class _Encoder:
                 into += [values[r] + suffix for r in records.tolist()]
             tables.append((records, table))
         text_ids, text_offsets = tok.encode_after_newline(texts)
-        first_ids, first_offsets = flatten(tok.encode_batch(firsts, add_bos=False))
+        first_ids, first_offsets = tok.encode_flat(firsts)
         literal_ids, literal_offsets = flatten(literals)
         ends = self._ends
         source = np.concatenate([ends, literal_ids, text_ids, first_ids])

@@ -80,6 +80,18 @@ class Tokenizer(ABC):
         """
         return [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
 
+    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`encode` of many texts without BOS, as one flat array (what datasets use).
+
+        Args:
+            texts: The texts.
+
+        Returns:
+            ``(ids, offsets)``: text i's ids are ``ids[offsets[i]:offsets[i + 1]]`` (int32;
+            offsets int64, length ``len(texts) + 1``).
+        """
+        return flatten(self.encode_batch(texts, add_bos=False))
+
     def encode_after_newline(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Ids of texts that each follow a cut (see :attr:`cuts_after_newline`), as they come
         out inside the whole text.
