@@ -1,7 +1,8 @@
-"""tune-ckpt: Hugging Face Hub download and streaming checkpoint conversion (Meta, HF, native).
+"""tune-ckpt: Hugging Face Hub download and streaming checkpoint conversion (Meta, HF, native),
+LoRA adapters in PEFT's format, and merging them into their base.
 
-Needs torch, safetensors and huggingface_hub only; it never imports tune_models, it speaks the
-native key schema. Names load lazily, so ``import tune_ckpt`` (and the ``tune-ckpt --help``
+Needs torch, safetensors, huggingface_hub and tune-models (torch only: the key schemas of the
+model and its adapters). Names load lazily, so ``import tune_ckpt`` (and the ``tune-ckpt --help``
 it backs) costs nothing until a function is used.
 """
 
@@ -31,9 +32,16 @@ _EXPORTS = {
     "meta_shard_dim": "tune_ckpt.shards",
     "native_shapes": "tune_ckpt.keymaps",
     "ModelShape": "tune_ckpt.keymaps",
+    "Adapter": "tune_ckpt.adapters",
+    "save_peft_adapter": "tune_ckpt.adapters",
+    "load_peft_adapter": "tune_ckpt.adapters",
+    "native_to_peft": "tune_ckpt.adapters",
+    "peft_to_native": "tune_ckpt.adapters",
+    "merge_adapter": "tune_ckpt.merge",
 }
 
 __all__ = [
+    "Adapter",
     "CheckpointError",
     "ModelShape",
     "convert",
@@ -42,6 +50,8 @@ __all__ = [
     "find_native_file",
     "hf_to_native",
     "load_native",
+    "load_peft_adapter",
+    "merge_adapter",
     "merge_meta_shards",
     "meta_hidden_dim",
     "meta_shard_dim",
@@ -49,14 +59,24 @@ __all__ = [
     "native_shapes",
     "native_to_hf",
     "native_to_meta",
+    "native_to_peft",
     "open_checkpoint",
+    "peft_to_native",
     "read_model_args",
     "save_native",
+    "save_peft_adapter",
     "write_model_args",
 ]
 assert set(__all__) == {"CheckpointError", *_EXPORTS}
 
 if TYPE_CHECKING:
+    from tune_ckpt.adapters import (
+        Adapter,
+        load_peft_adapter,
+        native_to_peft,
+        peft_to_native,
+        save_peft_adapter,
+    )
     from tune_ckpt.conversion import convert, detect_format, open_checkpoint
     from tune_ckpt.hub import download
     from tune_ckpt.keymaps import (
@@ -67,6 +87,7 @@ if TYPE_CHECKING:
         native_to_hf,
         native_to_meta,
     )
+    from tune_ckpt.merge import merge_adapter
     from tune_ckpt.model_args import meta_hidden_dim, read_model_args, write_model_args
     from tune_ckpt.reading import find_native_file, load_native
     from tune_ckpt.shards import merge_meta_shards, meta_shard_dim

@@ -444,7 +444,10 @@ class Decoder(nn.Module):
         """
         h = self.hidden_states(tokens, input_pos, mask)
         if labels is not None:
-            return linear_cross_entropy(h, self.output.weight, labels)
+            # A LoRA adapter on the output (tune_models.lora) adds its low-rank term inside
+            # the chunked loss, which never runs the output layer itself.
+            low_rank = self.output.low_rank(h) if hasattr(self.output, "low_rank") else None
+            return linear_cross_entropy(h, self.output.weight, labels, low_rank=low_rank)
         return self.output(h)
 
     def hidden_states(
