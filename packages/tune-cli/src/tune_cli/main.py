@@ -104,6 +104,33 @@ _dash_alias.hidden = True
 cli.add_command(_dash_alias, "convert-checkpoint")
 
 
+@cli.command(context_settings=CONTEXT)
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(path_type=Path), required=True,
+              help="The base model: a native checkpoint file or its folder (with "
+              "tune_model.json).")
+@click.option("--adapter", "adapter_path", type=click.Path(path_type=Path), required=True,
+              help="A LoRA adapter folder in PEFT's format (adapter_config.json + "
+              "adapter_model.safetensors), e.g. the one a LoRA run leaves in its output_dir.")
+@click.option("--to", "target_format", type=click.Choice(["native", "hf"]), default="native",
+              show_default=True, help="Output format.")
+@click.option("--output-path", "--output_path", "-o", "output_path",
+              type=click.Path(path_type=Path), required=True,
+              help="native: a .pt / .safetensors file or a folder; hf: a folder.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Cast the merged weights (default: the base's dtype).")
+@click.option("--force", is_flag=True, help="Overwrite existing output.")
+def merge(checkpoint_path: Path, adapter_path: Path, target_format: str, output_path: Path,
+          dtype: str | None, force: bool) -> None:
+    """Fold a LoRA adapter into its base model and write the merged model.
+
+    A QLoRA adapter is merged into the NF4-dequantised base it was trained on.
+    """
+    from tune_ckpt.merge import run_merge
+
+    run_merge(checkpoint_path, adapter_path, output_path, target_format=target_format,
+              dtype=dtype, force=force)
+
+
 # ----------------------------------------------------------------------------- generate / eval
 def _model_options(function):
     options = [
