@@ -262,10 +262,10 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, kv = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(b, t, h + 2 * kv, self.head_dim)  # (B, T, H+2KV, D)
+        # split, not two slices: its backward is one cat, a slice's a zero-filled full tensor.
+        qk, v = qkv.split([h + kv, kv], dim=2)  # (B, T, H+KV, D), (B, T, KV, D)
         # Queries and keys are rotated together: one set of kernels instead of two.
-        qk = apply_rope(qkv[:, :, : h + kv], rope)  # (B, T, H+KV, D)
-        q, k = qk.split([h, kv], dim=2)  # (B, T, H, D), (B, T, KV, D)
-        v = qkv[:, :, h + kv :]  # (B, T, KV, D)
+        q, k = apply_rope(qk, rope).split([h, kv], dim=2)  # (B, T, H, D), (B, T, KV, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T, D)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, KV, S, D)

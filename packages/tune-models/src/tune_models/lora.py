@@ -237,12 +237,16 @@ class LoRALinear(nn.Module):
         a = torch.cat([self.lora_a[n] for n in names]) if len(names) > 1 else \
             self.lora_a[names[0]]  # (P*r, in): one matmul for every part's A
         h = F.linear(x, a) * self.scale  # (..., P*r)
-        r = self.rank
-        for i, name in enumerate(names):
-            lo, hi = self.parts[name]
-            # In place on the base output's rows: no full-width zeros for untargeted parts.
-            out[..., lo:hi] += F.linear(h[..., i * r : (i + 1) * r], self.lora_b[name])
-        return out
+        return out + F.linear(h, self._fused_b())
+
+    def _fused_b(self) -> torch.Tensor:
+        # The parts' B matrices placed block-diagonally in one (out, P*r) matrix: part i's
+        # rows take columns i*r .. (i+1)*r of h, rows no part targets get zeros. One matmul
+        # and one add for the whole fused output; tiny to build (out x P*r).
+        r, n = self.rank, len(self.parts)
+        blocks = [F.pad(self.lora_b[name], (i * r, (n - 1 - i) * r, lo, self.out_features - hi))
+                  for i, (name, (lo, hi)) in enumerate(self.parts.items())]
+        return blocks[0] if n == 1 else torch.stack(blocks).sum(0)
 
     def extra_repr(self) -> str:
         parts = f", parts={list(self.parts)}" if self.parts is not None else ""
