@@ -180,3 +180,23 @@ def test_merge_adapter_refuses_an_adapter_that_does_not_fit_before_writing(tmp_p
     (adapter / "adapter_model.safetensors").write_bytes(b"\x00" * 7)  # a cut-off download
     with pytest.raises(CheckpointError, match="adapter_model.safetensors"):
         merge_adapter(base, adapter, tmp_path / "out", progress=False)
+
+
+def test_an_fp32_adapter_on_a_bf16_base_is_merged_at_full_precision(tmp_path):
+    base, _, _ = _base_and_adapter(tmp_path, "llama2", dtype=torch.bfloat16)
+    config = TWINS["llama2"][0]
+    model = _load(base).float()
+    apply_lora(model, rank=4, alpha=8, targets=["v"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_b" in name:
+                p.normal_(0, 1e-3)  # a change smaller than bf16 resolves in A and B alone
+    adapter = save_peft_adapter(tmp_path / "fp32", lora_state_dict(model), config=config,
+                                settings=lora_settings(model))
+    merged = load_native(merge_adapter(base, adapter, tmp_path / "m.pt", progress=False))
+    wqkv = model.layers[0].attention.wqkv
+    expected = wqkv.weight.float().clone()
+    rows = slice((config.n_heads + config.n_kv_heads) * config.head_dim, None)
+    expected[rows] += 2.0 * wqkv.lora_b["v"] @ wqkv.lora_a["v"]
+    assert torch.equal(merged["layers.0.attention.wqkv.weight"],
+                       expected.to(torch.bfloat16))

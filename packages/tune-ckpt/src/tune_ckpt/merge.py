@@ -78,6 +78,7 @@ def merge_adapter(
         Decoder,
         DecoderConfig,
         apply_lora,
+        is_lora_key,
         load_lora_state_dict,
         merge_lora,
         quantize_base,
@@ -122,8 +123,12 @@ def merge_adapter(
     s = adapter.settings
     try:
         apply_lora(model, rank=s.rank, alpha=s.alpha, dropout=s.dropout, targets=s.targets)
-        # The adapter's weights take the base's dtype here, as they would in a run in that
-        # dtype; merge_lora adds them in fp32.
+        # The adapters are made in the base's dtype; hold them in fp32 instead, so an fp32
+        # adapter on a bf16 base keeps its precision (merge_lora adds B @ A in fp32).
+        for name, param in list(model.named_parameters()):
+            if is_lora_key(name):
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, torch.nn.Parameter(param.float()))
         load_lora_state_dict(model, adapter.weights)
     except ValueError as e:
         raise CheckpointError(f"{adapter_path}: {e}") from e
