@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,31 +36,37 @@ TINY_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multipl
 TINY_VOCAB = 32000
 
 # Meta's model-parallel split (fairscale ColumnParallelLinear splits output rows,
-# RowParallelLinear and ParallelEmbedding split input columns, norms are copied). Written out
-# here on its own so the converter's merge is tested against an independent statement of it.
+# RowParallelLinear splits input columns, norms are copied; Llama 2's ParallelEmbedding splits
+# the columns, Llama 3's VocabParallelEmbedding the rows). Written out here on its own so the
+# converter's merge is tested against an independent statement of it.
 _SPLIT_ROWS = ("wq", "wk", "wv", "w1", "w3", "output")
-_SPLIT_COLS = ("wo", "w2", "tok_embeddings")
+_SPLIT_COLS = ("wo", "w2")
 
 
-def _split_dim(key: str) -> int | None:
+def _split_dim(key: str, vocab_parallel: bool) -> int | None:
     name = key.split(".")[-2]
+    if name == "tok_embeddings":
+        return 0 if vocab_parallel else 1
     return 0 if name in _SPLIT_ROWS else 1 if name in _SPLIT_COLS else None
 
 
 def meta_state_dict(params: dict, vocab_size: int = TINY_VOCAB, seed: int = 0,
-                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """A random, merged Meta-layout Llama 2 state dict for ``params`` (norms random too)."""
+                    dtype: torch.dtype | None = None, tied: bool = False
+                    ) -> dict[str, torch.Tensor]:
+    """A random, merged Meta-layout state dict for ``params`` (norms random too).
+
+    With ``tied`` the output matrix is a copy of the embedding, as in Llama 3.2's files.
+    """
     import torch
+
+    from tune_models import DecoderConfig
 
     dtype = dtype or torch.float32
     dim, n_heads = params["dim"], params["n_heads"]
     n_kv = params.get("n_kv_heads") or n_heads
     head = dim // n_heads
-    hidden = int(2 * 4 * dim / 3)
-    if params.get("ffn_dim_multiplier"):
-        hidden = int(params["ffn_dim_multiplier"] * hidden)
-    multiple = params.get("multiple_of", 256)
-    hidden = multiple * math.ceil(hidden / multiple)
+    hidden = DecoderConfig(dim=dim, n_heads=n_heads, multiple_of=params.get("multiple_of", 256),
+                           ffn_dim_multiplier=params.get("ffn_dim_multiplier")).hidden_dim
     vocab = params["vocab_size"] if params.get("vocab_size", -1) > 0 else vocab_size
     g = torch.Generator().manual_seed(seed)
 
@@ -84,7 +89,7 @@ def meta_state_dict(params: dict, vocab_size: int = TINY_VOCAB, seed: int = 0,
         sd[p + "attention_norm.weight"] = norm(dim)
         sd[p + "ffn_norm.weight"] = norm(dim)
     sd["norm.weight"] = norm(dim)
-    sd["output.weight"] = w(vocab, dim)
+    sd["output.weight"] = sd["tok_embeddings.weight"].clone() if tied else w(vocab, dim)
     return sd
 
 
@@ -96,10 +101,25 @@ def write_meta_checkpoint(
     vocab_size: int = TINY_VOCAB,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    tied: bool = False,
+    vocab_parallel: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Write consolidated.NN.pth (n_shards of them) + params.json into ``folder``.
 
     Each shard also carries ``rope.freqs`` as Meta's files do.
+
+    Args:
+        folder: Where to write.
+        params: params.json's content.
+        n_shards: Model-parallel shards to cut the weights into.
+        vocab_size: The vocabulary when params.json says -1.
+        seed: Of the random weights.
+        dtype: Of the random weights (default fp32).
+        state_dict: Meta-named weights to write instead of random ones.
+        tied: Random weights with the output a copy of the embedding (Llama 3.2).
+        vocab_parallel: Split the embedding along the vocabulary, as Llama 3's
+            VocabParallelEmbedding does (Llama 2's ParallelEmbedding splits the columns).
 
     Returns:
         The merged Meta state dict the shards were cut from (the reference).
@@ -108,13 +128,14 @@ def write_meta_checkpoint(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sd = meta_state_dict(params, vocab_size, seed, dtype)
+    sd = state_dict if state_dict is not None else \
+        meta_state_dict(params, vocab_size, seed, dtype, tied)
     head = params["dim"] // params["n_heads"]
     freqs = 1.0 / (params.get("rope_theta", 10000.0) ** (torch.arange(0, head, 2) / head))
     for shard in range(n_shards):
         part = {}
         for key, tensor in sd.items():
-            dim = _split_dim(key)
+            dim = _split_dim(key, vocab_parallel)
             part[key] = tensor if dim is None else tensor.chunk(n_shards, dim)[shard].clone()
         part["rope.freqs"] = freqs.to(sd["norm.weight"].dtype)
         torch.save(part, folder / f"consolidated.{shard:02d}.pth")
@@ -190,5 +211,89 @@ def tiny_meta_repo(hub_server, _tiny_meta_checkpoint, llama2_tokenizer_path):
     )
 
 
-__all__ = ["TEST_TOKEN", "TINY_PARAMS", "hub_server", "meta_state_dict", "tiny_meta_repo",
-           "write_meta_checkpoint"]
+# A tiny Llama 3.2 with Meta's own RoPE scaling constants (so its params.json can say it):
+# what meta-llama/Llama-3.2-1B holds, at 64 wide.
+TINY_LLAMA3 = {"vocab_size": 256, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+               "multiple_of": 32, "ffn_dim_multiplier": 1.5, "rope_theta": 500000.0,
+               "max_seq_len": 131072, "tie_embeddings": True,
+               "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192}}
+
+
+def _tiny_export(folder: Path, config, family: str, targets: tuple[str, ...]) -> Path:
+    """Random bf16 weights of ``config`` written by tune-ckpt in each target layout."""
+    import torch
+
+    from tune_ckpt import convert, save_native
+    from tune_models import Decoder
+
+    torch.manual_seed(0)
+    model = Decoder(config).to(torch.bfloat16)
+    native = save_native(model.state_dict(), folder / "native" / "native_pytorch_model.pt",
+                         model_args=config, family=family)
+    for target in targets:
+        convert(native, target_format=target, output_path=folder / target, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def _tiny_llama3_files(tmp_path_factory) -> Path:
+    from tune_models import DecoderConfig
+
+    return _tiny_export(tmp_path_factory.mktemp("tiny_llama3"), DecoderConfig(**TINY_LLAMA3),
+                        "llama3", ("hf", "meta"))
+
+
+@pytest.fixture
+def tiny_llama3_repo(hub_server, _tiny_llama3_files, llama3_tokenizer_path):
+    """Gated ``meta-llama/Llama-3.2-1B`` laid out as on the Hub: safetensors and config.json
+    at the top, Meta's consolidated.00.pth, params.json and tiktoken tokenizer.model under
+    original/ (a tiny model, the real Llama 3 tokenizer)."""
+    hf, meta = _tiny_llama3_files / "hf", _tiny_llama3_files / "meta"
+    files = {
+        "config.json": hf / "config.json",
+        "generation_config.json": hf / "generation_config.json",
+        "model.safetensors": hf / "model.safetensors",
+        "tokenizer_config.json": '{"bos_token": "<|begin_of_text|>"}\n',
+        "original/consolidated.00.pth": meta / "consolidated.00.pth",
+        "original/params.json": meta / "params.json",
+        "original/tokenizer.model": Path(llama3_tokenizer_path),
+        "README.md": "# Llama 3.2 (tiny test stand-in)\n",
+        "LICENSE.txt": "test license\n",
+    }
+    repo = hub_server.add_repo("meta-llama/Llama-3.2-1B", files, gated=True, tokens=[TEST_TOKEN])
+    return SimpleNamespace(repo_id=repo.repo_id, token=TEST_TOKEN, files=sorted(files),
+                           server=hub_server, native=_tiny_llama3_files / "native")
+
+
+@pytest.fixture(scope="session")
+def _tiny_qwen2_files(tmp_path_factory) -> Path:
+    from tune_models import qwen2_tiny
+
+    return _tiny_export(tmp_path_factory.mktemp("tiny_qwen2"), qwen2_tiny(vocab_size=256),
+                        "qwen2", ("hf",))
+
+
+@pytest.fixture
+def tiny_qwen2_repo(hub_server, _tiny_qwen2_files, qwen2_tokenizer_path):
+    """``Qwen/Qwen2.5-0.5B`` (public) as on the Hub: safetensors, config.json and the real
+    Qwen2 tokenizer.json (a tiny model)."""
+    hf = _tiny_qwen2_files / "hf"
+    tokenizer = Path(qwen2_tokenizer_path)
+    files = {
+        "config.json": hf / "config.json",
+        "generation_config.json": hf / "generation_config.json",
+        "model.safetensors": hf / "model.safetensors",
+        "tokenizer.json": tokenizer,
+        "tokenizer_config.json": tokenizer.with_name("tokenizer_config.json"),
+        "README.md": "# Qwen2.5 (tiny test stand-in)\n",
+        "LICENSE": "test license\n",
+    }
+    repo = hub_server.add_repo("Qwen/Qwen2.5-0.5B", files)
+    return SimpleNamespace(repo_id=repo.repo_id, files=sorted(files), server=hub_server,
+                           native=_tiny_qwen2_files / "native")
+
+
+__all__ = ["TEST_TOKEN", "TINY_LLAMA3", "TINY_PARAMS", "hub_server", "meta_state_dict",
+           "tiny_llama3_repo", "tiny_meta_repo", "tiny_qwen2_repo", "write_meta_checkpoint"]

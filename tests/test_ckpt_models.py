@@ -1,108 +1,248 @@
-"""tune-ckpt x tune-models x transformers: converted checkpoints give the same logits.
+"""tune-ckpt x tune-models x transformers, for every family: converted checkpoints give the
+same logits.
 
-transformers' LlamaForCausalLM is the numerical reference. Every converted checkpoint is
-loaded into tune_models.Llama2 with strict=True, its shape taken from the tune_model.json that
-tune-ckpt writes beside it.
+transformers' models are the numerical reference and ``save_pretrained`` / ``from_pretrained``
+the reference for the Hugging Face files. Conversions run through the real ``tune
+convert_checkpoint`` command; every converted checkpoint is loaded into
+``tune_models.Decoder`` with strict=True, its shape taken from the tune_model.json that
+tune-ckpt writes beside it. The reference weights come from testing/hf_reference.py's own
+statement of the HF -> native map, not from the converter.
 """
 
 import json
-import shutil
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from hf_reference import family_twins, hf_and_native
+from safetensors import safe_open
 
-from tune_ckpt import convert, load_native, read_model_args
-from tune_models import Llama2, Llama2Config, llama2_7b
+from tune_ckpt import (
+    convert,
+    load_native,
+    read_model_args,
+    read_model_family,
+    save_native,
+)
+from tune_models import FAMILIES, Decoder, DecoderConfig, llama2_7b
 
 from fixtures_hub import write_meta_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
-GQA = {"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2, "multiple_of": 32,
-       "norm_eps": 1e-05, "rope_theta": 500000.0, "vocab_size": -1}
-VOCAB = 128
+TUNE = str(Path(sys.executable).with_name("tune"))
+VOCAB = 256
+# The family each twin of hf_reference.family_twins() belongs to.
+FAMILY = {"llama2": "llama2", "llama3_1": "llama3", "llama3_2": "llama3",
+          "mistral": "mistral", "qwen2": "qwen2"}
 
 
-def _load_native(path) -> Llama2:
+def _tune(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([TUNE, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _load(path) -> Decoder:
     with torch.device("meta"):
-        model = Llama2(Llama2Config(**read_model_args(path)))
+        model = Decoder(DecoderConfig(**read_model_args(path)))
     model.load_state_dict(load_native(path), strict=True, assign=True)
     return model.eval()
 
 
-def _tokens(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 23), generator=torch.Generator().manual_seed(1))
+def _tokens() -> torch.Tensor:
+    # 70 positions: past mistral_tiny's window (16) and llama3_tiny's original context (48).
+    return torch.randint(0, VOCAB, (3, 70), generator=torch.Generator().manual_seed(1))
 
 
+def _equal(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def _same_model(a: DecoderConfig, b: DecoderConfig) -> None:
+    """The same model: HF files give the FFN width itself, not Meta's rule's inputs."""
+    skip = ("multiple_of", "ffn_dim_multiplier")
+    assert {k: v for k, v in vars(a).items() if k not in skip} == \
+        {k: v for k, v in vars(b).items() if k not in skip}
+
+
+@pytest.mark.parametrize("name", list(family_twins()))
 @torch.no_grad()
-def test_hf_checkpoint_saved_by_transformers_converts_with_equal_logits(tmp_path):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=20000.0,
-        max_position_embeddings=64, attn_implementation="sdpa",
-    )
-    hf = transformers.LlamaForCausalLM(config).eval()
-    for name, p in hf.named_parameters():  # HF inits norms to ones: make them count
-        if "norm" in name:
-            p.uniform_(0.5, 1.5)
-    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
-    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
-
-    out = convert(tmp_path / "hf", progress=False)
-    assert out == tmp_path / "hf" / "native_pytorch_model.pt"
-    ours = _load_native(out)
-    assert ours.config.max_seq_len == 64 and ours.config.rope_theta == 20000.0
-    tokens = _tokens(VOCAB)
-    torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-5, rtol=1e-5)
+def test_save_pretrained_converts_with_equal_logits(tmp_path, name):
+    config, architecture = family_twins(VOCAB)[name]
+    hf, ours = hf_and_native(config, seed=3, architecture=architecture)
+    reference = hf(_tokens()).logits
+    for sharded in (True, False):
+        folder = tmp_path / ("sharded" if sharded else "single")
+        hf.save_pretrained(folder, max_shard_size="100KB" if sharded else "5GB")
+        assert (folder / "model.safetensors.index.json").is_file() == sharded
+        if sharded:
+            _tune("convert_checkpoint", "--checkpoint_path", str(folder))
+        else:  # the same code without the command's start-up (seconds on a busy machine)
+            convert(folder, progress=False)
+        native = folder / "native_pytorch_model.pt"
+        _equal(load_native(native), ours.state_dict())
+        _same_model(DecoderConfig(**read_model_args(native)), config)
+        assert read_model_family(native) == FAMILY[name]
+        torch.testing.assert_close(_load(native)(_tokens()), reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(family_twins()))
 @torch.no_grad()
-def test_meta_checkpoint_and_its_hf_export_give_transformers_equal_logits(tmp_path):
-    write_meta_checkpoint(tmp_path / "meta", GQA, vocab_size=VOCAB)
-    native = convert(tmp_path / "meta" / "consolidated.00.pth", progress=False)
-    ours = _load_native(native)
+def test_native_export_loads_in_transformers_and_comes_back_bit_identical(tmp_path, name):
+    config, _ = family_twins(VOCAB)[name]
+    family = FAMILY[name]
+    _, ours = hf_and_native(config, seed=4, architecture=family_twins()[name][1])
+    native = save_native(ours.state_dict(), tmp_path / "native_pytorch_model.pt",
+                         model_args=config, family=family)
+    export = tmp_path / "hf"
+    _tune("convert_checkpoint", "--checkpoint_path", str(native), "--to", "hf", "-o",
+          str(export))
 
-    export = convert(native, target_format="hf", output_path=tmp_path / "export",
-                     max_shard_size="60KB", progress=False)
-    assert {"config.json", "generation_config.json", "model.safetensors.index.json"} <= \
-        {p.name for p in export.iterdir()}
-    hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
-    assert isinstance(hf, transformers.LlamaForCausalLM)
-    tokens = _tokens(VOCAB)
-    torch.testing.assert_close(ours(tokens), hf.eval()(tokens).logits, atol=1e-5, rtol=1e-5)
-    assert hf.generation_config.eos_token_id == 2
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    assert type(hf).__name__ == FAMILIES[family].hf_architecture
+    torch.testing.assert_close(hf(_tokens()).logits, ours(_tokens()), atol=1e-5, rtol=1e-5)
+    with safe_open(export / "model.safetensors", "pt") as f:
+        stored = set(f.keys())
+    # What save_pretrained writes for the same model: the same names, no lm_head when tied.
+    reference = tmp_path / "reference"
+    hf.save_pretrained(reference)
+    with safe_open(reference / "model.safetensors", "pt") as f:
+        assert stored == set(f.keys())
+    assert ("lm_head.weight" in stored) == (not config.tie_embeddings)
+    assert hf.config.tie_word_embeddings == config.tie_embeddings
+
+    back = convert(export, output_path=tmp_path / "back" / "native_pytorch_model.pt",
+                   progress=False)
+    _equal(load_native(back), ours.state_dict())
+    _same_model(DecoderConfig(**read_model_args(back)), config)
+    assert read_model_family(back) == family
 
 
-@pytest.mark.parametrize("n_shards", [2, 8])
+def _meta_names(native: dict[str, torch.Tensor], config: DecoderConfig) -> dict:
+    """Meta's names for a native state dict (Meta's layout is the native one, q/k/v apart)."""
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    out = {}
+    for key, tensor in native.items():
+        if key.endswith("wqkv.weight"):
+            p = key.removesuffix("wqkv.weight")
+            out[p + "wq.weight"], out[p + "wk.weight"], out[p + "wv.weight"] = \
+                tensor[:q], tensor[q : q + kv], tensor[q + kv :]
+        else:
+            out[key] = tensor
+    if config.tie_embeddings:  # Meta's code has its own output matrix; 3.2's is a copy
+        out["output.weight"] = native["tok_embeddings.weight"].clone()
+    return out
+
+
+LLAMA3_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": VOCAB,
+                 "multiple_of": 32, "ffn_dim_multiplier": 1.5, "norm_eps": 1e-05,
+                 "rope_theta": 500000.0, "use_scaled_rope": True}
+
+
+@pytest.mark.parametrize("release", ["3.2 (tied, factor 32)", "3.1 (2 shards, factor 8)"])
 @torch.no_grad()
-def test_model_parallel_meta_shards_give_the_unsharded_logits(tmp_path, n_shards):
-    # 70B-like grouped-query attention, small enough that 8 shards each get one KV head.
-    params = {"dim": 128, "n_layers": 2, "n_heads": 16, "n_kv_heads": 8, "multiple_of": 64,
-              "norm_eps": 1e-05, "vocab_size": -1}
-    write_meta_checkpoint(tmp_path / "whole", params, vocab_size=VOCAB, seed=3)
-    write_meta_checkpoint(tmp_path / "split", params, n_shards=n_shards, vocab_size=VOCAB, seed=3)
-    assert len(list((tmp_path / "split").glob("consolidated.*.pth"))) == n_shards
-
-    whole = _load_native(convert(tmp_path / "whole" / "consolidated.00.pth", progress=False))
-    split = _load_native(convert(tmp_path / "split" / "consolidated.00.pth", progress=False))
-    tokens = _tokens(VOCAB)
-    torch.testing.assert_close(split(tokens), whole(tokens), atol=0, rtol=0)
+def test_meta_llama3_original_folder_converts_with_equal_logits(tmp_path, release):
+    tied = release.startswith("3.2")
+    params = dict(LLAMA3_PARAMS) if tied else {**LLAMA3_PARAMS, "rope_scaling_factor": 8.0}
+    factor = 32.0 if tied else 8.0
+    config = DecoderConfig(
+        vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
+        ffn_dim_multiplier=1.5, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=tied,
+        rope_scaling={"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    assert config.hidden_dim == 256  # Meta's rule: int(1.5 * int(8 * 64 / 3)) rounded up to 32
+    hf, ours = hf_and_native(config, seed=5)
+    original = tmp_path / "Llama-3" / "original"
+    write_meta_checkpoint(original, params, state_dict=_meta_names(ours.state_dict(), config),
+                          n_shards=1 if tied else 2, vocab_parallel=True)
+    _tune("convert_checkpoint", "--checkpoint_path", str(original / "consolidated.00.pth"))
+    native = original / "native_pytorch_model.pt"
+    _equal(load_native(native), ours.state_dict())
+    assert DecoderConfig(**read_model_args(native)) == config
+    assert read_model_family(native) == "llama3"
+    torch.testing.assert_close(_load(native)(_tokens()), hf(_tokens()).logits, atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_real_llama2_7b_files_describe_llama2_7b(tmp_path, llama2_7b_params_path,
                                                  llama2_7b_hf_config_path):
     meta = tmp_path / "meta"
     meta.mkdir()
-    shutil.copy(llama2_7b_params_path, meta / "params.json")
+    (meta / "params.json").write_bytes(Path(llama2_7b_params_path).read_bytes())
     # Shapes without the 13 GB: zero-stride views save only one element of storage.
     torch.save({"tok_embeddings.weight": torch.zeros(1, 1).expand(32000, 4096),
-                "layers.0.feed_forward.w1.weight": torch.zeros(1, 1).expand(11008, 4096)},
+                "output.weight": torch.ones(1, 1).expand(32000, 4096)},
                meta / "consolidated.00.pth")
     hf = tmp_path / "hf"
     hf.mkdir()
-    shutil.copy(llama2_7b_hf_config_path, hf / "config.json")
+    (hf / "config.json").write_bytes(Path(llama2_7b_hf_config_path).read_bytes())
     expected = llama2_7b()
     for folder in (meta, hf):
-        assert Llama2Config(**read_model_args(folder)) == expected, folder
+        assert DecoderConfig(**read_model_args(folder)) == expected, folder
+        assert read_model_family(folder) == "llama2"
     assert json.loads((meta / "params.json").read_text())["vocab_size"] == -1
+
+
+@torch.no_grad()
+def test_a_tied_hf_checkpoint_listing_lm_head_too_converts(tmp_path):
+    """Some tied checkpoints (older saves, .bin) list the shared matrix under both names."""
+    config, _ = family_twins(VOCAB)["qwen2"]
+    hf, ours = hf_and_native(config, seed=6, architecture="qwen2")
+    hf.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    _equal(load_native(convert(tmp_path, progress=False)), ours.state_dict())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_an_export_ends_sequences_where_the_familys_tokenizer_does(tmp_path, family, request):
+    from tune_data.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(request.getfixturevalue(f"{family}_tokenizer_path"))
+    preset = next(iter(FAMILIES[family].presets.values()))()
+    config = DecoderConfig(**{**vars(preset), "vocab_size": 64, "dim": 32, "n_layers": 1,
+                              "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 64, "head_dim": 8})
+    with torch.device("meta"):
+        model = Decoder(config)
+    state = {k: torch.randn(v.shape) for k, v in model.state_dict().items()}
+    native = save_native(state, tmp_path / "native_pytorch_model.pt", model_args=config,
+                         family=family)
+    export = convert(native, target_format="hf", progress=False)
+    generation = json.loads((export / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.eos_id
+    if tokenizer.bos_id is not None:
+        assert generation["bos_token_id"] == tokenizer.bos_id
+
+
+@pytest.mark.parametrize("repo_fixture", ["tiny_llama3_repo", "tiny_qwen2_repo"])
+def test_tune_download_then_convert_gives_what_tune_needs(tmp_path, repo_fixture, request):
+    """`tune download` a Llama 3 or Qwen repo (the local hub stand-in), then convert it: the
+    native model of the right family, and a tokenizer tune reads, without Meta's duplicate
+    weights."""
+    from tune_data.tokenizers import load_tokenizer
+
+    repo = request.getfixturevalue(repo_fixture)
+    out = tmp_path / "model"
+    token = ["--hf-token", repo.token] if hasattr(repo, "token") else []
+    env = {**repo.server.env(), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([TUNE, "download", repo.repo_id, "--output-dir", str(out), *token],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(out.rglob("*.pth")), "Meta's copy of the weights was downloaded"
+    _tune("convert_checkpoint", "--checkpoint_path", str(out))
+    native = out / "native_pytorch_model.pt"
+    _equal(load_native(native), load_native(repo.native))
+    family = "llama3" if repo_fixture == "tiny_llama3_repo" else "qwen2"
+    assert read_model_family(native) == family
+    tokenizer = out / ("original/tokenizer.model" if family == "llama3" else "tokenizer.json")
+    assert load_tokenizer(tokenizer).eos_id == FAMILIES[family].hf_token_ids["eos_token_id"]

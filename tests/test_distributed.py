@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -72,11 +73,23 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl_metrics(out / "metrics.jsonl")}
 
 
+def _val_losses(out: Path) -> dict[int, float]:
+    records = read_jsonl_metrics(out / "metrics.jsonl")
+    return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+
+
 def test_two_process_fsdp_equals_one_process(setup):
     """Same global batch (2 ranks x 2 samples x 2 micro-batches = 1 x 4 x 2), activation
-    checkpointing and gradient accumulation on: the losses agree for every step."""
-    config1, out1 = _write_config(setup, "one", batch_size=4, gradient_accumulation_steps=2)
-    config2, out2 = _write_config(setup, "two", batch_size=2, gradient_accumulation_steps=2,
+    checkpointing and gradient accumulation on: the losses agree for every step, and so do
+    the validation losses (25 samples: in the last batch rank 1 has none and still joins
+    the sharded forward)."""
+    root, files, _ = setup
+    validation = root / "validation.jsonl"
+    validation.write_text("\n".join(files["data"].read_text().splitlines()[:25]) + "\n")
+    common = dict(gradient_accumulation_steps=2, validation_data_files=str(validation),
+                  eval_every_n_steps=4, save_best=True)
+    config1, out1 = _write_config(setup, "one", batch_size=4, **common)
+    config2, out2 = _write_config(setup, "two", batch_size=2, **common,
                                   metric_loggers=["stdout", "jsonl"])
     _run(config1, 1)
     log = _run(config2, 2)
@@ -85,6 +98,18 @@ def test_two_process_fsdp_equals_one_process(setup):
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-5), step
     assert one[STEPS] < one[1]
+    val_one, val_two = _val_losses(out1), _val_losses(out2)
+    assert sorted(val_one) == sorted(val_two) == [4, STEPS]  # every 4 steps and the epoch end
+    for step in val_one:
+        assert val_two[step] == pytest.approx(val_one[step], abs=1e-5), step
+    assert log.count("| val_loss ") == 2 and log.count("step 4 |") == 1
+    # Rank 0 wrote the gathered best model, as one process did.
+    best = json.loads((out2 / "checkpoints" / "best" / "best.json").read_text())
+    assert best["val_loss"] == min(val_two.values())
+    state = torch.load(out2 / "checkpoints" / "best" / "native_pytorch_model.pt",
+                       weights_only=True)
+    assert state.keys() == torch.load(latest_checkpoint(out1) / "native_pytorch_model.pt",
+                                      weights_only=True).keys()
     # Only rank 0 logs and reports: each line appears once.
     assert log.count("step 3 |") == 1
     assert log.count("epoch 1 done") == 1

@@ -172,6 +172,12 @@ def test_under_torchrun_rank_0_holds_output_dir(demo_files, tmp_path):
     (["run", "full_finetune", "--config", "{config}", "min_lr_ratio=-3"],
      "error: 'min_lr_ratio' is the final lr as a fraction of lr and must be between 0 and 1, "
      "got -3.0"),
+    (["config", "validate", "{config}", "validation_split=1.5"],
+     "error: 'validation_split' is 1.5; as the fraction of the training records to hold out "
+     "it must be between 0 and 1, e.g. 0.05 (or name a split, e.g. validation)"),
+    (["run", "full_finetune", "--config", "{config}", "save_best=True"],
+     "error: 'save_best' is set but there is no validation data; set validation_split: 0.05 "
+     "(hold out 5% of the training records) or validation_data_files"),
 ])
 def test_numbers_out_of_range_are_one_line(demo_files, tmp_path, args, message):
     config, out = _config(demo_files, tmp_path, "ranges")

@@ -17,12 +17,12 @@ from tune_ckpt import (
     hf_to_native,
     load_native,
     merge_meta_shards,
-    meta_hidden_dim,
     meta_to_native,
     native_to_hf,
     native_to_meta,
     read_model_args,
 )
+from tune_models import DecoderConfig
 
 from fixtures_hub import meta_state_dict, write_meta_checkpoint
 
@@ -63,7 +63,8 @@ def test_round_trip_meta_native_hf_native_meta_is_bit_identical(meta_dir):
     assert {k: params[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads")} == \
         {k: GQA[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads")}
     assert params["vocab_size"] == VOCAB
-    assert meta_hidden_dim(64, params["multiple_of"], params.get("ffn_dim_multiplier")) == 192
+    ffn = {k: params[k] for k in ("multiple_of", "ffn_dim_multiplier") if k in params}
+    assert DecoderConfig(dim=64, n_heads=8, **ffn).hidden_dim == 192
 
 
 def test_plain_key_maps_are_inverse_and_fuse_qkv_in_order():
@@ -92,15 +93,31 @@ def test_model_parallel_shards_merge_to_the_unsharded_checkpoint(tmp_path):
     _equal(load_native(out), meta_to_native(reference, n_heads=8, n_kv_heads=4))
 
 
+def test_llama3_shards_split_the_vocabulary_and_merge_back(tmp_path):
+    """Llama 3's VocabParallelEmbedding splits the embedding's rows; params.json gives the
+    vocabulary, so a shard's 1/n of it tells the split apart from Llama 2's columns."""
+    params = {**GQA, "n_kv_heads": 4, "vocab_size": VOCAB, "rope_theta": 500000.0,
+              "use_scaled_rope": True}
+    reference = write_meta_checkpoint(tmp_path, params, n_shards=4, vocab_parallel=True)
+    shards = [torch.load(tmp_path / f"consolidated.0{i}.pth", weights_only=True)
+              for i in range(4)]
+    assert shards[0]["tok_embeddings.weight"].shape == (VOCAB // 4, 64)
+    _equal(merge_meta_shards(shards, vocab_size=VOCAB), reference)
+    out = convert(tmp_path, progress=False)
+    _equal(load_native(out), meta_to_native(reference, n_heads=8, n_kv_heads=4))
+    assert read_model_args(out)["rope_scaling"]["factor"] == 32.0  # 64 wide: a Llama 3.2 size
+
+
 def test_meta_defaults_output_path_and_writes_the_model_shape(meta_dir):
     folder, _ = meta_dir
     out = convert(folder / "consolidated.00.pth", progress=False)
     assert out == folder / "native_pytorch_model.pt"
-    args = json.loads((folder / "tune_model.json").read_text())
-    assert args == {"vocab_size": VOCAB, "dim": 64, "n_layers": 2, "n_heads": 8,
-                    "n_kv_heads": 2, "hidden_dim": 192, "multiple_of": 32, "norm_eps": 1e-05,
-                    "rope_theta": 10000.0}
-    assert read_model_args(out) == args
+    sidecar = json.loads((folder / "tune_model.json").read_text())
+    expected = DecoderConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=8, n_kv_heads=2,
+                             multiple_of=32)
+    assert sidecar == {**vars(expected), "family": "llama2"}
+    assert sidecar["hidden_dim"] == 192
+    assert read_model_args(out) == vars(expected)
 
 
 def test_pt_output_is_a_valid_torch_zip_with_aligned_tensors(meta_dir):
@@ -151,9 +168,9 @@ def test_safetensors_output_with_dtype_cast_loads_with_the_safetensors_library(m
 
 def test_hf_bin_shards_with_index_and_tied_embeddings(tmp_path):
     native = meta_to_native(meta_state_dict(GQA, VOCAB), n_heads=8, n_kv_heads=2)
-    native["output.weight"] = native["tok_embeddings.weight"]
+    del native["output.weight"]  # tied: the output projection reads the embedding
     hf = native_to_hf(native, n_heads=8, n_kv_heads=2)
-    del hf["lm_head.weight"]  # tied: transformers saves only the embedding
+    assert "lm_head.weight" not in hf  # as transformers saves a tied model
     keys = list(hf)
     parts = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :]}
@@ -179,7 +196,7 @@ def _break(folder: Path, edit) -> None:
     "edit, message",
     [
         (lambda sd: sd.pop("layers.1.feed_forward.w3.weight"),
-         "missing key 'layers.1.feed_forward.w3.weight' of a Meta checkpoint with 2 layers "
+         "missing key 'layers.1.feed_forward.w3.weight' of a Meta llama2 checkpoint with 2 layers "
          "(expected shape (192, 64))"),
         (lambda sd: sd.__setitem__("layers.0.attention.wq.bias", torch.zeros(64)),
          "unexpected key 'layers.0.attention.wq.bias' with shape (64,)"),
@@ -409,3 +426,69 @@ def test_a_convert_killed_mid_write_leaves_no_litter_and_a_plain_rerun_works(
     converted = convert(folder / output, target_format="native",
                         output_path=tmp_path / "again.pt", progress=False)
     _equal(load_native(converted), load_native(big_checkpoint / "native_pytorch_model.pt"))
+
+
+def _hf_llama_folder(folder: Path) -> Path:
+    """A tiny Llama in transformers' files (written by the converter from a Meta state dict)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    native = meta_to_native(meta_state_dict(GQA, VOCAB), n_heads=8, n_kv_heads=2)
+    save_file(native_to_hf(native, n_heads=8, n_kv_heads=2), folder / "model.safetensors")
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 192,
+              "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("case", ["architecture", "another family's config", "rope_scaling",
+                                  "native sidecar", "qwen2 to meta"])
+def test_family_mistakes_are_one_line_and_write_nothing(tmp_path, case):
+    hf = _hf_llama_folder(tmp_path / "hf")
+    args, target = ["--checkpoint-path", str(hf)], hf / "native_pytorch_model.pt"
+    if case == "architecture":
+        _edit_json(hf / "config.json", architectures=["GPT2LMHeadModel"], model_type="gpt2")
+        expected = (f"{hf / 'config.json'}: architecture 'GPT2LMHeadModel' is not supported; "
+                    "tune converts LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")
+    elif case == "another family's config":  # Llama weights, Qwen2's config.json
+        _edit_json(hf / "config.json", architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+        expected = (f"{hf / 'model.safetensors'}: missing key "
+                    "'model.layers.0.self_attn.q_proj.bias' and 5 more of a Hugging Face qwen2 "
+                    "checkpoint with 2 layers (expected shape (64,)) (the model as "
+                    f"{hf / 'config.json'} describes it: check that it came with these weights)")
+    elif case == "rope_scaling":
+        _edit_json(hf / "config.json", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+        expected = (f"{hf / 'config.json'}: rope_scaling type 'dynamic' is not supported (tune "
+                    "implements llama3); this model cannot be converted")
+    elif case == "native sidecar":  # tune_model.json of a Qwen2 beside Llama weights
+        native = convert(hf, progress=False)
+        _edit_json(native.parent / "tune_model.json", qkv_bias=True, family="qwen2")
+        args, target = ["--checkpoint-path", str(native), "--to", "hf"], hf / "hf_model"
+        expected = (f"{native}: missing key 'layers.0.attention.wqkv.bias' and 1 more of a "
+                    "native qwen2 checkpoint with 2 layers (expected shape (96,)) (the model as "
+                    f"{native.parent / 'tune_model.json'} describes it: check that it came with "
+                    "these weights)")
+    else:
+        _edit_json(hf / "config.json", architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+        from safetensors.torch import load_file, save_file
+
+        sd = load_file(hf / "model.safetensors")
+        for i in range(2):
+            for proj, rows in (("q", 64), ("k", 16), ("v", 16)):
+                sd[f"model.layers.{i}.self_attn.{proj}_proj.bias"] = torch.zeros(rows)
+        save_file(sd, hf / "model.safetensors")
+        args, target = ["--checkpoint-path", str(hf), "--to", "meta"], hf / "meta_model"
+        expected = ("qwen2 has no Meta layout (Meta publishes no qwen2 checkpoints): convert it "
+                    "--to hf or native instead")
+    before = sorted(p.name for p in hf.iterdir())
+    result = _cli("convert", *args)
+    assert result.returncode == 1
+    assert result.stderr == f"tune-ckpt: error: {expected}\n"
+    assert not target.exists()
+    assert sorted(p.name for p in hf.iterdir()) == before

@@ -166,3 +166,58 @@ def test_interrupted_download_completes_on_rerun_without_refetching_finished_fil
 def test_malformed_repo_id(hub_server, tmp_path):
     with pytest.raises(CheckpointError, match="'a/b/c' is not a valid repository id"):
         download("a/b/c", tmp_path)
+
+
+def _downloaded(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and ".cache" not in p.parts)
+
+
+def test_llama3_repo_comes_without_the_duplicate_original_weights(tiny_llama3_repo, tmp_path):
+    out, repo = tmp_path / "llama3", tiny_llama3_repo
+    result = _cli(["download", repo.repo_id, "--output-dir", str(out), "--hf-token", repo.token],
+                  repo.server.env())
+    assert result.returncode == 0, result.stderr
+    assert "Skipping original/*.pth (1 file: Meta's copy of the weights the safetensors hold); " \
+           "pass --include-original to fetch it too" in result.stdout
+    # Everything tune needs: the safetensors and config, and original/'s tiktoken tokenizer.
+    assert _downloaded(out) == [f for f in repo.files if f != "original/consolidated.00.pth"]
+    assert "original/consolidated.00.pth" not in repo.server.downloads(repo.repo_id)
+    data = repo.server.repos[("model", repo.repo_id)].files
+    assert all((out / f).read_bytes() == data[f] for f in _downloaded(out))
+
+    converted = _cli_convert(out)
+    assert converted.returncode == 0, converted.stderr
+    from tune_ckpt import load_native
+
+    expected = load_native(repo.native)
+    native = load_native(out / "native_pytorch_model.pt")
+    assert native.keys() == expected.keys()
+    assert all(native[k].equal(expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("how", [["--include-original"], ["--ignore-patterns", "*.md"]])
+def test_include_original_or_explicit_patterns_fetch_original(tiny_llama3_repo, tmp_path, how):
+    out, repo = tmp_path / "llama3", tiny_llama3_repo
+    result = _cli(["download", repo.repo_id, "--output-dir", str(out), "--hf-token", repo.token,
+                   *how], repo.server.env())
+    assert result.returncode == 0, result.stderr
+    assert "Skipping" not in result.stdout
+    expected = [f for f in repo.files if not (how[0] == "--ignore-patterns" and
+                                              f.endswith(".md"))]
+    assert _downloaded(out) == expected
+
+
+def test_qwen2_and_llama2_repos_come_whole(tiny_qwen2_repo, tiny_meta_repo, tmp_path):
+    for repo, token in ((tiny_qwen2_repo, None), (tiny_meta_repo, tiny_meta_repo.token)):
+        out = tmp_path / repo.repo_id.replace("/", "_")
+        args = ["download", repo.repo_id, "--output-dir", str(out)]
+        result = _cli([*args, *(["--hf-token", token] if token else [])], repo.server.env())
+        assert result.returncode == 0, result.stderr
+        assert "Skipping" not in result.stdout
+        assert _downloaded(out) == sorted(repo.files)
+
+
+def _cli_convert(folder):
+    return subprocess.run([*CLI, "convert", "--checkpoint-path", str(folder), "--quiet"],
+                          capture_output=True, text=True, timeout=120)

@@ -15,6 +15,8 @@ from tune_models import (
     DecoderConfig,
     checkpoint_key_map,
     family_of,
+    native_shapes,
+    qkv_rows,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -45,6 +47,18 @@ def test_hf_names_are_transformers_names(family):
     entry = FAMILIES[family]
     model_class = getattr(transformers, entry.hf_architecture)
     assert model_class.config_class.model_type == entry.hf_model_type
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_native_shapes_are_the_modules_shapes(name):
+    config = MODELS[name]()
+    with torch.device("meta"):
+        model = Decoder(config)
+    assert native_shapes(config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    q, k, v = qkv_rows(config)
+    attention = model.layers[0].attention
+    assert (q, k, v) == (config.n_heads * attention.head_dim,) + (
+        config.n_kv_heads * attention.head_dim,) * 2
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -124,6 +124,10 @@ def test_trainer_state_rejects_what_tune_never_writes(tmp_path):
             "gradient_accumulation_steps": 1, "loss_scaler": {"scale": 65536.0, "good_steps": 3}}
     ckpt.write_json(folder / ckpt.TRAINER_STATE, good)
     assert ckpt.read_trainer_state(folder) == good
+    # What a run with validation records: the best validation loss so far and its step.
+    with_best = {**good, "best_val_loss": 1.25, "best_val_step": 2}
+    ckpt.write_json(folder / ckpt.TRAINER_STATE, with_best)
+    assert ckpt.read_trainer_state(folder) == with_best
     for bad, message in [
         ({"global_step": True}, "'global_step' is True"),
         ({"epoch": 1.5}, "'epoch' is 1.5"),
@@ -131,6 +135,11 @@ def test_trainer_state_rejects_what_tune_never_writes(tmp_path):
         ({"step_in_epoch": 9}, "'step_in_epoch' \\(9\\) exceeds 'global_step' \\(4\\)"),
         ({"loss_scaler": {"scale": float("inf"), "good_steps": 0}}, "'loss_scaler' is"),
         ({"loss_scaler": [1]}, "'loss_scaler' is"),
+        ({"best_val_step": 2}, "'best_val_loss' is None, expected a finite number"),
+        ({"best_val_step": -1, "best_val_loss": 1.0}, "'best_val_step' is -1, expected null "
+                                                      "or a whole number >= 0"),
+        ({"best_val_step": 2, "best_val_loss": float("nan")}, "'best_val_loss' is nan"),
+        ({"best_val_step": "2", "best_val_loss": 1.0}, "'best_val_step' is '2'"),
     ]:
         ckpt.write_json(folder / ckpt.TRAINER_STATE, {**good, **bad})
         with pytest.raises(ckpt.DamagedCheckpointError, match=message):
@@ -146,3 +155,33 @@ def test_rng_state_must_be_torch_rng_states(tmp_path):
     state = ckpt.load_rng_state(folder)
     ckpt.set_rng_state(state)
     assert torch.equal(torch.get_rng_state(), state["cpu"])
+
+
+def test_best_is_replaced_whole_and_a_kill_between_the_renames_is_repaired(tmp_path):
+    root = ckpt.checkpoint_root(tmp_path)
+    for step in (3, 5):
+        with ckpt.staging_best(tmp_path) as tmp:
+            ckpt.write_json(tmp / ckpt.BEST_INFO, {"step": step, "val_loss": 1.0 / step})
+    assert ckpt.read_best_info(tmp_path) == {"step": 5, "val_loss": 0.2}
+    assert sorted(p.name for p in root.iterdir()) == ["best"]
+
+    # A failed write leaves the previous best as it was.
+    with pytest.raises(OSError), ckpt.staging_best(tmp_path) as tmp:
+        ckpt.write_json(tmp / ckpt.BEST_INFO, {"step": 7, "val_loss": 0.1})
+        raise OSError(28, "No space left on device")
+    assert ckpt.read_best_info(tmp_path)["step"] == 5
+    assert sorted(p.name for p in root.iterdir()) == ["best"]
+
+    # Killed after the first rename: only .old-best holds the best; the next start puts it
+    # back. Killed after the second: both exist; the old one goes.
+    (root / "best").rename(root / ".old-best")
+    ckpt.remove_partial_checkpoints(tmp_path)
+    assert ckpt.read_best_info(tmp_path)["step"] == 5
+    with ckpt.staging_best(tmp_path) as tmp:
+        ckpt.write_json(tmp / ckpt.BEST_INFO, {"step": 6, "val_loss": 0.15})
+    (root / ".old-best").mkdir()
+    ckpt.remove_partial_checkpoints(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["best"]
+    assert ckpt.read_best_info(tmp_path)["step"] == 6
+    # best is neither resumed from nor pruned.
+    assert ckpt.list_checkpoints(tmp_path) == []

@@ -10,8 +10,16 @@ import torch
 import torch.nn.functional as F
 
 import tune_train.eval as tune_eval
-from tune_data import Llama2Tokenizer
-from tune_models import Llama2, Llama2Config, generate, llama2_tiny
+from tune_data import Llama2Tokenizer, load_tokenizer
+from tune_models import (
+    Decoder,
+    Llama2,
+    Llama2Config,
+    generate,
+    llama2_tiny,
+    llama3_tiny,
+    qwen2_tiny,
+)
 from tune_train.eval import Window, perplexity, rolling_windows, score_windows
 
 
@@ -109,6 +117,29 @@ def test_perplexity_on_shakespeare_with_the_real_tokenizer(model, tokenizer, sha
         perplexity(model, None, text, progress=False)
 
 
+@pytest.fixture(scope="module", params=["llama3", "qwen2"])
+def family_model(request):
+    """(model, tokenizer) of a family whose tokenizer is not SentencePiece: Llama 3's tiktoken
+    file, Qwen2's tokenizer.json (no BOS); tiny models with the families' vocabularies."""
+    tokenizer = load_tokenizer(request.getfixturevalue(f"{request.param}_tokenizer_path"))
+    torch.manual_seed(0)
+    model = Decoder({"llama3": llama3_tiny, "qwen2": qwen2_tiny}[request.param]())
+    model.init_weights(std=0.1)
+    return model.eval(), tokenizer
+
+
+def test_perplexity_scores_every_token_in_each_family(family_model, shakespeare_lines):
+    model, tokenizer = family_model
+    text = "\n".join(shakespeare_lines[:20])
+    ids = tokenizer.encode(text, add_bos=False)
+    result = perplexity(model, tokenizer, text, progress=False)
+    assert result.num_tokens == len(ids)  # the first token too, with or without a BOS
+    # A family without BOS (Qwen2) scores the text after its EOS, as lm-eval does.
+    first = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    direct = -_token_logprobs(model, [first, *ids]).mean().item()
+    assert result.nll == pytest.approx(direct, abs=1e-5)
+
+
 def test_score_windows_batches_like_single_forwards(small_model):
     torch.manual_seed(3)
     windows = [Window(torch.randint(0, 97, (k,)).tolist(), n)
@@ -178,6 +209,18 @@ def test_adapter_methods_agree_with_direct_scoring(model, tokenizer, shakespeare
                               for c in contexts])
     assert outs == [d.split(stop, 1)[0] for d in direct]
     assert len(outs[0]) < len(direct[0])
+
+
+def test_adapter_scores_an_empty_context_in_each_family(family_model, shakespeare_lines):
+    model, tokenizer = family_model
+    lm = tune_eval.lm_eval_model(model, tokenizer, batch_size=2)
+    (got,) = lm.loglikelihood([_instance("loglikelihood", ("", "Hello world"))])
+    hello = [tune_eval.prefix_token(tokenizer), *tokenizer.encode("Hello world", add_bos=False)]
+    assert got[0] == pytest.approx(_token_logprobs(model, hello).sum().item(), abs=1e-4)
+    text = "\n".join(shakespeare_lines[:20])
+    (rolling,) = lm.loglikelihood_rolling([_instance("loglikelihood_rolling", (text,))])
+    ppl = perplexity(model, tokenizer, text, progress=False)
+    assert rolling == pytest.approx(-ppl.nll * ppl.num_tokens, abs=1e-3)
 
 
 def test_local_multiple_choice_task_through_lm_eval(model, tokenizer, shakespeare_lines,

@@ -1,6 +1,7 @@
 """kill -9 a real training process at random steps and in the middle of checkpoint writes;
-resuming must reproduce the uninterrupted losses bit for bit, and no kill may leave an
-unloadable latest checkpoint."""
+resuming must reproduce the uninterrupted losses (training and validation, at the same
+steps) and best checkpoint bit for bit, and no kill may leave an unloadable latest or best
+checkpoint."""
 
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ import pytest
 import torch
 import yaml
 
-from tune_train.checkpointing import latest_checkpoint, read_trainer_state
+from tune_train.checkpointing import (
+    checkpoint_root,
+    latest_checkpoint,
+    read_best_info,
+    read_trainer_state,
+)
 from tune_train.metrics import read_jsonl_metrics
 
 from train_helpers import tiny_config
@@ -26,10 +32,12 @@ STEPS = 12
 
 def _config(tiny_run, output_dir: Path, **extra) -> Path:
     # A slightly wider model than llama2_tiny so a checkpoint write takes long enough to be
-    # hit by a kill; the checkpoint every 3 steps keeps the test quick.
+    # hit by a kill; the checkpoint every 3 steps keeps the test quick. Validation every 2
+    # steps falls between checkpoints, so a resume must find its schedule from the step.
     cfg = tiny_run(output_dir=str(output_dir), max_steps_per_epoch=STEPS, save_every_n_steps=3,
                    keep_last_n_checkpoints=2, lr_scheduler="cosine", warmup_steps=2,
-                   model_args={"dim": 256, "n_heads": 4, "n_kv_heads": 2}, **extra)
+                   model_args={"dim": 256, "n_heads": 4, "n_kv_heads": 2},
+                   validation_split=0.05, eval_every_n_steps=2, save_best=True, **extra)
     path = output_dir.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -44,8 +52,11 @@ def _start(config: Path, *overrides: str) -> subprocess.Popen:
     )
 
 
-def _losses(output_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_jsonl_metrics(output_dir / "metrics.jsonl")}
+def _losses(output_dir: Path) -> dict[int, tuple[float, float | None]]:
+    """Training and validation loss by step, and the best checkpoint's record."""
+    records = read_jsonl_metrics(output_dir / "metrics.jsonl")
+    return {r["step"]: (r["loss"], r.get("val_loss")) for r in records} | {
+        "best": read_best_info(output_dir)}
 
 
 def _steps_logged(output_dir: Path) -> int:
@@ -59,6 +70,13 @@ def _finish(proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def _assert_latest_loads(output_dir: Path) -> None:
+    # best is whole, or (killed between its two renames) whole under the name the next
+    # start puts back.
+    root = checkpoint_root(output_dir)
+    for best in (root / "best", root / ".old-best"):
+        if best.is_dir():
+            assert "output.weight" in torch.load(best / "native_pytorch_model.pt",
+                                                 weights_only=True, mmap=True)
     latest = latest_checkpoint(output_dir)
     if latest is None:
         return
@@ -75,7 +93,10 @@ def reference(tiny_run_module):
     out = root / "reference"
     _finish(_start(_config(tiny_run, out)))
     losses = _losses(out)
-    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert sorted(k for k in losses if k != "best") == list(range(1, STEPS + 1))
+    assert [s for s in range(1, STEPS + 1) if losses[s][1] is not None] == list(
+        range(2, STEPS + 1, 2))
+    assert losses["best"] is not None
     return losses
 
 
@@ -113,11 +134,13 @@ def test_kill_inside_checkpoint_writes_then_resume(reference, tiny_run_module):
     config = _config(tiny_run, out)
     staging = out / "checkpoints"
     hits = 0
-    for _ in range(3):
+    # The best model's folder first (its first write comes before the first checkpoint's),
+    # then a checkpoint's, then whichever comes.
+    for prefix in (".tmp-best", ".tmp-step", ".tmp-"):
         proc = _start(config, "resume_from_checkpoint=True")
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
-            if staging.is_dir() and any(p.name.startswith(".tmp-step") for p in staging.iterdir()):
+            if staging.is_dir() and any(p.name.startswith(prefix) for p in staging.iterdir()):
                 proc.send_signal(signal.SIGKILL)  # a checkpoint is half written right now
                 hits += 1
                 break

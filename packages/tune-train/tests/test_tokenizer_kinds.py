@@ -27,16 +27,19 @@ def test_each_kind_reads_its_familys_file(kind, path_fixture, hello, request):
     assert tokenizer.encode("Hello world", add_bos=False) == hello
 
 
-@pytest.mark.parametrize("kind, path_fixture", [("llama3_tokenizer", "llama3_tokenizer_path"),
-                                               ("qwen2_tokenizer", "qwen2_tokenizer_path")])
+@pytest.mark.parametrize("kind, path_fixture, model", [
+    ("llama3_tokenizer", "llama3_tokenizer_path", "llama3_tiny"),
+    ("qwen2_tokenizer", "qwen2_tokenizer_path", "qwen2_tiny"),
+])
 def test_a_tiny_model_trains_on_alpaca_with_the_family_tokenizer(
-    kind, path_fixture, request, tiny_run, alpaca_json_path, tmp_path
+    kind, path_fixture, model, request, tiny_run, alpaca_json_path, tmp_path
 ):
     # Llama 3's 128k and Qwen2's 152k vocabularies (Qwen2 without BOS) through the data
     # path, collate and a few optimizer steps; the model takes its vocabulary from them.
     data = tmp_path / "alpaca_64.json"
     data.write_text(json.dumps(json.loads(alpaca_json_path.read_text())[:64]))
-    cfg = tiny_run(tokenizer=kind, tokenizer_checkpoint=str(request.getfixturevalue(path_fixture)),
+    cfg = tiny_run(model=model, tokenizer=kind,
+                   tokenizer_checkpoint=str(request.getfixturevalue(path_fixture)),
                    dataset="alpaca", dataset_source=None, data_files=str(data),
                    max_seq_len=64, max_steps_per_epoch=2)
     recipe = FullFinetuneRecipe(load_config(cfg))

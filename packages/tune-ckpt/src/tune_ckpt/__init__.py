@@ -1,9 +1,10 @@
 """tune-ckpt: Hugging Face Hub download and streaming checkpoint conversion (Meta, HF, native),
 LoRA adapters in PEFT's format, and merging them into their base.
 
-Needs torch, safetensors, huggingface_hub and tune-models (torch only: the key schemas of the
-model and its adapters). Names load lazily, so ``import tune_ckpt`` (and the ``tune-ckpt --help``
-it backs) costs nothing until a function is used.
+Needs torch, safetensors, huggingface_hub and tune-models (torch only: a model's shape and
+the key schemas of the model and its adapters are defined there once). Names load lazily, so
+``import tune_ckpt`` (and the ``tune-ckpt --help`` it backs) costs nothing until a function is
+used.
 """
 
 from __future__ import annotations
@@ -20,18 +21,19 @@ _EXPORTS = {
     "open_checkpoint": "tune_ckpt.conversion",
     "load_native": "tune_ckpt.reading",
     "find_native_file": "tune_ckpt.reading",
-    "save_native": "tune_ckpt.writing",
+    "save_native": "tune_ckpt.native",
     "read_model_args": "tune_ckpt.model_args",
+    "read_model_family": "tune_ckpt.model_args",
     "write_model_args": "tune_ckpt.model_args",
-    "meta_hidden_dim": "tune_ckpt.model_args",
     "meta_to_native": "tune_ckpt.keymaps",
     "native_to_meta": "tune_ckpt.keymaps",
     "hf_to_native": "tune_ckpt.keymaps",
     "native_to_hf": "tune_ckpt.keymaps",
+    "hf_to_native_rows": "tune_ckpt.keymaps",
+    "native_to_hf_rows": "tune_ckpt.keymaps",
+    "native_shapes": "tune_ckpt.keymaps",
     "merge_meta_shards": "tune_ckpt.shards",
     "meta_shard_dim": "tune_ckpt.shards",
-    "native_shapes": "tune_ckpt.keymaps",
-    "ModelShape": "tune_ckpt.keymaps",
     "Adapter": "tune_ckpt.adapters",
     "save_peft_adapter": "tune_ckpt.adapters",
     "load_peft_adapter": "tune_ckpt.adapters",
@@ -43,26 +45,27 @@ _EXPORTS = {
 __all__ = [
     "Adapter",
     "CheckpointError",
-    "ModelShape",
     "convert",
     "detect_format",
     "download",
     "find_native_file",
     "hf_to_native",
+    "hf_to_native_rows",
     "load_native",
     "load_peft_adapter",
     "merge_adapter",
     "merge_meta_shards",
-    "meta_hidden_dim",
     "meta_shard_dim",
     "meta_to_native",
     "native_shapes",
     "native_to_hf",
+    "native_to_hf_rows",
     "native_to_meta",
     "native_to_peft",
     "open_checkpoint",
     "peft_to_native",
     "read_model_args",
+    "read_model_family",
     "save_native",
     "save_peft_adapter",
     "write_model_args",
@@ -80,18 +83,19 @@ if TYPE_CHECKING:
     from tune_ckpt.conversion import convert, detect_format, open_checkpoint
     from tune_ckpt.hub import download
     from tune_ckpt.keymaps import (
-        ModelShape,
         hf_to_native,
+        hf_to_native_rows,
         meta_to_native,
         native_shapes,
         native_to_hf,
+        native_to_hf_rows,
         native_to_meta,
     )
     from tune_ckpt.merge import merge_adapter
-    from tune_ckpt.model_args import meta_hidden_dim, read_model_args, write_model_args
+    from tune_ckpt.model_args import read_model_args, read_model_family, write_model_args
+    from tune_ckpt.native import save_native
     from tune_ckpt.reading import find_native_file, load_native
     from tune_ckpt.shards import merge_meta_shards, meta_shard_dim
-    from tune_ckpt.writing import save_native
 
 
 def __getattr__(name: str):

@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 
 from tune_ckpt.errors import CheckpointError
-from tune_ckpt.keymaps import _hf_to_meta_rows, _meta_to_hf_rows
+from tune_ckpt.keymaps import hf_to_native_rows, native_to_hf_rows
 from tune_ckpt.names import ADAPTER_CONFIG_FILE, ADAPTER_FILES, ADAPTER_SIDECAR_FILE
+from tune_ckpt.native import save_native
 from tune_ckpt.reading import load_native
-from tune_ckpt.writing import save_native, staged_folder, write_text_atomic
+from tune_ckpt.writing import staged_folder, write_text_atomic
 from tune_models import HF_KEYS, LORA_TARGETS, DecoderConfig, LoRASettings, lora_parameter_shapes
 from tune_models.lora import QKV_PARTS
 
@@ -119,7 +120,7 @@ def native_to_peft(
         m = _NATIVE_LORA_KEY.match(key)
         heads = _permute_heads(config, m["part"])
         if m["ab"] == "b" and heads is not None:
-            tensor = _meta_to_hf_rows(tensor, heads)
+            tensor = native_to_hf_rows(tensor, heads)
         out[keys[key]] = tensor.contiguous()
     return out
 
@@ -151,7 +152,7 @@ def peft_to_native(
         m = _NATIVE_LORA_KEY.match(native)
         heads = _permute_heads(config, m["part"])
         if m["ab"] == "b" and heads is not None:
-            tensor = _hf_to_meta_rows(tensor, heads)
+            tensor = hf_to_native_rows(tensor, heads)
         out[native] = tensor
     missing = [k for k in shapes if k not in out]
     if missing:

@@ -28,6 +28,7 @@ def run_download(
     ignore_patterns: Sequence[str] | None = None,
     revision: str | None = None,
     quiet: bool = False,
+    include_original: bool = False,
 ) -> Path:
     """Download a Hub repository and print where it went (the body of ``tune-ckpt download``).
 
@@ -36,9 +37,11 @@ def run_download(
         output_dir: Folder to download into.
         hf_token: Access token (surrounding whitespace is ignored); None falls back to
             HF_TOKEN or the stored login.
-        ignore_patterns: Glob patterns of files to skip.
+        ignore_patterns: Glob patterns of files to skip (they replace the default skip of a
+            duplicate ``original/*.pth``).
         revision: Branch, tag or commit.
         quiet: Hide progress bars.
+        include_original: Fetch Meta's ``original/*.pth`` even beside safetensors.
 
     Returns:
         The output folder.
@@ -59,7 +62,7 @@ def run_download(
         disable_progress_bars()
     with _exit_on_ctrl_c(Path(output_dir).expanduser()):
         path = download(repo_id, output_dir, token=hf_token, ignore_patterns=ignore_patterns,
-                        revision=revision)
+                        revision=revision, include_original=include_original, notify=print)
     print(f"Downloaded {repo_id} to {path}")
     return path
 
@@ -147,16 +150,18 @@ def _add_debug(parser: argparse.ArgumentParser, default: object) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tune-ckpt",
-        description="Download Llama 2 checkpoints from the Hugging Face Hub and convert them "
-                    "between the Meta, Hugging Face and native layouts.",
+        description="Download Llama 2 / 3.x, Mistral and Qwen2.5 checkpoints from the Hugging "
+                    "Face Hub and convert them between the Meta, Hugging Face and native "
+                    "layouts.",
     )
     _add_debug(parser, False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     dl = commands.add_parser(
         "download", help="download a model repository from the Hugging Face Hub",
-        description="Download every file of a Hub repository into a folder. Re-running "
-                    "after an interruption fetches only what is missing.",
+        description="Download a Hub repository into a folder (without Meta's duplicate "
+                    "original/*.pth weights when safetensors are there). Re-running after an "
+                    "interruption fetches only what is missing.",
     )
     dl.add_argument("repo_id", metavar="REPO_ID", help="owner/name, e.g. meta-llama/Llama-2-7b")
     dl.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True,
@@ -167,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
                     nargs="*", default=None, metavar="GLOB",
                     help="repository files to skip, e.g. '*.safetensors'")
     dl.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    dl.add_argument("--include-original", "--include_original", dest="include_original",
+                    action="store_true",
+                    help="also fetch Meta's original/*.pth when the repository has the same "
+                         "weights as safetensors (skipped by default)")
     dl.add_argument("--quiet", action="store_true", help="hide progress bars")
     _add_debug(dl, argparse.SUPPRESS)
 
@@ -204,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "download":
             run_download(args.repo_id, args.output_dir, hf_token=args.hf_token,
                          ignore_patterns=args.ignore_patterns, revision=args.revision,
-                         quiet=args.quiet)
+                         quiet=args.quiet, include_original=args.include_original)
         else:
             run_convert(args.checkpoint_path, source_format=args.source_format,
                         target_format=args.target_format, output_path=args.output_path,

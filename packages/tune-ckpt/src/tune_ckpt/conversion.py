@@ -1,10 +1,11 @@
-"""Streaming conversion between Meta, Hugging Face and native checkpoints.
+"""Streaming conversion between Meta, Hugging Face and native checkpoints, for every family.
 
 Every conversion goes through the native layout: the source is opened lazily (mmap'd files,
-shapes from headers), checked key by key against the sizes in params.json / config.json /
-tune_model.json, mapped to native plans, then to the target's plans, and written one tensor at
-a time. Peak memory is about one tensor (the largest is the embedding: 262 MB for 7B in bf16),
-not the model.
+shapes from headers), its model read from params.json / config.json / tune_model.json (a
+:class:`tune_models.DecoderConfig` and a family), checked key by key against that model,
+mapped to native plans, then to the target's plans, and written one tensor at a time. Peak
+memory is about one tensor (the largest is the embedding: 262 MB for Llama 2 7B in bf16), not
+the model.
 """
 
 from __future__ import annotations
@@ -20,23 +21,16 @@ from pathlib import Path
 import torch
 
 from tune_ckpt.errors import CheckpointError
+from tune_ckpt.hf_config import config_from_hf, generation_config_for, hf_config_for
 from tune_ckpt.keymaps import (
     FORMATS,
-    PLANS_TO_NATIVE,
-    ModelShape,
-    plan_native_to_hf,
-    plan_native_to_meta,
+    LAYOUTS,
+    NATIVE_KEYS,
+    plan_from_native,
+    plan_to_native,
 )
-from tune_ckpt.model_args import (
-    _read_json,
-    args_from_hf_config,
-    args_from_meta_params,
-    hf_config_from_args,
-    meta_params_from_args,
-    normalize_args,
-    read_model_args,
-    write_model_args,
-)
+from tune_ckpt.meta_params import meta_params_for
+from tune_ckpt.model_args import meta_model, read_json, read_sidecar, write_model_args
 from tune_ckpt.names import (
     HF_BIN_FILE,
     HF_BIN_INDEX,
@@ -54,16 +48,16 @@ from tune_ckpt.names import (
     NATIVE_FILE,
     NATIVE_FILES,
 )
-from tune_ckpt.plan import DictSource, PlanSource, TensorPlan, TensorSource, cast_plans
+from tune_ckpt.plan import PlanSource, TensorPlan, TensorSource, cast_plans
 from tune_ckpt.reading import (
     dtype_name,
-    file_ranges,
     find_native_file,
     is_legacy_native_folder,
+    open_tensor_files,
     parse_dtype,
     read_tensor_file,
 )
-from tune_ckpt.shards import MetaShardSource
+from tune_ckpt.shards import meta_shard_files, open_meta_shards
 from tune_ckpt.writing import (
     staged_folder,
     write_safetensors_file,
@@ -71,6 +65,7 @@ from tune_ckpt.writing import (
     write_text_atomic,
     write_torch_file,
 )
+from tune_models import FAMILIES, DecoderConfig
 
 _META_SHARD = re.compile(META_SHARD_PATTERN)
 _HF_SHARD = re.compile(HF_SHARD_PATTERN)
@@ -80,18 +75,44 @@ _HF_SINGLE = (HF_SAFETENSORS_FILE, HF_BIN_FILE)
 
 @dataclass
 class Checkpoint:
-    """An opened checkpoint: its tensors (lazy) and the model they belong to."""
+    """An opened checkpoint: its tensors (lazy) and the model they belong to.
+
+    Attributes:
+        fmt: "meta", "hf" or "native".
+        folder: Where it is.
+        files: Its weight files.
+        source: Its tensors, read lazily.
+        config: The model, from ``origin``.
+        family: The model's family (a key of ``tune_models.FAMILIES``).
+        origin: The file the model was read from (params.json, config.json,
+            tune_model.json).
+    """
 
     fmt: str
     folder: Path
     files: list[Path]
     source: TensorSource
-    args: dict
+    config: DecoderConfig
+    family: str
     origin: str
 
-    @property
-    def shape(self) -> ModelShape:
-        return ModelShape.from_args(self.args)
+    def templates(self, layout: str) -> dict:
+        """The family's key templates for ``layout`` (native: the native keys)."""
+        if layout == "native":
+            return NATIVE_KEYS
+        keys = FAMILIES[self.family].checkpoint_keys
+        if layout not in keys:
+            have = " or ".join(k for k in (*keys, "native"))
+            raise CheckpointError(
+                f"{self.family} has no {LAYOUTS[layout].title} layout ({LAYOUTS[layout].title} "
+                f"publishes no {self.family} checkpoints): convert it --to {have} instead"
+            )
+        return keys[layout]
+
+    def to_native(self) -> list[TensorPlan]:
+        """Plans of the native tensors, every key and shape checked against the model."""
+        return plan_to_native(self.source, self.config, LAYOUTS[self.fmt],
+                              self.templates(self.fmt), family=self.family, origin=self.origin)
 
 
 # --- detection and opening -------------------------------------------------------------------
@@ -139,50 +160,19 @@ def detect_format(path: Path) -> str:
     return _classify_keys(list(tensors), path)
 
 
-def _file_source(files: list[Path]) -> TensorSource:
-    tensors: dict[str, torch.Tensor] = {}
-    where: dict[str, str] = {}
-    mapped: set[str] = set()
-    ranges: dict = {}
-    for file in files:
-        sd, is_mapped = read_tensor_file(file)
-        for key, tensor in sd.items():
-            if key in tensors:
-                raise CheckpointError(f"'{key}' is in both {where[key]} and {file}")
-            tensors[key], where[key] = tensor, str(file)
-            if is_mapped:
-                mapped.add(key)
-        if is_mapped:  # just mapped, never written: the file holds exactly these bytes
-            ranges.update(file_ranges(sd, file))
-    return DictSource(tensors, where, mapped, ranges)
-
-
 def _open_meta(path: Path) -> Checkpoint:
     folder = path if path.is_dir() else path.parent
-    if path.is_file() and not _META_SHARD.match(path.name):
-        files = [path]  # a lone Meta-layout file under another name
-    else:
-        numbered = sorted((int(m.group(1)), p) for p in folder.iterdir()
-                          if (m := _META_SHARD.match(p.name)))
-        files = [p for _, p in numbered]
-        for expected, (number, p) in enumerate(numbered):
-            if number != expected:
-                raise CheckpointError(
-                    f"model-parallel shard consolidated.{expected:02d}.pth is missing from "
-                    f"{folder} (found {', '.join(p.name for p in files)}); download it again"
-                )
+    files = meta_shard_files(path)
     params = folder / META_PARAMS_FILE
     if not params.is_file():
         raise CheckpointError(
             f"{META_PARAMS_FILE} not found beside {files[0]}: a Meta checkpoint needs it for the "
             "model's shape (download it with the weights)"
         )
-    shards = [_file_source([f]) for f in files]
-    source: TensorSource = MetaShardSource(shards)
-    vocab = source.shape("tok_embeddings.weight")[0] if "tok_embeddings.weight" in \
-        source.keys() else None
-    args = args_from_meta_params(_read_json(params), vocab_size=vocab, where=str(params))
-    return Checkpoint("meta", folder, files, source, args, str(params))
+    data = read_json(params)
+    source = open_meta_shards(files, data.get("vocab_size"))
+    config, family = meta_model(data, source, str(params))
+    return Checkpoint("meta", folder, files, source, config, family, str(params))
 
 
 def _open_hf(path: Path) -> Checkpoint:
@@ -203,7 +193,7 @@ def _open_hf(path: Path) -> Checkpoint:
                 )
             files = single[:1]
     if index is not None:
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has no weight_map: it is not a checkpoint index")
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
@@ -215,16 +205,22 @@ def _open_hf(path: Path) -> Checkpoint:
     if not config.is_file():
         raise CheckpointError(f"{HF_CONFIG_FILE} not found beside {files[0]}: a Hugging Face "
                               "checkpoint needs it for the model's shape")
-    args = args_from_hf_config(_read_json(config), str(config))
-    return Checkpoint("hf", folder, files, _file_source(files), args, str(config))
+    model, family = config_from_hf(read_json(config), str(config))
+    return Checkpoint("hf", folder, files, open_tensor_files(files), model, family,
+                      str(config))
 
 
 def _open_native(path: Path) -> Checkpoint:
     file = find_native_file(path) if path.is_dir() else path
-    source = _file_source([file])
-    args = read_model_args(file)
-    origin = file.parent / MODEL_ARGS_FILE
-    return Checkpoint("native", file.parent, [file], source, args, str(origin))
+    source = open_tensor_files([file])
+    sidecar = file.parent / MODEL_ARGS_FILE
+    if not sidecar.is_file():
+        raise CheckpointError(
+            f"no {MODEL_ARGS_FILE} beside {file}: a native checkpoint needs it for the model's "
+            "shape (tune writes it with every checkpoint; tune_ckpt.write_model_args makes one)"
+        )
+    config, family = read_sidecar(sidecar)
+    return Checkpoint("native", file.parent, [file], source, config, family, str(sidecar))
 
 
 def open_checkpoint(path: str | os.PathLike, fmt: str | None = None) -> Checkpoint:
@@ -286,21 +282,20 @@ def _refuse_existing(paths: list[Path], force: bool) -> None:
                 raise CheckpointError(f"{p} already exists: pass --force to overwrite it")
 
 
-_SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim",
-                 "norm_eps", "rope_theta")
-
-
-def _check_sidecar(folder: Path, args: dict, force: bool) -> None:
+def _check_sidecar(folder: Path, ckpt: Checkpoint, force: bool) -> None:
     # One folder, one model: refuse to describe a folder's other checkpoint wrongly.
     sidecar = folder / MODEL_ARGS_FILE
     if sidecar.is_file() and not force:
-        old = normalize_args(_read_json(sidecar), str(sidecar))
-        for k in _SHAPE_FIELDS:
-            if old.get(k) != args.get(k):
-                raise CheckpointError(
-                    f"{sidecar} describes another model ({k} {old.get(k)} != {args.get(k)}): "
-                    "write to another folder or pass --force"
-                )
+        old, old_family = read_sidecar(sidecar)
+        new, old_fields = vars(ckpt.config), vars(old)
+        diff = next((k for k in new if new[k] != old_fields[k]), None)
+        if diff is not None or old_family != ckpt.family:
+            what = f"{diff} {old_fields[diff]} != {new[diff]}" if diff else \
+                f"family {old_family} != {ckpt.family}"
+            raise CheckpointError(
+                f"{sidecar} describes another model ({what}): write to another folder or "
+                "pass --force"
+            )
 
 
 def _write_native(ckpt: Checkpoint, plans: list[TensorPlan], out: Path | None, force: bool,
@@ -311,10 +306,10 @@ def _write_native(ckpt: Checkpoint, plans: list[TensorPlan], out: Path | None, f
     if out.suffix not in (".pt", ".safetensors"):
         raise CheckpointError(f"output file {out} must end in .pt or .safetensors")
     _refuse_existing([out], force)
-    _check_sidecar(out.parent, ckpt.args, force)
+    _check_sidecar(out.parent, ckpt, force)
     _check_room(out.parent, sum(p.nbytes for p in plans))
     write_tensor_file(out, plans, force=force, progress=progress)
-    write_model_args(out.parent, ckpt.args)
+    write_model_args(out.parent, ckpt.config, family=ckpt.family)
     return out
 
 
@@ -328,7 +323,9 @@ def _main_dtype(plans: list[TensorPlan]) -> torch.dtype:
 def _write_hf(ckpt: Checkpoint, native: list[TensorPlan], out: Path | None, force: bool,
               progress: bool, max_shard_size: int) -> Path:
     out = out if out is not None else ckpt.folder / HF_EXPORT_DIR
-    plans = plan_native_to_hf(PlanSource(native), ckpt.shape)
+    plans = plan_from_native(PlanSource(native), ckpt.config, LAYOUTS["hf"],
+                             ckpt.templates("hf"), family=ckpt.family)
+    config = hf_config_for(ckpt.config, ckpt.family, dtype_name(_main_dtype(plans)))
     shards: list[list[TensorPlan]] = [[]]
     size = 0
     for plan in plans:  # greedy, in key order, as transformers shards
@@ -350,11 +347,9 @@ def _write_hf(ckpt: Checkpoint, native: list[TensorPlan], out: Path | None, forc
                      "weight_map": {p.key: name for name, shard in zip(names, shards)
                                     for p in shard}}
             write_text_atomic(staging / HF_SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
-        config = hf_config_from_args(ckpt.args, dtype_name(_main_dtype(plans)))
         write_text_atomic(staging / HF_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-        generation = {"bos_token_id": 1, "eos_token_id": 2}
         write_text_atomic(staging / HF_GENERATION_CONFIG_FILE,
-                          json.dumps(generation, indent=2) + "\n")
+                          json.dumps(generation_config_for(ckpt.family), indent=2) + "\n")
     return out
 
 
@@ -375,12 +370,13 @@ def _existing(folder: Path, belongs: Callable[[str], bool]) -> list[Path]:
 def _write_meta(ckpt: Checkpoint, native: list[TensorPlan], out: Path | None, force: bool,
                 progress: bool) -> Path:
     out = out if out is not None else ckpt.folder / META_EXPORT_DIR
-    plans = plan_native_to_meta(PlanSource(native), ckpt.shape)
+    plans = plan_from_native(PlanSource(native), ckpt.config, LAYOUTS["meta"],
+                             ckpt.templates("meta"), family=ckpt.family)
+    params = meta_params_for(ckpt.config)
     _refuse_existing(_existing(out, _is_meta_file), force)
     _check_room(out, sum(p.nbytes for p in plans))
     with staged_folder(out, superseded=_is_meta_file) as staging:
         write_torch_file(staging / META_FIRST_SHARD, plans, progress=progress)
-        params = meta_params_from_args(ckpt.args)
         write_text_atomic(staging / META_PARAMS_FILE, json.dumps(params) + "\n")
     return out
 
@@ -424,8 +420,9 @@ def convert(
     cast = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     ckpt = open_checkpoint(checkpoint_path, source_format)
-    native = PLANS_TO_NATIVE[ckpt.fmt](ckpt.source, ckpt.shape)
-    native = cast_plans(native, cast)
+    if target_format != "native":
+        ckpt.templates(target_format)  # a family without that layout: refused before anything
+    native = cast_plans(ckpt.to_native(), cast)
     out = Path(output_path).expanduser() if output_path is not None else None
     if target_format == "native":
         return _write_native(ckpt, native, out, force, progress)

@@ -17,9 +17,10 @@ shows a token.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from tune_ckpt.errors import CheckpointError
@@ -202,14 +203,38 @@ def _explain(e: BaseException, repo_id: str, revision: str | None, token_given: 
     return None
 
 
+# Meta's Llama 3 repositories hold the weights twice: safetensors at the top (what tune
+# converts) and Meta's consolidated.*.pth under original/ (as many gigabytes again). The rest
+# of original/ stays: its tokenizer.model is the tiktoken file tune's Llama 3 tokenizer reads.
+ORIGINAL_WEIGHTS = "original/*.pth"
+
+
+def duplicate_original(files: Sequence[str]) -> list[str]:
+    """Meta's weight files under ``original/`` when the repository has safetensors at the top
+    level too (they hold the same model); empty otherwise (Llama 2's repositories have
+    Meta's files only)."""
+    top_level = any("/" not in f and f.endswith(".safetensors") for f in files)
+    if not top_level:
+        return []
+    return [f for f in files if fnmatch.fnmatch(f, ORIGINAL_WEIGHTS)]
+
+
 def download(
     repo_id: str,
     output_dir: str | os.PathLike,
     token: str | None = None,
     ignore_patterns: Sequence[str] | None = None,
     revision: str | None = None,
+    include_original: bool = False,
+    notify: Callable[[str], None] | None = None,
 ) -> Path:
-    """Download every file of a model repository into ``output_dir``, resumably.
+    """Download the files of a model repository tune needs into ``output_dir``, resumably.
+
+    That is every file, except that a repository holding the weights twice (safetensors at
+    the top, Meta's ``original/consolidated.*.pth`` beside them, as Meta's Llama 3
+    repositories do) gets the safetensors only, unless ``include_original`` or
+    ``ignore_patterns`` say otherwise. The rest of ``original/`` (params.json, the tiktoken
+    tokenizer.model) is fetched.
 
     Args:
         repo_id: ``owner/name``, e.g. ``meta-llama/Llama-2-7b``.
@@ -217,7 +242,10 @@ def download(
             from the same commit are not fetched again; partial files are resumed.
         token: Access token. None uses ``HF_TOKEN`` or the token stored by ``hf auth login``.
         ignore_patterns: Glob patterns of repository files to skip, e.g. ``["*.safetensors"]``.
+            Given, they replace the default skip of ``original/*.pth``.
         revision: Branch, tag or commit (default: the default branch).
+        include_original: Fetch ``original/*.pth`` too when the safetensors are there.
+        notify: Called with one line when they are skipped (``print`` in the CLI).
 
     Returns:
         The output folder.
@@ -241,6 +269,14 @@ def download(
         # Resolve the commit ourselves: one request that fails clearly, and a commit id lets
         # huggingface_hub skip files already downloaded from that commit without asking again.
         info = HfApi().model_info(repo_id, revision=revision, token=token)
+        skipped = [] if patterns or include_original else \
+            duplicate_original([s.rfilename for s in info.siblings or []])
+        if skipped:
+            patterns = [ORIGINAL_WEIGHTS]
+            if notify is not None:
+                notify(f"Skipping {ORIGINAL_WEIGHTS} ({len(skipped)} file"
+                       f"{'s' if len(skipped) > 1 else ''}: Meta's copy of the weights the "
+                       "safetensors hold); pass --include-original to fetch it too")
         output_dir.mkdir(parents=True, exist_ok=True)
         path = snapshot_download(
             repo_id, revision=info.sha, local_dir=output_dir, token=token,

@@ -1,12 +1,22 @@
-"""Key maps between the Meta, Hugging Face and native Llama 2 layouts.
+"""Key maps between the Meta, Hugging Face and native layouts, for every model family.
 
-Native keys are the parameter names of ``tune_models.Llama2`` (see tune-models' README):
-attention has one fused ``wqkv`` whose rows are ``[Q heads | K heads | V heads]`` and RoPE uses
-Meta's interleaved pairs. Each map here is data in, data out, and comes in two forms:
+What a checkpoint of a given model holds is not restated here: the native keys and their shapes
+come from ``tune_models.native_shapes(config)`` and each layout's names from the family's key
+templates (``tune_models.FAMILIES[name].checkpoint_keys``). This module adds only what the
+templates do not say about a layout:
 
-* ``meta_to_native(sd, n_heads=..., n_kv_heads=...) -> dict``: plain functions on in-memory
-  state dicts, for use from Python.
-* ``plan_meta_to_native(source, shape) -> list[TensorPlan]``: the same map over lazily read
+* whether it stores each head's q/k rows in Hugging Face's rotate-half order (native and Meta
+  pair rows (2j, 2j+1); see tune-models' README);
+* where a model with tied embeddings keeps its output matrix: stored (Meta's reference code
+  has a separate ``output.weight`` and its Llama 3.2 files hold a copy), optional
+  (transformers' ``save_pretrained`` writes none, but older saves list the shared matrix
+  under both names) or absent (native: one name per tensor).
+
+Each map is data in, data out, in two forms:
+
+* ``hf_to_native(sd, n_heads=..., n_kv_heads=...) -> dict``: plain functions on in-memory
+  state dicts, for use from Python (the rest of the shape is read off the tensors).
+* ``plan_to_native(source, config, layout) -> list[TensorPlan]``: the same map over lazily read
   tensors, which the streaming converter writes one at a time. The plain functions are built
   on the plans, so both forms share one implementation.
 
@@ -32,6 +42,8 @@ from tune_ckpt.plan import (
     materialize,
     slice_ranges,
 )
+from tune_models import HF_KEYS, META_KEYS, DecoderConfig, checkpoint_key_map, qkv_rows
+from tune_models import native_shapes as _native_shapes
 
 FORMATS = ("meta", "hf", "native")
 FORMAT_NAMES = {"meta": "Meta", "hf": "Hugging Face", "native": "native"}
@@ -41,173 +53,163 @@ FORMAT_NAMES = {"meta": "Meta", "hf": "Hugging Face", "native": "native"}
 IGNORED_KEYS = re.compile(r"^rope\.freqs$|^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
+KeyTemplates = dict[str, str | tuple[str, ...]]
+
 
 @dataclass(frozen=True)
-class ModelShape:
-    """The sizes that fix every tensor shape of a Llama 2 model."""
+class Layout:
+    """What a checkpoint layout does beyond naming tensors (see the module docstring).
 
-    vocab_size: int
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    hidden_dim: int
+    Attributes:
+        name: "meta", "hf" or "native".
+        rotate_half: q/k rows (and bias entries) of each head are in rotate-half order.
+        tied_output: A tied model's output matrix, under the output's name, is "stored"
+            (written, and required on reading), "optional" (not written; accepted and
+            dropped on reading) or "absent".
+    """
 
-    def __post_init__(self) -> None:
-        if self.n_heads <= 0 or self.dim % self.n_heads:
-            raise CheckpointError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
-            raise CheckpointError(
-                f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}"
-            )
+    name: str
+    rotate_half: bool
+    tied_output: str
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @classmethod
-    def from_args(cls, args: dict) -> ModelShape:
-        """From model arguments in Llama2Config field names (hidden_dim already resolved)."""
-        return cls(
-            vocab_size=int(args["vocab_size"]), dim=int(args["dim"]),
-            n_layers=int(args["n_layers"]), n_heads=int(args["n_heads"]),
-            n_kv_heads=int(args.get("n_kv_heads") or args["n_heads"]),
-            hidden_dim=int(args["hidden_dim"]),
-        )
+    def title(self) -> str:
+        return FORMAT_NAMES[self.name]
 
 
-# --- expected shapes of each layout ----------------------------------------------------------
+LAYOUTS = {
+    "meta": Layout("meta", rotate_half=False, tied_output="stored"),
+    "hf": Layout("hf", rotate_half=True, tied_output="optional"),
+    "native": Layout("native", rotate_half=False, tied_output="absent"),
+}
+
+# The native layout in template form: every key is its own source.
+NATIVE_KEYS: KeyTemplates = {k: k for k in HF_KEYS}
 
 
-def native_shapes(s: ModelShape) -> dict[str, tuple[int, ...]]:
-    """Every native key with its shape, in ``Llama2.state_dict()`` order."""
-    d, q, kv = s.dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-    out: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (s.vocab_size, d)}
-    for i in range(s.n_layers):
-        p = f"layers.{i}."
-        out[p + "attention_norm.weight"] = (d,)
-        out[p + "attention.wqkv.weight"] = (q + 2 * kv, d)
-        out[p + "attention.wo.weight"] = (d, q)
-        out[p + "ffn_norm.weight"] = (d,)
-        out[p + "feed_forward.w1.weight"] = (s.hidden_dim, d)
-        out[p + "feed_forward.w2.weight"] = (d, s.hidden_dim)
-        out[p + "feed_forward.w3.weight"] = (s.hidden_dim, d)
-    out["norm.weight"] = (d,)
-    out["output.weight"] = (s.vocab_size, d)
+def native_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Every native key with its shape, in ``Decoder.state_dict()`` order (tune-models' rule)."""
+    return _native_shapes(config)
+
+
+def key_map(config: DecoderConfig, templates: KeyTemplates,
+            what: str = "this layout") -> dict[str, tuple[str, ...]]:
+    """Native key -> its source key(s) in a layout, for this model (see
+    ``tune_models.checkpoint_key_map``), refusing a model the layout cannot hold."""
+    try:
+        return checkpoint_key_map(config, templates)
+    except ValueError as e:
+        raise CheckpointError(f"{what} cannot hold this model: {e}") from e
+
+
+def _output_key(templates: KeyTemplates) -> str:
+    return templates["output.weight"]
+
+
+def layout_shapes(config: DecoderConfig, layout: Layout,
+                  templates: KeyTemplates) -> dict[str, tuple[int, ...]]:
+    """Every key a checkpoint of ``config`` holds in ``layout``, with its shape."""
+    native = native_shapes(config)
+    rows = qkv_rows(config)
+    out: dict[str, tuple[int, ...]] = {}
+    for key, sources in key_map(config, templates, f"the {layout.title} layout").items():
+        shape = native[key]
+        if len(sources) == 1:
+            out[sources[0]] = shape
+        else:  # [Q | K | V] along the rows
+            for source, n in zip(sources, rows):
+                out[source] = (n, *shape[1:])
+    if config.tie_embeddings and layout.tied_output == "stored":
+        out[_output_key(templates)] = native["tok_embeddings.weight"]
     return out
 
 
-def meta_shapes(s: ModelShape) -> dict[str, tuple[int, ...]]:
-    """Every key of a (merged, single-shard) Meta checkpoint with its shape."""
-    d, q, kv = s.dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-    out: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (s.vocab_size, d)}
-    for i in range(s.n_layers):
-        p = f"layers.{i}."
-        out[p + "attention.wq.weight"] = (q, d)
-        out[p + "attention.wk.weight"] = (kv, d)
-        out[p + "attention.wv.weight"] = (kv, d)
-        out[p + "attention.wo.weight"] = (d, q)
-        out[p + "feed_forward.w1.weight"] = (s.hidden_dim, d)
-        out[p + "feed_forward.w2.weight"] = (d, s.hidden_dim)
-        out[p + "feed_forward.w3.weight"] = (s.hidden_dim, d)
-        out[p + "attention_norm.weight"] = (d,)
-        out[p + "ffn_norm.weight"] = (d,)
-    out["norm.weight"] = (d,)
-    out["output.weight"] = (s.vocab_size, d)
-    return out
+# --- checking a source -----------------------------------------------------------------------
 
 
-def hf_shapes(s: ModelShape) -> dict[str, tuple[int, ...]]:
-    """Every key of a transformers LlamaForCausalLM checkpoint with its shape."""
-    d, q, kv = s.dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (s.vocab_size, d)}
-    for i in range(s.n_layers):
-        p = f"model.layers.{i}."
-        out[p + "self_attn.q_proj.weight"] = (q, d)
-        out[p + "self_attn.k_proj.weight"] = (kv, d)
-        out[p + "self_attn.v_proj.weight"] = (kv, d)
-        out[p + "self_attn.o_proj.weight"] = (d, q)
-        out[p + "mlp.gate_proj.weight"] = (s.hidden_dim, d)
-        out[p + "mlp.up_proj.weight"] = (s.hidden_dim, d)
-        out[p + "mlp.down_proj.weight"] = (d, s.hidden_dim)
-        out[p + "input_layernorm.weight"] = (d,)
-        out[p + "post_attention_layernorm.weight"] = (d,)
-    out["model.norm.weight"] = (d,)
-    out["lm_head.weight"] = (s.vocab_size, d)
-    return out
-
-
-_SHAPES = {"meta": meta_shapes, "hf": hf_shapes, "native": native_shapes}
-# Where each layout keeps the sizes that cannot be read off the embedding.
-_EMBED = {"meta": "tok_embeddings.weight", "hf": "model.embed_tokens.weight",
-          "native": "tok_embeddings.weight"}
-_FFN = {"meta": "layers.0.feed_forward.w1.weight", "hf": "model.layers.0.mlp.gate_proj.weight",
-        "native": "layers.0.feed_forward.w1.weight"}
-
-
-def infer_shape(
-    source: TensorSource, fmt: str, *, n_heads: int, n_kv_heads: int | None = None
-) -> ModelShape:
-    """Read vocab_size, dim, n_layers and hidden_dim off the tensor shapes.
-
-    n_heads (and n_kv_heads) cannot be read off shapes: a (4096, 4096) projection fits 32 heads
-    of 128 as well as 64 of 64, so the caller supplies them.
-    """
-    keys = [k for k in source.keys() if not IGNORED_KEYS.match(k)]
-    where = source.where(keys[0]) if keys else "the state dict"
-    for key in (_EMBED[fmt], _FFN[fmt]):
-        if key not in keys:
-            raise CheckpointError(
-                f"{where} is not a {FORMAT_NAMES[fmt]} Llama 2 checkpoint: it has no '{key}'"
-            )
-    vocab_size, dim = source.shape(_EMBED[fmt])
-    layers = {int(m.group(1)) for k in keys if (m := _LAYER.match(k))}
-    return ModelShape(
-        vocab_size=vocab_size, dim=dim, n_layers=max(layers) + 1, n_heads=n_heads,
-        n_kv_heads=n_kv_heads or n_heads, hidden_dim=source.shape(_FFN[fmt])[0],
-    )
-
-
-def check_source(source: TensorSource, fmt: str, shape: ModelShape, origin: str = "") -> None:
-    """Raise unless ``source`` holds exactly the keys and shapes of ``fmt`` for ``shape``.
+def check_source(
+    source: TensorSource,
+    expected: dict[str, tuple[int, ...]],
+    what: str,
+    origin: str = "",
+    optional: dict[str, tuple[int, ...]] | None = None,
+) -> None:
+    """Raise unless ``source`` holds exactly the ``expected`` keys and shapes.
 
     Args:
         source: The tensors to check (only their shapes are read).
-        fmt: "meta", "hf" or "native".
-        shape: The model size the shapes must match.
-        origin: Where the expected sizes came from, for the message (e.g. "params.json").
+        expected: Key -> shape.
+        what: What the checkpoint should be, for messages (e.g. "Hugging Face qwen2
+            checkpoint with 24 layers").
+        origin: The file the expected sizes came from (e.g. ".../config.json"), which a
+            message names: one of another model is a common cause.
+        optional: Keys that may be there too (a tied model's stored output matrix), with
+            the shape they must have.
     """
-    expected = _SHAPES[fmt](shape)
+    optional = optional or {}
     found = [k for k in source.keys() if not IGNORED_KEYS.match(k)]
-    name = FORMAT_NAMES[fmt]
-    origin = f" (sizes from {origin})" if origin else ""
+    blame = (f" (the model as {origin} describes it: check that it came with these weights)"
+             if origin else "")
     missing = [k for k in expected if k not in set(found)]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         where = source.where(found[0]) if found else "the state dict"
         raise CheckpointError(
-            f"{where}: missing key '{missing[0]}'{more} of a {name} checkpoint with "
-            f"{shape.n_layers} layers (expected shape {expected[missing[0]]}){origin}"
+            f"{where}: missing key '{missing[0]}'{more} of a {what} (expected shape "
+            f"{expected[missing[0]]}){blame}"
         )
-    unexpected = [k for k in found if k not in expected]
+    unexpected = [k for k in found if k not in expected and k not in optional]
     if unexpected:
         k = unexpected[0]
+        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
         raise CheckpointError(
-            f"{source.where(k)}: unexpected key '{k}' with shape {source.shape(k)}: not part of "
-            f"a {name} Llama 2 checkpoint with {shape.n_layers} layers{origin}"
+            f"{source.where(k)}: unexpected key '{k}' with shape {source.shape(k)}{more}: not "
+            f"part of a {what}{blame}"
         )
     for k in found:
-        if tuple(source.shape(k)) != expected[k]:
+        want = expected.get(k, optional.get(k))
+        if tuple(source.shape(k)) != want:
             raise CheckpointError(
                 f"{source.where(k)}: '{k}' has shape {tuple(source.shape(k))}, expected "
-                f"{expected[k]}{origin}"
+                f"{want} for a {what}{blame}"
             )
     for k in found:
         if not source.dtype(k).is_floating_point:
             raise CheckpointError(f"{source.where(k)}: '{k}' is {source.dtype(k)}, not a float")
 
 
-# --- the maps --------------------------------------------------------------------------------
+def describe(config: DecoderConfig, layout: Layout, family: str | None = None) -> str:
+    """E.g. "Hugging Face qwen2 checkpoint with 24 layers", for messages."""
+    family = f" {family}" if family else ""
+    return f"{layout.title}{family} checkpoint with {config.n_layers} layers"
+
+
+# --- q/k row order ---------------------------------------------------------------------------
+
+
+def hf_to_native_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """q or k rows (a weight, or a bias) from HF's rotate-half order to Meta's pairs.
+
+    HF stores each head's rows as [first halves | second halves] for its rotate-half RoPE;
+    native (Meta) rotates rows (2j, 2j+1) together, so the halves are interleaved back.
+
+    Args:
+        w: (n_heads * head_dim, ...) rows of q_proj or k_proj, weight or bias.
+        n_heads: Heads in ``w`` (query heads for q, key/value heads for k).
+    """
+    rows, rest = w.shape[0], w.shape[1:]
+    half = rows // n_heads // 2
+    return w.view(n_heads, 2, half, *rest).transpose(1, 2).reshape(rows, *rest)  # (H*d, ...)
+
+
+def native_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of :func:`hf_to_native_rows`: each head's pairs split into two halves."""
+    rows, rest = w.shape[0], w.shape[1:]
+    half = rows // n_heads // 2
+    return w.view(n_heads, half, 2, *rest).transpose(1, 2).reshape(rows, *rest)  # (H*d, ...)
+
+
+# --- plans -----------------------------------------------------------------------------------
 
 
 def _plan(
@@ -246,185 +248,186 @@ def _joined_ranges(source: TensorSource, keys: tuple[str, ...]):
 
 
 def _row_ranges(source: TensorSource, key: str, lo: int, hi: int):
-    """Ranges of rows [lo, hi) of the 2-D tensor ``key``."""
+    """Ranges of rows [lo, hi) of ``key`` (a row of a 1-D tensor is one element)."""
 
     def ranges() -> list[FileRange] | None:
         found = source.file_ranges(key)
-        row = source.shape(key)[1] * source.dtype(key).itemsize
+        row = source.dtype(key).itemsize
+        for size in source.shape(key)[1:]:
+            row *= size
         return None if found is None else slice_ranges(found, lo * row, hi * row)
 
     return ranges
+
+
+def _no_ranges() -> None:
+    return None
+
+
+def plan_to_native(
+    source: TensorSource, config: DecoderConfig, layout: Layout, templates: KeyTemplates,
+    *, family: str | None = None, origin: str = "",
+) -> list[TensorPlan]:
+    """Any layout -> native: q/k rows to Meta's pairs where needed, q, k, v fused into wqkv.
+
+    Args:
+        source: The checkpoint's tensors.
+        config: The model they must make.
+        layout: The source's layout.
+        templates: The source's key templates (the family's for that layout).
+        family: The family's name, for messages.
+        origin: Where ``config`` came from, for messages.
+    """
+    expected = layout_shapes(config, layout, templates)
+    shapes = native_shapes(config)
+    optional = {}
+    if config.tie_embeddings and layout.tied_output == "optional":
+        # The tied matrix listed under the output's name too: it maps to nothing.
+        optional[_output_key(templates)] = shapes["tok_embeddings.weight"]
+    check_source(source, expected, describe(config, layout, family), origin, optional)
+    heads = (config.n_heads, config.n_kv_heads)
+    plans = []
+    for key, sources in key_map(config, templates).items():
+        shape = shapes[key]
+        if len(sources) == 1:
+            plans.append(_plan(source, key, shape, sources))
+        elif layout.rotate_half:
+            def fuse(q, k, v, heads=heads):
+                return torch.cat([hf_to_native_rows(q, heads[0]),
+                                  hf_to_native_rows(k, heads[1]), v])
+
+            plans.append(_plan(source, key, shape, sources, fuse, _no_ranges))
+        else:
+            # Row-wise concatenation of row-major tensors is their bytes end to end.
+            plans.append(_plan(source, key, shape, sources, _cat,
+                               _joined_ranges(source, sources)))
+    return plans
+
+
+def plan_from_native(
+    source: TensorSource, config: DecoderConfig, layout: Layout, templates: KeyTemplates,
+    *, family: str | None = None, origin: str = "",
+) -> list[TensorPlan]:
+    """native -> any layout: wqkv split into q, k, v, q/k rows reordered where needed.
+
+    Args:
+        source: Native tensors (a checkpoint, or the plans of a conversion to native).
+        config: The model they make.
+        layout: The target layout.
+        templates: The target's key templates (the family's for that layout).
+        family: The family's name, for messages.
+        origin: Where ``config`` came from, for messages.
+    """
+    check_source(source, native_shapes(config), describe(config, LAYOUTS["native"], family),
+                 origin)
+    mapping = key_map(config, templates, f"the {layout.title} layout")
+    target_shapes = layout_shapes(config, layout, templates)
+    q, kv, _ = qkv_rows(config)
+    spans = ((0, q), (q, q + kv), (q + kv, q + 2 * kv))
+    permute = (config.n_heads, config.n_kv_heads, None) if layout.rotate_half else (None,) * 3
+    plans = []
+    for key, targets in mapping.items():
+        if len(targets) == 1:
+            plans.append(_plan(source, targets[0], target_shapes[targets[0]], (key,)))
+            continue
+        for target, (lo, hi), heads in zip(targets, spans, permute):
+            if heads is None:
+                plans.append(_plan(source, target, target_shapes[target], (key,),
+                                   lambda w, lo=lo, hi=hi: w[lo:hi],
+                                   _row_ranges(source, key, lo, hi)))
+            else:  # permuted rows: computed, not copied
+                plans.append(_plan(source, target, target_shapes[target], (key,),
+                                   lambda w, lo=lo, hi=hi, h=heads:
+                                   native_to_hf_rows(w[lo:hi], h),
+                                   _no_ranges))
+    if config.tie_embeddings and layout.tied_output == "stored":
+        output = _output_key(templates)
+        plans.append(_plan(source, output, target_shapes[output], ("tok_embeddings.weight",)))
+    return plans
+
+
+def plan_native_to_native(
+    source: TensorSource, config: DecoderConfig, *, family: str | None = None,
+    origin: str = "",
+) -> list[TensorPlan]:
+    """native -> native (to change dtype or file type): checked, in canonical order."""
+    return plan_to_native(source, config, LAYOUTS["native"], NATIVE_KEYS, family=family,
+                          origin=origin)
 
 
 def _cat(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat(tensors, dim=0)
 
 
-def _hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    # HF stores each head's q/k rows as [first halves | second halves] for its rotate-half
-    # RoPE; Meta (native) pairs rows (2j, 2j+1). Interleave the halves back into pairs.
-    rows, cols = w.shape
-    half = rows // n_heads // 2
-    return w.view(n_heads, 2, half, cols).transpose(1, 2).reshape(rows, cols)  # (H*d, D)
+# --- reading a model's shape off its tensors -------------------------------------------------
 
 
-def _meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    # The inverse of _hf_to_meta_rows: split each head's pairs into two halves.
-    rows, cols = w.shape
-    half = rows // n_heads // 2
-    return w.view(n_heads, half, 2, cols).transpose(1, 2).reshape(rows, cols)  # (H*d, D)
+def infer_config(
+    source: TensorSource, layout: Layout, templates: KeyTemplates, *, n_heads: int,
+    n_kv_heads: int | None = None,
+) -> DecoderConfig:
+    """The model a state dict holds, as far as tensor shapes tell.
 
-
-def plan_meta_to_native(source: TensorSource, shape: ModelShape) -> list[TensorPlan]:
-    """Meta -> native: wq, wk, wv fuse into wqkv; everything else keeps its name."""
-    check_source(source, "meta", shape)
-    target = native_shapes(shape)
-    plans = []
-    for key, out_shape in target.items():
-        if key.endswith("attention.wqkv.weight"):
-            p = key.removesuffix("wqkv.weight")
-            qkv = (p + "wq.weight", p + "wk.weight", p + "wv.weight")
-            # Row-wise concatenation of row-major tensors is their bytes end to end.
-            plans.append(_plan(source, key, out_shape, qkv, _cat, _joined_ranges(source, qkv)))
-        else:
-            plans.append(_plan(source, key, out_shape, (key,)))
-    return plans
-
-
-def plan_native_to_meta(source: TensorSource, shape: ModelShape) -> list[TensorPlan]:
-    """native -> Meta: wqkv splits into wq, wk, wv."""
-    check_source(source, "native", shape)
-    q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
-    spans = {"wq": (0, q), "wk": (q, q + kv), "wv": (q + kv, q + 2 * kv)}
-    plans = []
-    for key, out_shape in meta_shapes(shape).items():
-        name = key.split(".")[-2]
-        if name in spans:
-            lo, hi = spans[name]
-            fused = key.replace(f".{name}.", ".wqkv.")
-            plans.append(_plan(source, key, out_shape, (fused,),
-                               lambda w, lo=lo, hi=hi: w[lo:hi],
-                               _row_ranges(source, fused, lo, hi)))
-        else:
-            plans.append(_plan(source, key, out_shape, (key,)))
-    return plans
-
-
-_HF_NAMES = {
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-_HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-
-
-def _hf_name(native_key: str) -> str:
-    if native_key in _HF_TOP:
-        return _HF_TOP[native_key]
-    layer, rest = native_key.split(".", 2)[1:]
-    return f"model.layers.{layer}.{_HF_NAMES[rest]}"
-
-
-def plan_hf_to_native(source: TensorSource, shape: ModelShape) -> list[TensorPlan]:
-    """HF -> native: q/k rows back to Meta's RoPE pairing, then fused with v into wqkv.
-
-    A checkpoint with tied embeddings and no ``lm_head.weight`` gets the embedding as output.
+    vocab_size, dim, n_layers, hidden_dim, head_dim, q/k/v biases and tied embeddings (no
+    output matrix) are read off the tensors. n_heads (and n_kv_heads) cannot be: a (4096,
+    4096) projection fits 32 heads of 128 as well as 64 of 64, so the caller supplies them.
+    Nothing else (norm_eps, RoPE) changes a tensor, so the rest keeps its defaults.
     """
-    if "lm_head.weight" not in source.keys() and "model.embed_tokens.weight" in source.keys():
-        source = _TiedOutput(source)
-    check_source(source, "hf", shape)
-    h, kvh = shape.n_heads, shape.n_kv_heads
-    plans = []
-    for key, out_shape in native_shapes(shape).items():
-        if key.endswith("attention.wqkv.weight"):
-            p = f"model.layers.{key.split('.')[1]}.self_attn."
-            plans.append(_plan(
-                source, key, out_shape,
-                (p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight"),
-                lambda wq, wk, wv: torch.cat(
-                    [_hf_to_meta_rows(wq, h), _hf_to_meta_rows(wk, kvh), wv]),
-            ))
-        else:
-            plans.append(_plan(source, key, out_shape, (_hf_name(key),)))
-    return plans
+    keys = [k for k in source.keys() if not IGNORED_KEYS.match(k)]
+    where = source.where(keys[0]) if keys else "the state dict"
 
+    def name(native: str) -> str:
+        template = templates[native.replace("layers.0.", "layers.{i}.")]
+        return (template if isinstance(template, str) else template[0]).format(i=0)
 
-def plan_native_to_hf(source: TensorSource, shape: ModelShape) -> list[TensorPlan]:
-    """native -> HF: wqkv splits into q/k/v_proj with q/k rows in HF's rotate-half order."""
-    check_source(source, "native", shape)
-    q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
-    h, kvh = shape.n_heads, shape.n_kv_heads
-    split = {
-        "q_proj": lambda w: _meta_to_hf_rows(w[:q], h),
-        "k_proj": lambda w: _meta_to_hf_rows(w[q : q + kv], kvh),
-        "v_proj": lambda w: w[q + kv :],
-    }
-    native_of = {_hf_name(k): k for k in native_shapes(shape) if "wqkv" not in k}
-    plans = []
-    for key, out_shape in hf_shapes(shape).items():
-        proj = key.split(".")[-2]
-        if proj in split:
-            fused = f"layers.{key.split('.')[2]}.attention.wqkv.weight"
-            # v keeps its rows as they are; q and k rows are permuted, so they are computed.
-            ranges = _row_ranges(source, fused, q + kv, q + 2 * kv) if proj == "v_proj" else \
-                (lambda: None)
-            plans.append(_plan(source, key, out_shape, (fused,), split[proj], ranges))
-        else:
-            plans.append(_plan(source, key, out_shape, (native_of[key],)))
-    return plans
-
-
-def plan_native_to_native(source: TensorSource, shape: ModelShape) -> list[TensorPlan]:
-    """native -> native (to change dtype or file type): checked, in canonical order."""
-    check_source(source, "native", shape)
-    return [_plan(source, k, s, (k,)) for k, s in native_shapes(shape).items()]
-
-
-class _TiedOutput(TensorSource):
-    """An HF source whose missing lm_head.weight reads the (tied) input embedding."""
-
-    def __init__(self, inner: TensorSource):
-        self._inner = inner
-
-    def _key(self, key: str) -> str:
-        return "model.embed_tokens.weight" if key == "lm_head.weight" else key
-
-    def keys(self) -> list[str]:
-        return [*self._inner.keys(), "lm_head.weight"]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._inner.shape(self._key(key))
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._inner.dtype(self._key(key))
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._inner.get(self._key(key))
-
-    def where(self, key: str) -> str:
-        return self._inner.where(self._key(key))
-
-    def release(self, *keys: str) -> None:
-        self._inner.release(*(self._key(k) for k in keys))
-
-    def file_ranges(self, key: str) -> list[FileRange] | None:
-        return self._inner.file_ranges(self._key(key))
+    embed, w1 = name("tok_embeddings.weight"), name("layers.0.feed_forward.w1.weight")
+    wo = name("layers.0.attention.wo.weight")
+    for key in (embed, w1, wo):
+        if key not in keys:
+            raise CheckpointError(
+                f"{where} is not a {layout.title} checkpoint: it has no '{key}'"
+            )
+    vocab_size, dim = source.shape(embed)
+    layers = {int(m.group(1)) for k in keys if (m := _LAYER.match(k))}
+    bias = "layers.{i}.attention.wqkv.bias" in templates and \
+        name("layers.0.attention.wqkv.bias") in keys
+    try:
+        return DecoderConfig(
+            vocab_size=vocab_size, dim=dim, n_layers=max(layers) + 1, n_heads=n_heads,
+            n_kv_heads=n_kv_heads or n_heads, hidden_dim=source.shape(w1)[0],
+            head_dim=source.shape(wo)[1] // n_heads, qkv_bias=bias,
+            tie_embeddings=name("output.weight") not in keys,
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from e
 
 
 # --- plain-function forms ---------------------------------------------------------------------
 
 
+def _to_native(sd, layout: str, templates: KeyTemplates, n_heads: int, n_kv_heads: int | None):
+    source = DictSource(sd)
+    config = infer_config(source, LAYOUTS[layout], templates, n_heads=n_heads,
+                          n_kv_heads=n_kv_heads)
+    return materialize(plan_to_native(source, config, LAYOUTS[layout], templates))
+
+
+def _from_native(sd, layout: str, templates: KeyTemplates, n_heads: int,
+                 n_kv_heads: int | None):
+    source = DictSource(sd)
+    config = infer_config(source, LAYOUTS["native"], NATIVE_KEYS, n_heads=n_heads,
+                          n_kv_heads=n_kv_heads)
+    return materialize(plan_from_native(source, config, LAYOUTS[layout], templates))
+
+
 def meta_to_native(
     sd: dict[str, torch.Tensor], *, n_heads: int, n_kv_heads: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Map a (merged) Meta Llama 2 state dict to the native key schema.
+    """Map a (merged) Meta state dict (Llama 2 or 3) to the native key schema.
 
     Args:
         sd: Meta keys (``layers.0.attention.wq.weight``...); ``rope.freqs`` is ignored.
+            Without ``output.weight`` the model is taken to have tied embeddings.
         n_heads: Number of query heads.
         n_kv_heads: Number of key/value heads (default: n_heads).
 
@@ -434,9 +437,7 @@ def meta_to_native(
     Raises:
         CheckpointError: On a missing or unexpected key or a wrong shape.
     """
-    source = DictSource(sd)
-    shape = infer_shape(source, "meta", n_heads=n_heads, n_kv_heads=n_kv_heads)
-    return materialize(plan_meta_to_native(source, shape))
+    return _to_native(sd, "meta", META_KEYS, n_heads, n_kv_heads)
 
 
 def native_to_meta(
@@ -445,7 +446,8 @@ def native_to_meta(
     """Map a native state dict to Meta's key schema (a single, unsharded checkpoint).
 
     Args:
-        sd: Native keys.
+        sd: Native keys; with tied embeddings (no ``output.weight``) the result holds the
+            embedding as ``output.weight`` too, as Meta's files do.
         n_heads: Number of query heads.
         n_kv_heads: Number of key/value heads (default: n_heads).
 
@@ -453,58 +455,47 @@ def native_to_meta(
         The Meta state dict (wqkv split into wq, wk, wv).
 
     Raises:
-        CheckpointError: On a missing or unexpected key or a wrong shape.
+        CheckpointError: On a missing or unexpected key or a wrong shape, or q/k/v biases
+            (Meta's layout has none).
     """
-    source = DictSource(sd)
-    shape = infer_shape(source, "native", n_heads=n_heads, n_kv_heads=n_kv_heads)
-    return materialize(plan_native_to_meta(source, shape))
+    return _from_native(sd, "meta", META_KEYS, n_heads, n_kv_heads)
 
 
 def hf_to_native(
     sd: dict[str, torch.Tensor], *, n_heads: int, n_kv_heads: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Map a transformers LlamaForCausalLM state dict to the native key schema.
+    """Map a transformers Llama / Mistral / Qwen2 state dict to the native key schema.
 
     Args:
-        sd: HF keys (``model.layers.0.self_attn.q_proj.weight``...).
+        sd: HF keys (``model.layers.0.self_attn.q_proj.weight``...); q/k/v biases (Qwen2)
+            are taken along; without ``lm_head.weight`` the model has tied embeddings.
         n_heads: ``num_attention_heads``.
         n_kv_heads: ``num_key_value_heads`` (default: n_heads).
 
     Returns:
-        The native state dict, q/k rows permuted back to Meta's RoPE pairing.
+        The native state dict, q/k rows (and biases) permuted back to Meta's RoPE pairing.
 
     Raises:
         CheckpointError: On a missing or unexpected key or a wrong shape.
     """
-    source = DictSource(sd)
-    if "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
-        source = _TiedOutput(source)
-    shape = infer_shape(source, "hf", n_heads=n_heads, n_kv_heads=n_kv_heads)
-    return materialize(plan_hf_to_native(source, shape))
+    return _to_native(sd, "hf", HF_KEYS, n_heads, n_kv_heads)
 
 
 def native_to_hf(
     sd: dict[str, torch.Tensor], *, n_heads: int, n_kv_heads: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Map a native state dict to transformers LlamaForCausalLM keys.
+    """Map a native state dict to transformers' Llama / Mistral / Qwen2 keys.
 
     Args:
-        sd: Native keys.
+        sd: Native keys; with tied embeddings (no ``output.weight``) there is no
+            ``lm_head.weight`` in the result, as transformers saves such a model.
         n_heads: Number of query heads.
         n_kv_heads: Number of key/value heads (default: n_heads).
 
     Returns:
-        The HF state dict, q/k rows in HF's rotate-half order.
+        The HF state dict, q/k rows (and biases) in HF's rotate-half order.
 
     Raises:
         CheckpointError: On a missing or unexpected key or a wrong shape.
     """
-    source = DictSource(sd)
-    shape = infer_shape(source, "native", n_heads=n_heads, n_kv_heads=n_kv_heads)
-    return materialize(plan_native_to_hf(source, shape))
-
-
-PLANS_TO_NATIVE = {"meta": plan_meta_to_native, "hf": plan_hf_to_native,
-                   "native": plan_native_to_native}
-PLANS_FROM_NATIVE = {"meta": plan_native_to_meta, "hf": plan_native_to_hf,
-                     "native": plan_native_to_native}
+    return _from_native(sd, "hf", HF_KEYS, n_heads, n_kv_heads)

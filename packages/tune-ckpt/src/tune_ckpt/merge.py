@@ -71,12 +71,11 @@ def merge_adapter(
     from tqdm.auto import tqdm
 
     from tune_ckpt.adapters import load_peft_adapter
-    from tune_ckpt.model_args import read_model_args
+    from tune_ckpt.model_args import read_model
+    from tune_ckpt.native import save_native
     from tune_ckpt.reading import find_native_file, load_native, parse_dtype
-    from tune_ckpt.writing import save_native
     from tune_models import (
         Decoder,
-        DecoderConfig,
         apply_lora,
         is_lora_key,
         load_lora_state_dict,
@@ -104,11 +103,7 @@ def merge_adapter(
         raise CheckpointError(f"{out} already holds a Hugging Face model: pass --force to "
                               "replace it")
 
-    args = read_model_args(base_file)
-    try:
-        config = DecoderConfig(**args)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{base_file.parent}: bad model arguments ({e})") from e
+    config, family, _ = read_model(base_file)  # one CheckpointError line for bad arguments
     adapter = load_peft_adapter(adapter_path, config)
 
     with torch.device("meta"):
@@ -141,14 +136,15 @@ def merge_adapter(
              for k, v in model.state_dict().items()}
     del model
     if target_format == "native":
-        return save_native(state, out, model_args=args)
+        return save_native(state, out, model_args=config, family=family)
     from tune_ckpt.conversion import convert
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # The HF export goes through the converter (its checks, sharding, config.json); the
     # native file it reads is written beside the output and removed afterwards.
     with tempfile.TemporaryDirectory(prefix=".merge-", dir=out.parent) as tmp:
-        merged = save_native(state, Path(tmp) / NATIVE_SAFETENSORS_FILE, model_args=args)
+        merged = save_native(state, Path(tmp) / NATIVE_SAFETENSORS_FILE, model_args=config,
+                             family=family)
         del state
         return convert(merged, source_format="native", target_format="hf", output_path=out,
                        force=force, progress=progress)

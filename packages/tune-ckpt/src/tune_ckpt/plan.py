@@ -89,8 +89,14 @@ _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 def _madvise(tensor: torch.Tensor, advice: int) -> None:
     if _libc is None or tensor.numel() == 0:
         return
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
+    # Never past the tensor's storage: a view need not be contiguous (a zero-stride expand
+    # spans one element), and dropping pages beyond the file mapping would zero other memory.
+    storage = tensor.untyped_storage()
+    start = max(tensor.data_ptr(), storage.data_ptr())
+    end = min(tensor.data_ptr() + tensor.numel() * tensor.element_size(),
+              storage.data_ptr() + storage.nbytes())
+    if end <= start:
+        return
     # Round outwards to whole pages: the mapping itself is page-aligned, so this stays inside it.
     start &= ~(mmap.PAGESIZE - 1)
     end = (end + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1)

@@ -19,7 +19,7 @@ import torch
 
 from tune_ckpt.errors import CheckpointError
 from tune_ckpt.names import HF_CONFIG_FILE, HF_SAFETENSORS_FILE, MODEL_ARGS_FILE, NATIVE_FILES
-from tune_ckpt.plan import FileRange
+from tune_ckpt.plan import DictSource, FileRange, TensorSource
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -297,3 +297,29 @@ def load_native(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.is_dir():
         path = find_native_file(path)
     return read_tensor_file(path)[0]
+
+
+def open_tensor_files(files: list[Path]) -> TensorSource:
+    """The tensors of one or more files (an HF checkpoint's shards) as one lazy source.
+
+    Files are mapped, never read whole; where a tensor lies in its file is recorded so that a
+    writer can copy its bytes file to file.
+
+    Raises:
+        CheckpointError: If a file is bad, or two files hold the same key.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
+    mapped: set[str] = set()
+    ranges: dict[str, FileRange] = {}
+    for file in files:
+        sd, is_mapped = read_tensor_file(file)
+        for key, tensor in sd.items():
+            if key in tensors:
+                raise CheckpointError(f"'{key}' is in both {where[key]} and {file}")
+            tensors[key], where[key] = tensor, str(file)
+            if is_mapped:
+                mapped.add(key)
+        if is_mapped:  # just mapped, never written: the file holds exactly these bytes
+            ranges.update(file_ranges(sd, file))
+    return DictSource(tensors, where, mapped, ranges)

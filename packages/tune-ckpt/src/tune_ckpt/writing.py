@@ -39,7 +39,7 @@ import torch
 
 from tune_ckpt.errors import CheckpointError
 from tune_ckpt.plan import DictSource, FileRange, TensorPlan
-from tune_ckpt.reading import _SAFETENSORS_NAMES, _check_state_dict
+from tune_ckpt.reading import _SAFETENSORS_NAMES
 
 
 def _write_all(fd: int, data: memoryview | bytes) -> None:
@@ -556,34 +556,3 @@ def plans_from_dict(sd: dict[str, torch.Tensor]) -> list[TensorPlan]:
     return [
         TensorPlan(k, tuple(v.shape), v.dtype, lambda k=k: source.get(k)) for k, v in sd.items()
     ]
-
-
-def save_native(
-    sd: dict[str, torch.Tensor],
-    path: str | os.PathLike,
-    *,
-    model_args: dict | None = None,
-) -> Path:
-    """Write a native state dict atomically (temp name, fsync, rename), tensor by tensor.
-
-    Args:
-        sd: The state dict (native key schema).
-        path: Target file; ``.pt`` writes the torch.save format, ``.safetensors`` safetensors.
-            An existing file is replaced only once the new one is complete.
-        model_args: If given, also write them to ``tune_model.json`` beside the file
-            (see :func:`tune_ckpt.write_model_args`).
-
-    Returns:
-        The path written.
-
-    Raises:
-        CheckpointError: Bad suffix, non-tensor values, or the disk is full.
-    """
-    path = Path(path).expanduser()
-    _check_state_dict(sd, path)
-    write_tensor_file(path, plans_from_dict(sd), force=True, progress=False)
-    if model_args is not None:
-        from tune_ckpt.model_args import write_model_args
-
-        write_model_args(path.parent, model_args)
-    return path

@@ -52,8 +52,12 @@ def cli(debug: bool) -> None:
 @click.option("--ignore-patterns", "--ignore_patterns", "ignore_patterns", multiple=True,
               help="Glob of files to skip, e.g. '*.safetensors' (repeatable).")
 @click.option("--revision", default=None, help="Branch, tag or commit.")
+@click.option("--include-original", "--include_original", "include_original", is_flag=True,
+              help="Also fetch Meta's original/*.pth when the repository has the same "
+              "weights as safetensors (skipped by default).")
 def download(repo_id_arg: str | None, repo_id: str | None, output_dir: Path,
-             hf_token: str | None, ignore_patterns: tuple[str, ...], revision: str | None) -> None:
+             hf_token: str | None, ignore_patterns: tuple[str, ...], revision: str | None,
+             include_original: bool) -> None:
     """Download a model repository from the Hugging Face Hub (re-running resumes)."""
     from tune_ckpt.cli import run_download
 
@@ -62,7 +66,7 @@ def download(repo_id_arg: str | None, repo_id: str | None, output_dir: Path,
         raise click.UsageError("name the repository: tune download meta-llama/Llama-2-7b "
                                "--output-dir /tmp/llama2")
     run_download(repo, output_dir, hf_token=hf_token, ignore_patterns=list(ignore_patterns),
-                 revision=revision)
+                 revision=revision, include_original=include_original)
 
 
 def _convert_options(function):
@@ -292,7 +296,7 @@ def eval_(checkpoint, config_name, tokenizer, device, dtype, tasks, include_path
         from tune_train.eval import perplexity
 
         result = perplexity(model, tok, text, max_seq_len=max_seq_len, batch_size=batch_size)
-        click.echo(f"perplexity {result.perplexity:.3f} (nll {result.nll:.4f} nats/token over "
+        click.echo(f"perplexity {result.perplexity:.3f} (nll {result.nll:.6f} nats/token over "
                    f"{result.num_tokens:,} tokens of {perplexity_file})")
     if tasks:
         from tune_train.eval import evaluate
@@ -347,8 +351,7 @@ def _build_dataset(config_name: str, overrides: tuple[str, ...]):
     from tune_train.config import load_config
 
     cfg = load_config(config_name, list(overrides))
-    tokenizer = registry.lookup(registry.TOKENIZERS, cfg.tokenizer, "tokenizer")(
-        cfg.tokenizer_checkpoint)
+    tokenizer = registry.build_tokenizer(cfg)
     return registry.build_dataset(cfg, tokenizer,
                                   warn=lambda line: click.echo(f"warning: {line}", err=True))
 
@@ -501,7 +504,8 @@ def run(ctx: click.Context, args: tuple[str, ...]) -> None:
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="PNG to write (default: OUTPUT_DIR/loss_curve.png).")
 def plot(output_dir: Path, output: Path | None) -> None:
-    """Draw loss and learning rate against step from OUTPUT_DIR/metrics.jsonl into a PNG."""
+    """Draw training loss, validation loss (if the run validated) and learning rate against
+    step from OUTPUT_DIR/metrics.jsonl into a PNG."""
     from tune_train.plot import plot_metrics
 
     click.echo(f"wrote {plot_metrics(output_dir, output)}")

@@ -14,7 +14,7 @@ published ones, checked on the meta device by the tests.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tune_models.decoder import DecoderConfig
 
@@ -198,6 +198,45 @@ META_KEYS: dict[str, str | tuple[str, ...]] = {
 }
 
 
+def native_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of ``Decoder(config).state_dict()`` with its shape, in that order.
+
+    The native key schema as data (tested against the module for every preset), for code that
+    must know a checkpoint's tensors without building a model: tune-ckpt checks and plans a
+    conversion from it. Building even a meta-device model costs about a second of imports.
+
+    Args:
+        config: The model's shape.
+
+    Returns:
+        Native key -> shape.
+    """
+    d, f, v = config.dim, config.hidden_dim, config.vocab_size
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    out: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (v, d)}
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        out[p + "attention_norm.weight"] = (d,)
+        out[p + "attention.wqkv.weight"] = (q + 2 * kv, d)
+        if config.qkv_bias:
+            out[p + "attention.wqkv.bias"] = (q + 2 * kv,)
+        out[p + "attention.wo.weight"] = (d, q)
+        out[p + "ffn_norm.weight"] = (d,)
+        out[p + "feed_forward.w1.weight"] = (f, d)
+        out[p + "feed_forward.w2.weight"] = (d, f)
+        out[p + "feed_forward.w3.weight"] = (f, d)
+    out["norm.weight"] = (d,)
+    if not config.tie_embeddings:
+        out["output.weight"] = (v, d)
+    return out
+
+
+def qkv_rows(config: DecoderConfig) -> tuple[int, int, int]:
+    """Rows of the q, k and v parts of the fused ``wqkv`` (weight and bias), in that order."""
+    kv = config.n_kv_heads * config.head_dim
+    return config.n_heads * config.head_dim, kv, kv
+
+
 def checkpoint_key_map(
     config: DecoderConfig, templates: dict[str, str | tuple[str, ...]]
 ) -> dict[str, tuple[str, ...]]:
@@ -209,26 +248,15 @@ def checkpoint_key_map(
             ``checkpoint_keys["hf"]``.
 
     Returns:
-        Native key -> source keys (one, or three to concatenate as [Q | K | V]), in
-        ``Decoder.state_dict()`` order.
+        Native key -> source keys (one, or three to concatenate as [Q | K | V], whose rows
+        :func:`qkv_rows` gives), in ``Decoder.state_dict()`` order.
 
     Raises:
         ValueError: If the model has a parameter the layout has no name for (a q/k/v bias in
             Meta's layout).
     """
-    wanted = ["tok_embeddings.weight"]
-    for i in range(config.n_layers):
-        p = f"layers.{i}."
-        wanted += [p + "attention_norm.weight", p + "attention.wqkv.weight"]
-        if config.qkv_bias:
-            wanted.append(p + "attention.wqkv.bias")
-        wanted += [p + "attention.wo.weight", p + "ffn_norm.weight",
-                   *(p + f"feed_forward.w{n}.weight" for n in (1, 2, 3))]
-    wanted.append("norm.weight")
-    if not config.tie_embeddings:
-        wanted.append("output.weight")
     out = {}
-    for key in wanted:
+    for key in native_shapes(config):
         layer, template_key = None, key
         if key.startswith("layers."):
             _, layer, rest = key.split(".", 2)
@@ -260,6 +288,8 @@ class ModelFamily:
         hf_model_type: ``model_type`` of that config.json.
         checkpoint_keys: Layout ("hf", "meta") -> key templates (see
             :func:`checkpoint_key_map`); only the layouts the family is published in.
+        hf_token_ids: ``bos_token_id`` and ``eos_token_id`` of the family's base models'
+            config.json and generation_config.json (the converter's HF export writes them).
     """
 
     name: str
@@ -269,6 +299,7 @@ class ModelFamily:
     hf_architecture: str
     hf_model_type: str
     checkpoint_keys: dict[str, dict[str, str | tuple[str, ...]]]
+    hf_token_ids: dict[str, int] = field(default_factory=dict)
 
 
 FAMILIES: dict[str, ModelFamily] = {
@@ -279,6 +310,7 @@ FAMILIES: dict[str, ModelFamily] = {
         tokenizer="sentencepiece", chat_template="llama2",
         hf_architecture="LlamaForCausalLM", hf_model_type="llama",
         checkpoint_keys={"meta": META_KEYS, "hf": HF_KEYS},
+        hf_token_ids={"bos_token_id": 1, "eos_token_id": 2},
     ),
     "llama3": ModelFamily(
         name="llama3",
@@ -288,6 +320,7 @@ FAMILIES: dict[str, ModelFamily] = {
         tokenizer="tiktoken_llama3", chat_template="llama3",
         hf_architecture="LlamaForCausalLM", hf_model_type="llama",
         checkpoint_keys={"meta": META_KEYS, "hf": HF_KEYS},
+        hf_token_ids={"bos_token_id": 128000, "eos_token_id": 128001},
     ),
     "mistral": ModelFamily(
         name="mistral",
@@ -295,6 +328,7 @@ FAMILIES: dict[str, ModelFamily] = {
         tokenizer="sentencepiece", chat_template="mistral",
         hf_architecture="MistralForCausalLM", hf_model_type="mistral",
         checkpoint_keys={"meta": META_KEYS, "hf": HF_KEYS},
+        hf_token_ids={"bos_token_id": 1, "eos_token_id": 2},
     ),
     "qwen2": ModelFamily(
         name="qwen2",
@@ -303,6 +337,7 @@ FAMILIES: dict[str, ModelFamily] = {
         tokenizer="hf_tokenizer_json", chat_template="chatml",
         hf_architecture="Qwen2ForCausalLM", hf_model_type="qwen2",
         checkpoint_keys={"hf": HF_KEYS},
+        hf_token_ids={"bos_token_id": 151643, "eos_token_id": 151643},
     ),
 }
 

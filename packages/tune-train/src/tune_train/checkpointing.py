@@ -11,10 +11,16 @@ Layout under ``<output_dir>/checkpoints``::
                                   run can resume on a different number of processes)
         trainer_state.json        step, epoch, position in the epoch, loss scale
         rng_state.pt              torch RNG states (tensors only)
+    best/                         with save_best: the model of the lowest validation loss
+        native_pytorch_model.pt   (or .safetensors), tune_model.json: what a step folder has
+        best.json                 for generate, eval and convert; its step and val_loss
 
 A checkpoint is assembled in ``.tmp-step_0000120`` and renamed into place once every file is
 written and fsynced, so the newest ``step_*`` folder is always complete; a failed save removes
-its staging folder, and leftovers of a kill are removed on the next start.
+its staging folder, and leftovers of a kill are removed on the next start. ``best`` is
+assembled in ``.tmp-best`` and swapped in by two renames (the old one becomes ``.old-best``
+for a moment); a kill between them leaves ``.old-best``, which the next start puts back.
+``best`` is never pruned and never resumed from.
 
 A checkpoint folder may come from a shared drive or a download, so nothing in it is unpickled
 freely: weights and RNG states load with ``weights_only=True`` (or safetensors), the DCP
@@ -49,6 +55,9 @@ RNG_STATE = "rng_state.pt"
 TRAINING_STATE = "training_state"
 DCP_METADATA = ".metadata"  # the name torch.distributed.checkpoint gives its metadata file
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+BEST_DIR = "best"
+BEST_INFO = "best.json"
+_OLD_BEST = ".old-best"
 
 
 class DamagedCheckpointError(CheckpointError):
@@ -78,11 +87,22 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def remove_partial_checkpoints(output_dir: str | Path) -> None:
-    """Delete what a kill in the middle of a save left behind."""
+    """Delete what a kill in the middle of a save left behind (and put back a best
+    checkpoint a kill caught between the two renames of its replacement)."""
     root = checkpoint_root(output_dir)
     if root.is_dir():
         for p in root.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
+        _repair_best(root)
+
+
+def _repair_best(root: Path) -> None:
+    old = root / _OLD_BEST
+    if old.is_dir():
+        if (root / BEST_DIR).exists():
+            shutil.rmtree(old, ignore_errors=True)  # the replacement finished
+        else:
+            old.rename(root / BEST_DIR)  # a kill between the two renames: put it back
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
@@ -142,6 +162,56 @@ def staging_dir(output_dir: str | Path, step: int, is_main: bool = True) -> Iter
         raise
 
 
+@contextmanager
+def staging_best(output_dir: str | Path, is_main: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder to write the best model into; on success it replaces
+    ``checkpoints/best``. Only the main rank writes (the weights are gathered there).
+
+    The replacement is two renames: ``best`` -> ``.old-best``, the new folder -> ``best``;
+    :func:`remove_partial_checkpoints` repairs a kill between them. A failure removes the
+    temporary folder and leaves the previous best as it was.
+    """
+    root = checkpoint_root(output_dir)
+    tmp, best, old = root / f".tmp-{BEST_DIR}", root / BEST_DIR, root / _OLD_BEST
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        _repair_best(root)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    try:
+        yield tmp
+        if is_main:
+            _fsync_tree(tmp)
+            if best.exists():
+                best.rename(old)
+            tmp.rename(best)
+            _fsync_dir(root)
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_best_info(output_dir: str | Path) -> dict[str, Any] | None:
+    """``{"step", "val_loss"}`` of ``checkpoints/best``, or None if there is no readable one
+    (it is written by the run itself; a damaged one is simply replaced by the next best)."""
+    path = checkpoint_root(output_dir) / BEST_DIR / BEST_INFO
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    step, loss = info.get("step"), info.get("val_loss")
+    if (isinstance(step, bool) or not isinstance(step, int) or step < 0
+            or isinstance(loss, bool) or not isinstance(loss, (int, float))
+            or not math.isfinite(loss)):
+        return None
+    return {"step": step, "val_loss": float(loss)}
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -166,19 +236,25 @@ def os_error_in(error: BaseException) -> OSError | None:
     return None
 
 
+def failure_reason(error: BaseException) -> str:
+    """Why a write failed, in the OS's words where it was the OS (with the fix for a full
+    disk)."""
+    import errno
+
+    cause = os_error_in(error)
+    if cause is None:
+        return str(error)
+    reason = os.strerror(cause.errno)
+    if cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        reason += " (free some disk space)"
+    return reason
+
+
 def save_failed_message(checkpoint: Path, error: BaseException) -> str:
     """The line to show when saving ``checkpoint`` failed: the OS's reason and that the
     previous checkpoint (named) is still the one to resume from."""
-    import errno
-
     checkpoint = Path(checkpoint)
-    cause = os_error_in(error)
-    if cause is None:
-        reason = str(error)
-    else:
-        reason = os.strerror(cause.errno)
-        if cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            reason += " (free some disk space)"
+    reason = failure_reason(error)
     latest = latest_checkpoint(checkpoint.parent.parent)
     if latest is None:
         return f"could not save checkpoint {checkpoint}: {reason}; no checkpoint of this run " \
@@ -288,6 +364,7 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
         raise DamagedCheckpointError(f"{TRAINER_STATE}: 'step_in_epoch' "
                                      f"({state['step_in_epoch']}) exceeds 'global_step' "
                                      f"({state['global_step']})")
+    _check_best_fields(state)
     scaler = state.get("loss_scaler")
     if scaler is not None:
         scale = scaler.get("scale") if isinstance(scaler, dict) else None
@@ -299,6 +376,22 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
                                          "expected null or {'scale': a positive number, "
                                          "'good_steps': a whole number >= 0}")
     return state
+
+
+def _check_best_fields(state: dict[str, Any]) -> None:
+    # Absent in checkpoints written before validation existed; then there is no best yet.
+    # The step may lie past global_step: a run resumed after a kill keeps the best that the
+    # killed run saved after the checkpoint it resumed from.
+    step, loss = state.get("best_val_step"), state.get("best_val_loss")
+    if step is None and loss is None:
+        return
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise DamagedCheckpointError(f"{TRAINER_STATE}: 'best_val_step' is {step!r}, expected "
+                                     "null or a whole number >= 0")
+    if (isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss)
+            or loss < 0):
+        raise DamagedCheckpointError(f"{TRAINER_STATE}: 'best_val_loss' is {loss!r}, expected "
+                                     "a finite number >= 0 beside 'best_val_step'")
 
 
 def rng_state() -> dict[str, torch.Tensor]:

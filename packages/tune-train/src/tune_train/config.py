@@ -13,7 +13,7 @@ import difflib
 import math
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -48,14 +48,22 @@ class TrainConfig:
     dataset: str = _help("Dataset builder: alpaca, instruct, text_completion, ...", "alpaca")
     seed: int = _help("Seed for weights init, shuffling and dropout-free sampling.", 42)
     shuffle: bool = _help("Shuffle the samples every epoch (by seed and epoch).", True)
-    model: str = _help("Model preset: llama2_7b, llama2_13b, llama2_70b, llama2_tiny, ...",
-                       "llama2_7b")
+    model: str = _help(
+        "Model preset, which also names its family: llama2_7b/13b/70b, llama3_1_8b/70b, "
+        "llama3_2_1b/3b, mistral_7b, qwen2_5_0_5b/1_5b/7b, or a tiny one for tests "
+        "(llama2_tiny, llama3_tiny, mistral_tiny, qwen2_tiny).",
+        "llama2_7b")
     model_checkpoint: str | None = _help(
-        "Native checkpoint to start from (tune convert_checkpoint writes one); "
-        "None starts from random weights.", None)
-    tokenizer: str = _help("Tokenizer kind: llama2_tokenizer.", "llama2_tokenizer")
-    tokenizer_checkpoint: str = _help("Path of the SentencePiece tokenizer.model.",
-                                      "/tmp/llama2/tokenizer.model")
+        "Native checkpoint to start from (tune convert_checkpoint writes one, with "
+        "tune_model.json beside it); it must hold the preset's family and shape. None starts "
+        "from random weights.", None)
+    tokenizer: str = _help(
+        "Tokenizer kind: auto (from the file: the family's own, or a tokenizer.json), "
+        "llama2_tokenizer, mistral_tokenizer, llama3_tokenizer, qwen2_tokenizer, hf_tokenizer, "
+        "demo_tokenizer. It must fit the model's family.", "auto")
+    tokenizer_checkpoint: str = _help(
+        "Path of the model's tokenizer file: tokenizer.model (SentencePiece; Llama 3: "
+        "original/tokenizer.model) or tokenizer.json.", "/tmp/llama2/tokenizer.model")
     batch_size: int = _help("Samples per micro-batch on each device.", 2)
     lr: float = _help("Peak learning rate.", 2e-5)
     epochs: int = _help("Passes over the dataset.", 1)
@@ -90,9 +98,33 @@ class TrainConfig:
     group_by_length: bool = _help("Batch samples of similar length together (less padding).",
                                   False)
 
+    # --- validation ---
+    validation_split: float | str | None = _help(
+        "Validation data: a fraction in (0, 1) of the training records, held out by seed and "
+        "never trained on; or the split (e.g. validation) of the validation source.", None)
+    validation_dataset: str | None = _help(
+        "Dataset builder of the validation data; None = dataset.", None)
+    validation_dataset_source: str | None = _help(
+        "Hub dataset or local file/folder of the validation data; None = the training source "
+        "(another builder's default for another builder).", None)
+    validation_data_files: str | list[str] | None = _help(
+        "Local files of the validation data (json, jsonl, csv, parquet, txt).", None)
+    validation_dataset_args: dict[str, Any] | None = _help(
+        "Arguments to the validation builder; None = dataset_args (none for another builder).",
+        None)
+    eval_every_n_steps: int | None = _help(
+        "Validate every N optimizer steps (and at every epoch end); needs validation data.",
+        None)
+    validation_max_batches: int | None = _help(
+        "At most this many batches (of batch_size on each process) per validation; None = "
+        "all.", None)
+    save_best: bool = _help("Also keep checkpoints/best: the model with the lowest validation "
+                            "loss so far.", False)
+
     # --- model ---
     model_args: dict[str, Any] = _help(
-        "Overrides of the preset's fields, e.g. {n_layers: 2}.", default_factory=dict)
+        "Overrides of the preset's fields, e.g. {n_layers: 2}; a dict field (rope_scaling) is "
+        "merged key by key.", default_factory=dict)
     compile: bool = _help("torch.compile each transformer block.", False)
     fsdp_cpu_offload: bool = _help("With FSDP, keep parameters and optimizer state in CPU "
                                    "memory.", False)
@@ -355,6 +387,91 @@ def load_config(
     return cfg
 
 
+# The keys that choose the validation data, by the training data key each stands in for.
+VALIDATION_KEYS = {
+    "dataset": "validation_dataset",
+    "dataset_source": "validation_dataset_source",
+    "data_files": "validation_data_files",
+    "dataset_split": "validation_split",
+    "dataset_args": "validation_dataset_args",
+}
+
+
+def has_validation(cfg: TrainConfig) -> bool:
+    """Whether the config asks for validation data (any validation key set)."""
+    return any(getattr(cfg, key) is not None for key in VALIDATION_KEYS.values())
+
+
+def validation_fraction(cfg: TrainConfig) -> float | None:
+    """The fraction of the training records held out for validation, if that is the source."""
+    split = cfg.validation_split
+    return split if isinstance(split, float) else None
+
+
+def validation_data_config(cfg: TrainConfig) -> TrainConfig | None:
+    """The config with its data keys replaced by the validation ones, so the validation set is
+    built as the training set is (same tokenizer, max_seq_len, train_on_input).
+
+    Unset keys fall back as a user would read them: the builder to ``dataset``; the source to
+    the training source, unless another source, files or builder is named; the split to
+    ``train``; the builder arguments to ``dataset_args`` for the training builder.
+
+    Returns:
+        The derived config, or None when there is no separate validation source (no
+        validation, or a fraction held out of the training records).
+    """
+    if not has_validation(cfg) or validation_fraction(cfg) is not None:
+        return None
+    dataset = cfg.validation_dataset or cfg.dataset
+    if cfg.validation_dataset_source is not None or cfg.validation_data_files is not None:
+        source, files = cfg.validation_dataset_source, cfg.validation_data_files
+    elif dataset != cfg.dataset:
+        source, files = None, None  # another builder: its own default source
+    else:
+        source, files = cfg.dataset_source, cfg.data_files
+    args = cfg.validation_dataset_args
+    if args is None:
+        args = cfg.dataset_args if dataset == cfg.dataset else {}
+    return replace(cfg, dataset=dataset, dataset_source=source, data_files=files,
+                   dataset_split=cfg.validation_split or "train", dataset_args=args)
+
+
+def _check_validation(cfg: TrainConfig) -> None:
+    for key in ("eval_every_n_steps", "validation_max_batches"):
+        value = getattr(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"'{key}' must be positive or null, got {value}")
+    if not has_validation(cfg):
+        for key in ("eval_every_n_steps", "validation_max_batches", "save_best"):
+            if getattr(cfg, key) not in (None, False):
+                raise ConfigError(f"'{key}' is set but there is no validation data; set "
+                                  "validation_split: 0.05 (hold out 5% of the training "
+                                  "records) or validation_data_files")
+        return
+    fraction = validation_fraction(cfg)
+    if fraction is not None:
+        if not (math.isfinite(fraction) and 0.0 < fraction < 1.0):
+            raise ConfigError(f"'validation_split' is {fraction}; as the fraction of the "
+                              "training records to hold out it must be between 0 and 1, e.g. "
+                              "0.05 (or name a split, e.g. validation)")
+        for key in VALIDATION_KEYS.values():
+            if key != "validation_split" and getattr(cfg, key) is not None:
+                raise ConfigError(
+                    f"'validation_split: {fraction}' holds out part of the training data and "
+                    f"'{key}' names separate validation data; set only one of them (with "
+                    "separate data, validation_split may name its split)")
+        return
+    if cfg.validation_split is not None and not cfg.validation_split.strip():
+        raise ConfigError("'validation_split' is empty; name a split (e.g. validation) or a "
+                          "fraction (e.g. 0.05)")
+    view = validation_data_config(cfg)
+    if all(getattr(view, key) == getattr(cfg, key) for key in VALIDATION_KEYS):
+        raise ConfigError(
+            f"the validation data would be the training data (dataset '{cfg.dataset}', split "
+            f"'{cfg.dataset_split}'); set validation_split to a fraction to hold out (e.g. "
+            "0.05) or to another split, or point validation_data_files at other data")
+
+
 def _check_values(cfg: TrainConfig) -> None:
     positive = ["batch_size", "epochs", "max_seq_len", "gradient_accumulation_steps",
                 "log_every_n_steps", "keep_last_n_checkpoints"]
@@ -397,6 +514,7 @@ def _check_values(cfg: TrainConfig) -> None:
         cfg.device in ("cpu", "cuda") or cfg.device.startswith("cuda:")
     ):
         raise ConfigError(f"'device' is '{cfg.device}'; use cpu, cuda, cuda:N or auto")
+    _check_validation(cfg)
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from tune_models import Llama2, generate_stream
+from tune_models import Decoder, generate_stream
 from tune_train.errors import EvalError
 
 if TYPE_CHECKING:
@@ -34,10 +34,11 @@ _LOGIT_ELEMENTS = 2**25
 
 
 class Tokenizer(Protocol):
-    """What evaluation needs of a tokenizer (tune_data.Llama2Tokenizer has it)."""
+    """What evaluation needs of a tokenizer (every tune_data tokenizer has it)."""
 
-    bos_id: int
+    bos_id: int | None  # None where the family has none (Qwen2)
     eos_id: int
+    stop_tokens: tuple[int, ...]  # EOS and the family's end-of-turn tokens
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]: ...
 
@@ -108,7 +109,7 @@ def check_max_seq_len(max_seq_len: int, longest: int | None = None) -> None:
         raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's max_seq_len {longest}")
 
 
-def resolve_max_seq_len(model: Llama2, max_seq_len: int | None) -> int:
+def resolve_max_seq_len(model: Decoder, max_seq_len: int | None) -> int:
     """The window length to evaluate with: as given, or the model's when None.
 
     Raises:
@@ -135,7 +136,7 @@ def check_limit(limit: float | None) -> None:
 
 @torch.no_grad()
 def score_windows(
-    model: Llama2, windows: Sequence[Window], batch_size: int = 8, progress: bool = False
+    model: Decoder, windows: Sequence[Window], batch_size: int = 8, progress: bool = False
 ) -> list[tuple[float, bool]]:
     """Log-probability of each window's scored tokens, and whether greedy decoding gives them.
 
@@ -213,7 +214,7 @@ class PerplexityResult:
 
 
 def perplexity(
-    model: Llama2,
+    model: Decoder,
     tokenizer: Tokenizer | None,
     data: str | Sequence[int] | Sequence[str],
     max_seq_len: int | None = None,
@@ -223,10 +224,11 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of the model on a text, a list of documents, or token ids; no lm-eval needed.
 
-    Text is encoded with BOS, so every text token is scored; given token ids, every id after
-    the first is scored. Each document is scored on its own (no context crosses documents),
-    and the result is the token-weighted mean over all of them. Long documents are scored in
-    windows (see :func:`rolling_windows`).
+    Text is encoded after BOS (EOS for a family without BOS: :func:`prefix_token`), so every
+    text token is scored; given token ids, every id after the first is scored. Each document
+    is scored on its own (no context crosses documents), and the result is the
+    token-weighted mean over all of them. Long documents are scored in windows (see
+    :func:`rolling_windows`).
 
     Args:
         model: The model to evaluate (evaluation mode, any device).
@@ -293,11 +295,17 @@ def read_text(path: str | Path) -> str:
 def _encode(tokenizer: Tokenizer | None, text: str) -> list[int]:
     if tokenizer is None:
         raise ValueError("text needs a tokenizer: pass one, or give token ids instead")
-    return tokenizer.encode(text, add_bos=True)
+    return [prefix_token(tokenizer), *tokenizer.encode(text, add_bos=False)]
+
+
+def prefix_token(tokenizer: Tokenizer) -> int:
+    """The token a scored text follows, so that its first token is scored too: BOS, or EOS
+    for a family without BOS (Qwen2), as lm-eval's Hugging Face models do."""
+    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
 
 
 class TuneEvalModel:
-    """The lm-eval ``LM`` interface over a tune_models.Llama2 and a tokenizer.
+    """The lm-eval ``LM`` interface over a tune_models.Decoder and a tokenizer.
 
     This class holds the logic and needs no lm-eval; :func:`lm_eval_model` returns an instance
     that is also an ``lm_eval.api.model.LM`` (what ``lm_eval.simple_evaluate`` accepts).
@@ -313,7 +321,7 @@ class TuneEvalModel:
 
     def __init__(
         self,
-        model: Llama2,
+        model: Decoder,
         tokenizer: Tokenizer,
         batch_size: int = 8,
         max_seq_len: int | None = None,
@@ -341,7 +349,8 @@ class TuneEvalModel:
         if n_spaces:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
         if not context:
-            return [self.tokenizer.bos_id], self.tokenizer.encode(continuation, add_bos=False)
+            return [prefix_token(self.tokenizer)], self.tokenizer.encode(continuation,
+                                                                         add_bos=False)
         whole = self.tokenizer.encode(context + continuation, add_bos=True)
         context_ids = self.tokenizer.encode(context, add_bos=True)
         return context_ids, whole[len(context_ids) :]
@@ -375,7 +384,8 @@ class TuneEvalModel:
         return results
 
     def loglikelihood_rolling(self, requests: Sequence[Any]) -> list[float]:
-        """Log-probability of each whole text (after BOS), in non-overlapping windows.
+        """Log-probability of each whole text (after :func:`prefix_token`), in
+        non-overlapping windows.
 
         Args:
             requests: lm-eval Instances whose ``args`` are (text,).
@@ -385,7 +395,7 @@ class TuneEvalModel:
         """
         windows, owner = [], []
         for i, request in enumerate(requests):
-            ids = self.tokenizer.encode(request.args[0], add_bos=True)
+            ids = _encode(self.tokenizer, request.args[0])
             for window in rolling_windows(ids, self.max_seq_len, self.max_seq_len):
                 windows.append(window)
                 owner.append(i)
@@ -398,7 +408,8 @@ class TuneEvalModel:
         return totals
 
     def generate_until(self, requests: Sequence[Any]) -> list[str]:
-        """Continue each context until a stop string, EOS, or max_gen_toks new tokens.
+        """Continue each context until a stop string, a stop token (EOS, end of turn), or
+        max_gen_toks new tokens.
 
         Args:
             requests: lm-eval Instances whose ``args`` are (context, generation kwargs):
@@ -443,7 +454,7 @@ class TuneEvalModel:
     ) -> list[str]:
         new_tokens: list[list[int]] = [[] for _ in prompts]
         stream = generate_stream(
-            self.model, prompts, max_new, stop_tokens=self.tokenizer.eos_id, **sampling
+            self.model, prompts, max_new, stop_tokens=self.tokenizer.stop_tokens, **sampling
         )
         for step, tokens in enumerate(stream, start=1):
             for row, token in enumerate(tokens):
@@ -458,7 +469,7 @@ class TuneEvalModel:
                 break
         texts = []
         for ids in new_tokens:
-            if ids and ids[-1] == self.tokenizer.eos_id:
+            if ids and ids[-1] in self.tokenizer.stop_tokens:
                 ids = ids[:-1]
             text = self.tokenizer.decode(ids)
             for s in until:
@@ -505,7 +516,7 @@ def _lm_class() -> type:
 
 
 def lm_eval_model(
-    model: Llama2,
+    model: Decoder,
     tokenizer: Tokenizer,
     batch_size: int = 8,
     max_seq_len: int | None = None,
@@ -525,7 +536,7 @@ def lm_eval_model(
 
 
 def evaluate(
-    model: Llama2,
+    model: Decoder,
     tokenizer: Tokenizer,
     tasks: Iterable[str],
     *,

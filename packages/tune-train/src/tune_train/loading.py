@@ -40,26 +40,95 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise RecipeError(f"checkpoint {path} does not exist")
 
 
+# Where a model's tokenizer lies beside its weights, in the order tried: the SentencePiece or
+# tiktoken file a family ships as its own (Meta's Llama 3 one under original/ in a Hub
+# download), then Hugging Face's tokenizer.json (every family's Hub repository has one).
+TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")
+
+
 def resolve_tokenizer(checkpoint: Path, tokenizer: str | Path | None) -> Path:
     """The tokenizer file: as given, else beside the checkpoint, else the training run's.
+
+    Beside the checkpoint means one of :data:`TOKENIZER_FILES` in its folder or, for a step
+    folder of a training run, in the run's output_dir; else the ``tokenizer_checkpoint``
+    the run's ``config.yaml`` names.
 
     Raises:
         RecipeError: If none is found.
     """
     if tokenizer is not None:
         return Path(tokenizer)
-    for folder in (checkpoint.parent, checkpoint.parent.parent.parent):
-        if (folder / "tokenizer.model").is_file():
-            return folder / "tokenizer.model"
-        config = folder / "config.yaml"
-        if config.is_file():  # a training run's output_dir names its tokenizer
-            from tune_train.config import read_yaml
-
-            named = read_yaml(config).get("tokenizer_checkpoint")
-            if named and Path(named).is_file():
-                return Path(named)
+    for folder in _run_folders(checkpoint):
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                return folder / name
+        named = _run_setting(folder, "tokenizer_checkpoint")
+        if named and Path(named).is_file():  # a training run's output_dir names its tokenizer
+            return Path(named)
     raise RecipeError(f"no tokenizer found for {checkpoint}; pass --tokenizer "
-                      "path/to/tokenizer.model")
+                      "path/to/tokenizer.model (or tokenizer.json)")
+
+
+def _run_folders(checkpoint: Path) -> tuple[Path, Path]:
+    """The checkpoint's folder and the training output_dir above a step folder."""
+    return checkpoint.parent, checkpoint.parent.parent.parent
+
+
+def _run_setting(folder: Path, key: str):
+    config = folder / "config.yaml"
+    if not config.is_file():
+        return None
+    from tune_train.config import read_yaml
+
+    return read_yaml(config).get(key)
+
+
+def checkpoint_family(checkpoint: str | Path) -> str | None:
+    """The family a native checkpoint's ``tune_model.json`` records, or None.
+
+    Read on its own (not through the model arguments) so that a checkpoint of another family
+    is named as such whatever else its file holds.
+
+    Args:
+        checkpoint: A weights file, or the folder holding it.
+    """
+    import json
+
+    from tune_ckpt.names import MODEL_ARGS_FILE
+
+    path = Path(checkpoint)
+    sidecar = (path if path.is_dir() else path.parent) / MODEL_ARGS_FILE
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None  # absent or unreadable: reading the model arguments says which
+    family = data.get("family") if isinstance(data, dict) else None
+    return family if isinstance(family, str) else None
+
+
+def checkpoint_config(checkpoint: str | Path):
+    """The shape of the model a checkpoint holds, as a ``tune_models.DecoderConfig``.
+
+    From the ``tune_model.json`` beside it (or Meta's params.json / HF's config.json there);
+    keys that are not config fields (such as ``family``) are left out.
+
+    Raises:
+        RecipeError: If no shape is found, or it is one the model refuses (e.g. an unknown
+            rope_scaling type); the message names the file.
+    """
+    from tune_ckpt import read_model_args
+    from tune_models import DecoderConfig
+
+    try:
+        args = read_model_args(checkpoint)
+    except CheckpointError as e:
+        raise RecipeError(str(e)) from e
+    fields = DecoderConfig.__dataclass_fields__
+    try:
+        return DecoderConfig(**{k: v for k, v in args.items() if k in fields})
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"the model arguments beside {checkpoint} do not describe a model "
+                          f"tune builds: {e}") from e
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -73,30 +142,29 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "auto",
                dtype: torch.dtype | None = None):
-    """Build a Llama2 of the checkpoint's shape and load its weights (mmap, weights only).
+    """Build a decoder of the checkpoint's shape and load its weights (mmap, weights only).
 
-    The shape comes from the ``tune_model.json`` written beside every native checkpoint (or
-    Meta's params.json / HF's config.json there).
+    The shape, of any family, comes from the ``tune_model.json`` written beside every native
+    checkpoint (or Meta's params.json / HF's config.json there): see
+    :func:`checkpoint_config`.
 
     Returns:
-        (model in eval mode, its Llama2Config).
+        (model in eval mode, its DecoderConfig).
 
     Raises:
         RecipeError: If the checkpoint or its shape cannot be found, or does not fit.
     """
-    from tune_ckpt import CheckpointError, load_native, read_model_args
-    from tune_models import Llama2, Llama2Config
+    from tune_ckpt import load_native
+    from tune_models import Decoder
 
     path = resolve_checkpoint(checkpoint)
+    config = checkpoint_config(path)
     try:
-        args = read_model_args(path)
         state = load_native(path)
     except CheckpointError as e:
         raise RecipeError(str(e)) from e
-    fields = Llama2Config.__dataclass_fields__
-    config = Llama2Config(**{k: v for k, v in args.items() if k in fields})
     with torch.device("meta"):
-        model = Llama2(config)
+        model = Decoder(config)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:

@@ -29,7 +29,8 @@ class MetricLogger(Protocol):
 _FORMATS = {
     "epoch": "{:.0f}", "loss": "{:.4f}", "lr": "{:.3g}", "grad_norm": "{:.3f}",
     "tokens_per_second": "{:,.0f}", "peak_memory_gib": "{:.2f}", "peak_rss_gib": "{:.2f}",
-    "loss_scale": "{:.0f}", "skipped_step": "{:.0f}",
+    "loss_scale": "{:.0f}", "skipped_step": "{:.0f}", "val_loss": "{:.4f}",
+    "val_perplexity": "{:.3f}",
 }
 
 
@@ -194,27 +195,34 @@ class StepProgress:
         initial: Steps already done (a resumed epoch).
         desc: What is running, e.g. ``epoch 1/2``.
         show: False on every process but the one that reports (rank 0).
+        unit: What is counted (``step``; ``batch`` for validation).
+        leave: Keep the finished bar on the terminal (False: a short pass such as
+            validation clears its bar when done).
     """
 
-    def __init__(self, total: int, initial: int, desc: str, show: bool = True):
+    def __init__(self, total: int, initial: int, desc: str, show: bool = True,
+                 unit: str = "step", leave: bool = True):
         self.total, self.initial, self.n, self.desc = total, initial, initial, desc
+        self.unit = unit
         self.lines = show and not sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave,
                         dynamic_ncols=True, disable=not show or self.lines)
         self.start = self.last_line = time.monotonic()
 
-    def update(self, loss: float) -> None:
-        """One more step done, with its loss."""
+    def update(self, loss: float | None = None) -> None:
+        """One more step done, with its loss if there is one to show."""
         self.n += 1
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}")
+        postfix = "" if loss is None else f"loss={loss:.4f}"
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}")
         now = time.monotonic()
         if self.lines and now - self.last_line >= PLAIN_PROGRESS_SECONDS:
             self.last_line = now
             tqdm.write(tqdm.format_meter(
-                self.n, self.total, now - self.start, prefix=self.desc, unit="step",
-                initial=self.initial, postfix=f"loss={loss:.4f}",
-                bar_format="{desc}: step {n_fmt}/{total_fmt} ({percentage:.0f}%), "
+                self.n, self.total, now - self.start, prefix=self.desc, unit=self.unit,
+                initial=self.initial, postfix=postfix,
+                bar_format="{desc}: " + self.unit + " {n_fmt}/{total_fmt} ({percentage:.0f}%), "
                            "{elapsed} elapsed, {remaining} left, {rate_fmt}{postfix}"))
 
     def close(self) -> None:

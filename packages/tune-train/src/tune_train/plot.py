@@ -1,4 +1,5 @@
-"""Loss and learning-rate curves from metrics.jsonl, drawn to a PNG."""
+"""Loss (training and validation) and learning-rate curves from metrics.jsonl, drawn to a
+PNG."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ __all__ = ["PlotError", "plot_metrics"]
 
 def plot_metrics(metrics_path: str | Path, png_path: str | Path | None = None,
                  title: str | None = None) -> Path:
-    """Draw loss (with a smoothed line) and learning rate against step.
+    """Draw the training loss (with a smoothed line), the validation loss where the run
+    validated, and the learning rate against step.
 
     Args:
         metrics_path: A metrics.jsonl, or the output_dir holding one.
@@ -43,11 +45,13 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path | None = None,
     if not records:
         raise PlotError(f"{metrics_path} holds no loss values: none of its {len(every_record)} "
                         "records has a finite 'loss'")
-    for record in records:
-        loss = record["loss"]
-        if not isinstance(loss, int | float) or isinstance(loss, bool):
-            raise PlotError(f"{metrics_path}: step {record['step']} has loss {loss!r}, which "
-                            "is not a number")
+    validated = [r for r in every_record if r.get("val_loss") is not None]
+    for key, chosen in (("loss", records), ("val_loss", validated)):
+        for record in chosen:
+            value = record[key]
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise PlotError(f"{metrics_path}: step {record['step']} has {key} {value!r}, "
+                                "which is not a number")
     try:
         import matplotlib
 
@@ -63,7 +67,7 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path | None = None,
     )
     many = len(losses) >= 10
     ax_loss.plot(steps, losses, color="tab:blue", alpha=0.35 if many else 1.0, linewidth=1,
-                 marker=None if many else "o", label="loss")
+                 marker=None if many else "o", label="training loss")
     if many:
         # A centred moving average over ~1/20 of the run shows the trend through per-batch
         # noise without lagging behind it (an EMA drawn late in the run sits above the curve).
@@ -71,8 +75,13 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path | None = None,
         smooth = [sum(losses[max(0, i - half): i + half + 1])
                   / len(losses[max(0, i - half): i + half + 1]) for i in range(len(losses))]
         ax_loss.plot(steps, smooth, color="tab:blue", linewidth=2,
-                     label=f"loss (mean of {2 * half + 1} points)")
-    ax_loss.set_ylabel("training loss")
+                     label=f"training loss (mean of {2 * half + 1} points)")
+    if validated:
+        # Few points, each over the whole validation set: drawn as they are, with markers.
+        ax_loss.plot([r["step"] for r in validated], [r["val_loss"] for r in validated],
+                     color="tab:red", linewidth=2, marker="o", markersize=5,
+                     label="validation loss")
+    ax_loss.set_ylabel("loss (nats per token)")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(loc="upper right")
     lrs = [r.get("lr") for r in records]

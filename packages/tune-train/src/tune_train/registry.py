@@ -2,7 +2,9 @@
 
 A config's ``model: llama2_7b`` is looked up in MODELS, ``optimizer: AdamW`` in OPTIMIZERS,
 and so on; ``lookup`` turns a miss into one line with a did-you-mean. ``dataset_arguments``
-is the one place that decides which config keys a dataset builder receives.
+is the one place that decides which config keys a dataset builder receives;
+``FAMILY_TOKENIZERS`` the one place where a model family's tokenizer kind
+(``tune_models.ModelFamily.tokenizer``) becomes a tune_data class.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,14 +23,32 @@ from tune_data import (
     HFTokenizer,
     Llama3Tokenizer,
     SentencePieceTokenizer,
+    Tokenizer,
     demo_tokenizer,
+    load_tokenizer,
 )
-from tune_models import MODELS
-from tune_train.config import ConfigError, TrainConfig
+from tune_models import MODELS, DecoderConfig, ModelFamily, family_of
+from tune_train.config import (
+    VALIDATION_KEYS,
+    ConfigError,
+    TrainConfig,
+    validation_data_config,
+)
 
-# Each takes the tokenizer file (tokenizer_checkpoint); tune_data.load_tokenizer picks the
-# same implementations from a file's contents.
+# A family's tokenizer kind -> the class that reads it, and the file a user points
+# tokenizer_checkpoint at (for messages).
+FAMILY_TOKENIZERS: dict[str, tuple[type[Tokenizer], str]] = {
+    "sentencepiece": (SentencePieceTokenizer, "a SentencePiece tokenizer.model"),
+    "tiktoken_llama3": (Llama3Tokenizer, "a Llama 3 tiktoken tokenizer.model "
+                                         "(original/tokenizer.model on the Hub)"),
+    "hf_tokenizer_json": (HFTokenizer, "a Hugging Face tokenizer.json"),
+}
+
+# `tokenizer:` in a config -> what builds it from tokenizer_checkpoint. Each must fit the
+# model's family (see tokenizer_fits).
 TOKENIZERS: dict[str, Callable[..., Any]] = {
+    # The default: the class the file needs, picked from its contents.
+    "auto": load_tokenizer,
     "llama2_tokenizer": SentencePieceTokenizer,  # tokenizer.model
     "mistral_tokenizer": SentencePieceTokenizer,  # tokenizer.model
     "llama3_tokenizer": Llama3Tokenizer,  # Meta's tiktoken tokenizer.model (original/ on the Hub)
@@ -55,8 +76,10 @@ LOSSES: dict[str, Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Ten
     "CrossEntropyLoss": _cross_entropy,
 }
 
-__all__ = ["DATASETS", "LOSSES", "MODELS", "OPTIMIZERS", "TOKENIZERS", "build_dataset",
-           "dataset_arguments", "lookup"]
+__all__ = ["DATASETS", "FAMILY_TOKENIZERS", "LOSSES", "MODELS", "OPTIMIZERS", "TOKENIZERS",
+           "build_dataset", "build_tokenizer", "build_validation_dataset", "dataset_arguments",
+           "family_tokenizer_files", "lookup", "model_config", "model_family", "tokenizer_fits",
+           "tokenizer_problem"]
 
 
 def lookup(registry: dict[str, Any], name: str, key: str) -> Any:
@@ -67,6 +90,136 @@ def lookup(registry: dict[str, Any], name: str, key: str) -> Any:
     close = same_letters or difflib.get_close_matches(name, list(registry), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise ConfigError(f"'{key}' is '{name}'{hint}; choose from {', '.join(sorted(registry))}")
+
+
+def model_family(cfg: TrainConfig) -> ModelFamily:
+    """The family of the config's model preset (tune_models.FAMILIES).
+
+    Raises:
+        ConfigError: If no preset has that name (with a did-you-mean).
+    """
+    lookup(MODELS, cfg.model, "model")
+    return family_of(cfg.model)
+
+
+def model_config(cfg: TrainConfig, vocab_size: int | None = None) -> DecoderConfig:
+    """The model a config describes: its preset with ``model_args`` applied.
+
+    A dict field such as ``rope_scaling`` is merged key by key, so
+    ``model_args.rope_scaling.factor=16`` keeps the preset's other scaling fields.
+    ``max_seq_len`` grows to the config's if the preset's is shorter.
+
+    Args:
+        cfg: The training config.
+        vocab_size: The tokenizer's vocabulary size: a model trained from random weights
+            (no model_checkpoint) gets exactly that many embedding rows unless model_args
+            says otherwise; a checkpoint brings its own.
+
+    Returns:
+        The model's config.
+
+    Raises:
+        ConfigError: For an unknown preset, an unknown field in model_args, or values the
+            model refuses (sizes that do not divide, an unknown rope_scaling type, ...).
+    """
+    preset = lookup(MODELS, cfg.model, "model")()
+    fields = dict(vars(preset))
+    overrides = dict(cfg.model_args)
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ConfigError(f"model_args has unknown field(s) {unknown}; the model's fields are "
+                          f"{', '.join(sorted(fields))}")
+    if cfg.model_checkpoint is None and vocab_size is not None and "vocab_size" not in overrides:
+        overrides["vocab_size"] = vocab_size
+    if "max_seq_len" not in overrides:
+        overrides["max_seq_len"] = max(preset.max_seq_len, cfg.max_seq_len)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(fields[key], dict):
+            overrides[key] = {**fields[key], **value}
+    if {"dim", "multiple_of", "ffn_dim_multiplier"} & set(overrides):
+        fields["hidden_dim"] = None  # re-derive the FFN width from the new sizes
+    if {"dim", "n_heads"} & set(overrides):
+        fields["head_dim"] = None  # likewise the head size (dim // n_heads)
+    fields.update(overrides)
+    try:
+        return DecoderConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model_args: {e}") from e
+
+
+def tokenizer_fits(tokenizer_class: type, family: ModelFamily) -> bool:
+    """Whether a tokenizer of this class can serve a model of this family.
+
+    A family reads its own kind of file, and a tokenizer.json, which the Hub publishes for
+    every family (transformers reads it).
+    """
+    own = FAMILY_TOKENIZERS[family.tokenizer][0]
+    return issubclass(tokenizer_class, (own, HFTokenizer))
+
+
+def tokenizer_problem(cfg: TrainConfig) -> str | None:
+    """Why the config's tokenizer cannot serve its model, or None; nothing is loaded.
+
+    Checks the kind ``tokenizer:`` names, then the format of the tokenizer_checkpoint file
+    (by its first bytes), against the model's family.
+
+    Raises:
+        ConfigError: If the model or tokenizer name is unknown.
+    """
+    family = model_family(cfg)
+    builder = lookup(TOKENIZERS, cfg.tokenizer, "tokenizer")
+    needs = family_tokenizer_files(family)
+    if isinstance(builder, type) and not tokenizer_fits(builder, family):
+        own = f"{family.name}_tokenizer"
+        alternative = f" (or {own})" if own in TOKENIZERS else ""
+        return (f"tokenizer '{cfg.tokenizer}' reads {_describe(builder)}, but model "
+                f"'{cfg.model}' is a {family.name} model, which reads {needs}; set "
+                f"tokenizer: auto{alternative}")
+    found = _file_class(Path(cfg.tokenizer_checkpoint))
+    if found is not None and not tokenizer_fits(found, family):
+        return (f"tokenizer_checkpoint {cfg.tokenizer_checkpoint} is {_describe(found)}, but "
+                f"model '{cfg.model}' is a {family.name} model, which reads {needs}; point "
+                "tokenizer_checkpoint at the tokenizer that came with the model")
+    return None
+
+
+def build_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """The config's tokenizer, once :func:`tokenizer_problem` finds nothing wrong.
+
+    Raises:
+        ConfigError: If it does not fit the model's family.
+        DataError: If the file is missing, damaged or of another kind than ``tokenizer:``.
+    """
+    problem = tokenizer_problem(cfg)
+    if problem is not None:
+        raise ConfigError(problem)
+    return TOKENIZERS[cfg.tokenizer](cfg.tokenizer_checkpoint)
+
+
+def _describe(tokenizer_class: type) -> str:
+    return next(text for cls, text in FAMILY_TOKENIZERS.values()
+                if issubclass(tokenizer_class, cls))
+
+
+def family_tokenizer_files(family: ModelFamily) -> str:
+    """The tokenizer files a family's model reads, in words (for messages)."""
+    own = FAMILY_TOKENIZERS[family.tokenizer]
+    if own[0] is HFTokenizer:
+        return own[1]
+    return f"{own[1]} or a tokenizer.json"
+
+
+def _file_class(path: Path) -> type[Tokenizer] | None:
+    """The tokenizer class a file needs, by its first bytes; None if it cannot be told."""
+    from tune_data.tokenizers import TOKENIZER_KINDS
+    from tune_data.tokenizers.base import sniff
+
+    try:
+        with path.open("rb") as f:
+            kind = sniff(f.read(4096))
+    except OSError:  # missing (reported elsewhere) or a folder
+        return None
+    return TOKENIZER_KINDS.get(kind) if kind is not None else None
 
 
 # Builder parameter -> the config key that fills it. Every other builder parameter comes
@@ -84,6 +237,7 @@ _NOT_ONLY_DATA = {"max_seq_len"}
 
 
 def dataset_arguments(builder: Callable[..., Any], cfg: TrainConfig,
+                      names: Mapping[str, str] | None = None,
                       ) -> tuple[dict[str, Any], list[str]]:
     """The keyword arguments a dataset builder takes from a config.
 
@@ -96,6 +250,8 @@ def dataset_arguments(builder: Callable[..., Any], cfg: TrainConfig,
     Args:
         builder: A dataset builder, e.g. ``DATASETS["alpaca"]``.
         cfg: The training config.
+        names: The key a user wrote for each config key, where it differs (the validation
+            data is chosen with ``validation_*`` keys); messages name those.
 
     Returns:
         ``(kwargs, ignored)``: the arguments, and the data keys the config sets to something
@@ -110,6 +266,9 @@ def dataset_arguments(builder: Callable[..., Any], cfg: TrainConfig,
              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     catch_all = any(p.kind is p.VAR_KEYWORD for p in parameters)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    names = names or {}
+    dataset = f"{names.get('dataset', 'dataset')} '{cfg.dataset}'"
+    args_key = names.get("dataset_args", "dataset_args")
     kwargs: dict[str, Any] = {}
     ignored = []
     for param, key in DATASET_KEYS.items():
@@ -123,18 +282,19 @@ def dataset_arguments(builder: Callable[..., Any], cfg: TrainConfig,
             ignored.append(key)
     for key, value in cfg.dataset_args.items():
         if key in DATASET_KEYS:
-            raise ConfigError(f"dataset_args.{key}: set it with the config key "
-                              f"'{DATASET_KEYS[key]}' instead")
+            raise ConfigError(f"{args_key}.{key}: set it with the config key "
+                              f"'{names.get(DATASET_KEYS[key], DATASET_KEYS[key])}' instead")
         if key not in named and not catch_all:
             takes = [n for n in named if n not in DATASET_KEYS]
             listed = ", ".join(takes) if takes else "none"
-            raise ConfigError(f"dataset '{cfg.dataset}' takes no argument '{key}' "
-                              f"(dataset_args.{key}); its arguments: {listed}")
+            raise ConfigError(f"{dataset} takes no argument '{key}' "
+                              f"({args_key}.{key}); its arguments: {listed}")
         kwargs[key] = value
     for name, p in named.items():
         if not _has_default(p) and name not in kwargs:
-            where = DATASET_KEYS.get(name, f"dataset_args.{name}")
-            raise ConfigError(f"dataset '{cfg.dataset}' needs '{where}'; set it in the config")
+            where = DATASET_KEYS[name] if name in DATASET_KEYS else f"{args_key}.{name}"
+            raise ConfigError(f"{dataset} needs '{names.get(where, where)}'; set it in the "
+                              "config")
     return kwargs, ignored
 
 
@@ -157,6 +317,39 @@ def build_dataset(cfg: TrainConfig, tokenizer: Any,
     builder = lookup(DATASETS, cfg.dataset, "dataset")
     kwargs, ignored = dataset_arguments(builder, cfg)
     for key in ignored if warn is not None else ():
-        warn(f"dataset '{cfg.dataset}' does not use '{key}'; {key}: {getattr(cfg, key)!r} is "
-             "ignored")
+        warn(_ignored_line(cfg, key, {}))
     return builder(tokenizer, **kwargs)
+
+
+def build_validation_dataset(cfg: TrainConfig, tokenizer: Any,
+                             warn: Callable[[str], None] | None = None) -> Any:
+    """The validation set of a config that names a separate source, or None if it names none
+    (see :func:`tune_train.config.validation_data_config`).
+
+    It is built as the training set is; messages name the ``validation_*`` keys.
+
+    Args:
+        cfg: The training config.
+        tokenizer: The tokenizer the builder encodes with.
+        warn: Called with one line per validation key the builder ignores (the keys both
+            sets share were reported for the training set).
+
+    Returns:
+        What the builder returns, or None.
+    """
+    view = validation_data_config(cfg)
+    if view is None:
+        return None
+    builder = lookup(DATASETS, view.dataset, VALIDATION_KEYS["dataset"])
+    kwargs, ignored = dataset_arguments(builder, view, VALIDATION_KEYS)
+    for key in ignored if warn is not None else ():
+        # Only what the user set for validation; inherited training values were reported.
+        if key in VALIDATION_KEYS and getattr(view, VALIDATION_KEYS[key]) is not None:
+            warn(_ignored_line(view, key, VALIDATION_KEYS))
+    return builder(tokenizer, **kwargs)
+
+
+def _ignored_line(cfg: TrainConfig, key: str, names: Mapping[str, str]) -> str:
+    name = names.get(key, key)  # a validation view keeps the validation_* keys as written
+    return (f"{names.get('dataset', 'dataset')} '{cfg.dataset}' does not use '{name}'; {name}: "
+            f"{getattr(cfg, name)!r} is ignored")

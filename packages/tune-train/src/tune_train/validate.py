@@ -1,11 +1,12 @@
-"""Checks a config can pass before any model is built: names and input files."""
+"""Checks a config can pass before any model is built: names, input files, and whether the
+model's tokenizer and checkpoint belong to its family."""
 
 from __future__ import annotations
 
 import glob
 from pathlib import Path
 
-from tune_train.config import ConfigError, TrainConfig
+from tune_train.config import VALIDATION_KEYS, ConfigError, TrainConfig, validation_data_config
 
 
 def missing_files(cfg: TrainConfig) -> list[str]:
@@ -14,7 +15,7 @@ def missing_files(cfg: TrainConfig) -> list[str]:
     if not Path(cfg.tokenizer_checkpoint).is_file() and not _tokenizer_creates_file(cfg):
         problems.append(
             f"tokenizer_checkpoint {cfg.tokenizer_checkpoint} does not exist; point it at the "
-            "tokenizer.model that came with the model"
+            "tokenizer file (tokenizer.model or tokenizer.json) that came with the model"
         )
     if cfg.model_checkpoint is not None and not Path(cfg.model_checkpoint).is_file():
         problems.append(
@@ -22,10 +23,11 @@ def missing_files(cfg: TrainConfig) -> list[str]:
             "convert_checkpoint --checkpoint_path <download dir>/consolidated.00.pth`, or set "
             "model_checkpoint: null to start from random weights"
         )
-    files = cfg.data_files if isinstance(cfg.data_files, list) else [cfg.data_files]
-    for f in files:
-        if f is not None and not Path(f).exists() and not glob.glob(f):
-            problems.append(f"data_files {f} does not exist")
+    for key in ("data_files", "validation_data_files"):
+        value = getattr(cfg, key)
+        for f in value if isinstance(value, list) else [value]:
+            if f is not None and not Path(f).exists() and not glob.glob(f):
+                problems.append(f"{key} {f} does not exist")
     return problems
 
 
@@ -47,23 +49,112 @@ def unknown_names(cfg: TrainConfig) -> list[str]:
             registry.lookup(registry_dict, getattr(cfg, key), key)
         except ConfigError as e:
             problems.append(str(e))
+    if cfg.validation_dataset is not None:
+        try:
+            registry.lookup(registry.DATASETS, cfg.validation_dataset, "validation_dataset")
+        except ConfigError as e:
+            problems.append(str(e))
     return problems
 
 
 def dataset_argument_problems(cfg: TrainConfig) -> list[str]:
-    """A message if the dataset builder cannot take the config's arguments (dataset_args)."""
+    """A message per dataset builder (training, validation) that cannot take the config's
+    arguments (dataset_args, validation_dataset_args)."""
     from tune_train import registry
 
-    builder = registry.DATASETS.get(cfg.dataset)
-    if builder is None:
+    problems = []
+    validation = validation_data_config(cfg)
+    for view, names in ((cfg, None), (validation, VALIDATION_KEYS)):
+        builder = registry.DATASETS.get(view.dataset) if view is not None else None
+        if builder is None:
+            continue  # no validation source, or an unknown name (unknown_names reports it)
+        try:
+            registry.dataset_arguments(builder, view, names)
+        except ConfigError as e:
+            problems.append(str(e))
+    return problems
+
+
+# The DecoderConfig fields that decide which parameters a model has and their shapes: two
+# models agreeing on these load each other's weights.
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                "hidden_dim", "qkv_bias", "tie_embeddings")
+
+
+def model_problems(cfg: TrainConfig) -> list[str]:
+    """Messages for model_args the model refuses (e.g. an unknown rope_scaling type), a
+    tokenizer that does not fit the model's family, and a model_checkpoint of another
+    family or shape. Nothing is loaded: only file headers and tune_model.json are read."""
+    from tune_train import registry
+
+    if cfg.model not in registry.MODELS:
         return []  # unknown_names reports it
     try:
-        registry.dataset_arguments(builder, cfg)
+        config = registry.model_config(cfg)
     except ConfigError as e:
         return [str(e)]
-    return []
+    problems = [checkpoint_problem(cfg, config)]
+    if cfg.tokenizer in registry.TOKENIZERS:  # else unknown_names reports it
+        problems.insert(0, registry.tokenizer_problem(cfg))
+    return [p for p in problems if p is not None]
+
+
+def checkpoint_problem(cfg: TrainConfig, config) -> str | None:
+    """Why cfg.model_checkpoint does not hold the config's model, by its tune_model.json.
+
+    The family recorded there (its ``family`` key) must be the preset's; otherwise its shape
+    must be the model's (:data:`SHAPE_FIELDS`); a preset of that shape is named. Without a
+    tune_model.json nothing is said here: the recipe compares the tensors themselves.
+
+    Args:
+        cfg: The training config.
+        config: The model it builds (``registry.model_config(cfg)``).
+    """
+    from tune_ckpt.names import MODEL_ARGS_FILE
+    from tune_models import FAMILIES, MODELS, family_of
+    from tune_train.errors import RecipeError
+    from tune_train.loading import checkpoint_config, checkpoint_family
+
+    if cfg.model_checkpoint is None:
+        return None
+    path = Path(cfg.model_checkpoint)
+    if not (path.parent / MODEL_ARGS_FILE).is_file():
+        return None
+    family = family_of(cfg.model)
+    found_family = checkpoint_family(path)
+    if found_family is not None and found_family != family.name:
+        if found_family not in FAMILIES:
+            return (f"model_checkpoint {path} is a '{found_family}' checkpoint (its "
+                    f"{MODEL_ARGS_FILE} says so), a family tune does not know "
+                    f"({', '.join(FAMILIES)})")
+        presets = ", ".join(FAMILIES[found_family].presets)
+        return (f"model_checkpoint {path} is a {found_family} checkpoint (its {MODEL_ARGS_FILE} "
+                f"says so), but model '{cfg.model}' is a {family.name} model; set model to a "
+                f"{found_family} preset ({presets}) or point model_checkpoint at a "
+                f"{family.name} checkpoint")
+    try:
+        found = checkpoint_config(path)
+    except RecipeError as e:
+        return str(e)
+    differ = [f for f in SHAPE_FIELDS if getattr(found, f) != getattr(config, f)]
+    if not differ:
+        return None
+    has = ", ".join(f"{f} {getattr(found, f)}" for f in differ)
+    wants = ", ".join(str(getattr(config, f)) for f in differ)
+    same = [name for name, preset in MODELS.items()
+            if all(getattr(preset(), f) == getattr(found, f) for f in SHAPE_FIELDS)]
+    if cfg.model in same:
+        fix = f"that is {cfg.model}'s own shape: remove those model_args"
+    elif same:
+        fix = f"that is the shape of {same[0]} ({family_of(same[0]).name}): set model: {same[0]}"
+    else:
+        fix = "set model (and model_args) to the checkpoint's model"
+    return (f"model_checkpoint {path} holds another model than '{cfg.model}' "
+            f"({family.name}): its {MODEL_ARGS_FILE} has {has} where '{cfg.model}' has "
+            f"{wants}; {fix}")
 
 
 def validate_config(cfg: TrainConfig) -> list[str]:
     """Every problem found, names first; an empty list means the run can start."""
-    return unknown_names(cfg) + dataset_argument_problems(cfg) + missing_files(cfg)
+    return (unknown_names(cfg) + dataset_argument_problems(cfg) + model_problems(cfg)
+            + missing_files(cfg))

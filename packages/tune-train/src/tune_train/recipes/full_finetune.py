@@ -1,6 +1,7 @@
-"""Full fine-tuning of a Llama-2-class model: one device, or FSDP2 shards under torchrun.
+"""Full fine-tuning of a Llama 2, Llama 3.x, Mistral or Qwen2.5 model: one device, or FSDP2
+shards under torchrun.
 
-    tune run full_finetune --config alpaca_llama2_full_finetune [key=value ...]
+    tune run full_finetune --config llama3_2_1b_full [key=value ...]
     tune --nnodes 1 --nproc_per_node 2 full_finetune.py --config my.yaml
 
 This file is also a script (``python full_finetune.py --config my.yaml``); copy it with
@@ -25,7 +26,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from tune_train import checkpointing as ckpt
-from tune_train.config import ConfigError, TrainConfig, dump_config, load_config
+from tune_train.config import (
+    ConfigError,
+    TrainConfig,
+    dump_config,
+    load_config,
+    validation_fraction,
+)
 from tune_train.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -37,7 +44,7 @@ from tune_train.errors import RecipeError, explain, user_errors
 from tune_train.metrics import StepProgress, quiet_library_progress_bars
 from tune_train.optim import DynamicLossScaler, lr_multiplier
 from tune_train.output_dir import OutputDirError, OutputDirLock, claim_output_dir
-from tune_train.validate import missing_files
+from tune_train.validate import missing_files, model_problems
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,15 +63,19 @@ class FullFinetuneRecipe:
         self.step_in_epoch = 0  # optimizer steps taken in self.epoch
         self.loggers = None
         self.output_lock: OutputDirLock | None = None
+        self.validation = None  # the validation samples, when the config names some
+        self.best_val_loss: float | None = None  # lowest validation loss so far (save_best)
+        self.best_val_step: int | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
         from tune_train import registry
 
-        # Cheap checks first: a typo must not cost a model load.
-        model_fn = registry.lookup(registry.MODELS, cfg.model, "model")
-        tokenizer_cls = registry.lookup(registry.TOKENIZERS, cfg.tokenizer, "tokenizer")
+        # Cheap checks first: a typo, or a tokenizer or checkpoint of another model family,
+        # must not cost a model load.
+        registry.lookup(registry.MODELS, cfg.model, "model")
+        registry.lookup(registry.TOKENIZERS, cfg.tokenizer, "tokenizer")
         dataset_fn = registry.lookup(registry.DATASETS, cfg.dataset, "dataset")
         self.optimizer_cls = registry.lookup(registry.OPTIMIZERS, cfg.optimizer, "optimizer")
         self.loss_fn = registry.lookup(registry.LOSSES, cfg.loss, "loss")
@@ -72,6 +83,9 @@ class FullFinetuneRecipe:
         problems = missing_files(cfg)
         if problems:
             raise RecipeError(problems[0])
+        problems = model_problems(cfg)  # model_args, tokenizer and checkpoint vs the family
+        if problems:
+            raise ConfigError(problems[0])
 
         self.device = _resolve_device(cfg.device)
         self.dist: DistInfo = init_distributed(self.device.type)
@@ -93,14 +107,15 @@ class FullFinetuneRecipe:
         # Nothing in output_dir is touched before this run holds it alone.
         self._on_main_rank(self._claim_output_dir)
         self.resume_from = ckpt.latest_checkpoint(output_dir)
-        if self.resume_from is not None and not cfg.resume_from_checkpoint:
+        best = ckpt.read_best_info(output_dir)
+        if (self.resume_from is not None or best is not None) and not cfg.resume_from_checkpoint:
             raise RecipeError(
                 f"{output_dir} already holds checkpoints of an earlier run; set "
                 "resume_from_checkpoint: True to continue it, or pick another output_dir"
             )
 
-        self.tokenizer = tokenizer_cls(cfg.tokenizer_checkpoint)
-        self.model_config = self._model_config(model_fn)
+        self.tokenizer = registry.build_tokenizer(cfg)
+        self.model_config = self._model_config()
         weights = cfg.model_checkpoint
         if self.resume_from is not None:
             weights = _model_file(self.resume_from)
@@ -123,6 +138,11 @@ class FullFinetuneRecipe:
         elif cfg.resume_from_checkpoint and self.dist.is_main:
             tqdm.write(f"resume_from_checkpoint: no checkpoint in {output_dir} yet, starting "
                        "from the beginning")
+        if best is not None and (self.best_val_loss is None
+                                 or best["val_loss"] < self.best_val_loss):
+            # checkpoints/best was saved after the checkpoint resumed from (the run was killed
+            # before its next one): only a lower loss may replace what it holds.
+            self.best_val_step, self.best_val_loss = best["step"], best["val_loss"]
         if self.dist.is_main:
             (output_dir / "config.yaml").write_text(dump_config(cfg))
             self.loggers = self._setup_loggers()
@@ -153,42 +173,28 @@ class FullFinetuneRecipe:
             if message[0] is not None:
                 raise RecipeError(message[0])
 
-    def _model_config(self, model_fn):
+    def _model_config(self):
+        from tune_train import registry
+
         cfg = self.cfg
-        model_config = model_fn()
-        overrides = dict(cfg.model_args)
-        # From scratch, the vocabulary is the tokenizer's; a checkpoint brings its own.
-        if cfg.model_checkpoint is None and "vocab_size" not in overrides:
-            overrides["vocab_size"] = self.tokenizer.vocab_size
-        if "max_seq_len" not in overrides:
-            overrides["max_seq_len"] = max(model_config.max_seq_len, cfg.max_seq_len)
-        fields = {k: v for k, v in vars(model_config).items()}
-        unknown = set(overrides) - set(fields)
-        if unknown:
-            raise ConfigError(f"model_args has unknown field(s) {sorted(unknown)}; the model's "
-                              f"fields are {', '.join(sorted(fields))}")
-        if "dim" in overrides or "multiple_of" in overrides or "ffn_dim_multiplier" in overrides:
-            fields["hidden_dim"] = None  # re-derive the FFN width from the new sizes
-        if "dim" in overrides or "n_heads" in overrides:
-            fields["head_dim"] = None  # likewise the head size (dim // n_heads)
-        fields.update(overrides)
-        try:
-            model_config = type(model_config)(**fields)
-        except ValueError as e:
-            raise ConfigError(f"model_args: {e}") from e
+        model_config = registry.model_config(cfg, vocab_size=self.tokenizer.vocab_size)
         if self.tokenizer.vocab_size > model_config.vocab_size:
+            family = registry.model_family(cfg)
             raise RecipeError(
-                f"tokenizer has {self.tokenizer.vocab_size} tokens but model '{cfg.model}' only "
-                f"{model_config.vocab_size}; use the model's own tokenizer"
+                f"tokenizer_checkpoint {cfg.tokenizer_checkpoint} has "
+                f"{self.tokenizer.vocab_size:,} tokens but model '{cfg.model}' only "
+                f"{model_config.vocab_size:,} (its vocab_size): ids past that have no "
+                f"embedding; point tokenizer_checkpoint at the model's own tokenizer (a "
+                f"{family.name} model reads {registry.family_tokenizer_files(family)})"
             )
         return model_config
 
     def _setup_model(self, weights: str | Path | None) -> torch.nn.Module:
-        from tune_models import Llama2
+        from tune_models import Decoder
 
         cfg = self.cfg
         with torch.device("meta"):
-            model = Llama2(self.model_config)
+            model = Decoder(self.model_config)
         for layer in model.layers:
             layer.use_checkpoint = cfg.enable_activation_checkpointing
         param_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
@@ -276,6 +282,7 @@ class FullFinetuneRecipe:
         cfg = self.cfg
         dataset = registry.build_dataset(cfg, self.tokenizer,
                                          warn=lambda line: _warn_once(self.dist, line))
+        dataset = self._setup_validation(dataset)
         if cfg.packing:
             dataset = pack(dataset, cfg.max_seq_len, pad_id=self.tokenizer.pad_id)
         self.dataset = dataset
@@ -304,6 +311,35 @@ class FullFinetuneRecipe:
         if cfg.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
 
+    def _setup_validation(self, dataset):
+        """Build the validation set: held out of ``dataset`` (validation_split: 0.05) or from
+        its own source. Returns the samples left to train on."""
+        from tune_train import registry
+        from tune_train.validation import NO_TARGETS, Selection, holdout_split
+
+        cfg = self.cfg
+        fraction = validation_fraction(cfg)
+        if fraction is not None:
+            train, held = holdout_split(dataset, fraction, cfg.seed)
+            self.validation = Selection(dataset, held)
+            dataset = Selection(dataset, train)
+            where = f"held out of the training data ({fraction:g})"
+        else:
+            self.validation = registry.build_validation_dataset(
+                cfg, self.tokenizer, warn=lambda line: _warn_once(self.dist, line))
+            where = "from " + (getattr(self.validation, "name", "") or "the validation source")
+        if self.validation is None:
+            return dataset
+        if len(self.validation) == 0:
+            raise RecipeError("the validation data holds no samples; check "
+                              "validation_data_files / validation_dataset_source")
+        targets = getattr(self.validation, "loss_tokens", None)
+        if targets is not None and int(targets.sum()) == 0:
+            raise RecipeError(NO_TARGETS)
+        if self.dist.is_main:
+            tqdm.write(f"validation: {len(self.validation)} samples {where}")
+        return dataset
+
     def _setup_loggers(self):
         from tune_train import metrics
 
@@ -331,25 +367,16 @@ class FullFinetuneRecipe:
             RecipeError: If it cannot be written (e.g. the disk is full); the staging folder
                 is removed and the previous checkpoint stays the latest.
         """
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
-
-        from tune_ckpt import CheckpointError, save_native, write_model_args
+        from tune_ckpt import CheckpointError
 
         cfg = self.cfg
         final = ckpt.checkpoint_root(cfg.output_dir) / f"step_{self.global_step:07d}"
-        # Full (unsharded) weights, gathered on rank 0 only, in CPU memory.
-        state = get_model_state_dict(
-            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+        state = self._full_state_dict()
         try:
             with ckpt.staging_dir(cfg.output_dir, self.global_step, self.dist.is_main) as tmp:
                 self._barrier()  # the staging folder exists before anyone writes into it
                 if self.dist.is_main:
-                    save_native(state, tmp / ckpt.MODEL_FILES[cfg.checkpoint_format])
-                    write_model_args(tmp, _model_args(self.model_config))
+                    self._write_model(tmp, state)
                     torch.save(ckpt.rng_state(), tmp / ckpt.RNG_STATE)
                 ckpt.save_optimizer_state(tmp / ckpt.TRAINING_STATE, self.model, self.optimizer)
                 if self.dist.is_main:
@@ -362,6 +389,8 @@ class FullFinetuneRecipe:
                         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
                         "loss_scaler": (self.loss_scaler.state_dict() if self.loss_scaler
                                         else None),
+                        "best_val_loss": self.best_val_loss,
+                        "best_val_step": self.best_val_step,
                     })
                 self._barrier()  # every shard is on disk before rank 0 publishes
         except (OSError, RuntimeError, CheckpointError) as e:
@@ -372,6 +401,54 @@ class FullFinetuneRecipe:
             ckpt.prune_checkpoints(cfg.output_dir, cfg.keep_last_n_checkpoints)
         self._barrier()
         return final
+
+    def save_best(self, val_loss: float) -> Path:
+        """Replace ``checkpoints/best`` with the model as it is now, whose validation loss is
+        ``val_loss``: the model files of a step folder and ``best.json`` (step, val_loss).
+
+        Raises:
+            RecipeError: If it cannot be written; the previous best stays as it was.
+        """
+        from tune_ckpt import CheckpointError
+
+        cfg = self.cfg
+        best = ckpt.checkpoint_root(cfg.output_dir) / ckpt.BEST_DIR
+        state = self._full_state_dict()
+        try:
+            with ckpt.staging_best(cfg.output_dir, self.dist.is_main) as tmp:
+                if self.dist.is_main:
+                    self._write_model(tmp, state)
+                    ckpt.write_json(tmp / ckpt.BEST_INFO,
+                                    {"step": self.global_step, "val_loss": val_loss})
+        except (OSError, RuntimeError, CheckpointError) as e:
+            if isinstance(e, RuntimeError) and ckpt.os_error_in(e) is None:
+                raise
+            kept = (f"it still holds the model of step {self.best_val_step}"
+                    if self.best_val_step is not None else "there is none yet")
+            raise RecipeError(f"could not save the best model to {best}: "
+                              f"{ckpt.failure_reason(e)}; {kept}") from e
+        self.best_val_loss, self.best_val_step = val_loss, self.global_step
+        if self.dist.is_main:
+            tqdm.write(f"best val_loss so far ({val_loss:.4f} at step {self.global_step}): "
+                       f"{best}")
+        return best
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded) weights, gathered on rank 0 only (empty elsewhere), in CPU memory."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        return get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _write_model(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
+        """What tune generate, eval and convert read: the weights and the model's shape."""
+        from tune_ckpt import save_native, write_model_args
+
+        save_native(state, folder / ckpt.MODEL_FILES[self.cfg.checkpoint_format])
+        write_model_args(folder, _model_args(self.model_config))
 
     def _resume(self, latest: Path) -> None:
         """Restore optimizer, progress and RNG; the weights were loaded by _setup_model."""
@@ -384,6 +461,8 @@ class FullFinetuneRecipe:
         ckpt.set_rng_state(rng)
         if self.loss_scaler and state.get("loss_scaler"):
             self.loss_scaler.load_state_dict(state["loss_scaler"])
+        self.best_val_loss = state.get("best_val_loss")
+        self.best_val_step = state.get("best_val_step")
         self.global_step = state["global_step"]
         self.epoch = state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
@@ -439,11 +518,18 @@ class FullFinetuneRecipe:
                 self.step_in_epoch += 1
                 tokens_since_log += seen_tokens
                 progress.update(mean_loss)
+                metrics = {}
                 if self.global_step % cfg.log_every_n_steps == 0 and self.loggers:
                     elapsed = time.perf_counter() - time_since_log
-                    self.loggers.log(self._metrics(mean_loss, grad_norm, stepped,
-                                                   tokens_since_log / elapsed), self.global_step)
+                    metrics = self._metrics(mean_loss, grad_norm, stepped,
+                                            tokens_since_log / elapsed)
                     tokens_since_log, time_since_log = 0, time.perf_counter()
+                if self._validation_due():
+                    started = time.perf_counter()
+                    metrics.update(self.validate())
+                    time_since_log += time.perf_counter() - started  # tokens/s: training only
+                if metrics and self.loggers:
+                    self.loggers.log(metrics, self.global_step)
                 if cfg.save_every_n_steps and self.global_step % cfg.save_every_n_steps == 0 \
                         and self.step_in_epoch < self.steps_per_epoch:
                     self._check_weights_finite()
@@ -454,6 +540,46 @@ class FullFinetuneRecipe:
             path = self.save_checkpoint()
             if self.dist.is_main:
                 tqdm.write(f"epoch {epoch + 1} done: checkpoint {path}")
+
+    def _validation_due(self) -> bool:
+        # A pure function of the step, so a resumed run validates where an uninterrupted one
+        # did (before the step's checkpoint, which then records the best so far).
+        every = self.cfg.eval_every_n_steps
+        return self.validation is not None and (
+            self.step_in_epoch >= self.steps_per_epoch
+            or (every is not None and self.global_step % every == 0))
+
+    def validate(self) -> dict[str, float]:
+        """The validation loss of the model as it is now, each process scoring its share;
+        with save_best, a new lowest loss replaces ``checkpoints/best``.
+
+        Returns:
+            The metrics to log: ``val_loss`` (per target token, over all processes) and
+            ``val_perplexity``.
+        """
+        from functools import partial
+
+        from tune_data import collate
+        from tune_train.validation import collated, validation_batches, validation_loss
+
+        cfg = self.cfg
+        batches = validation_batches(
+            len(self.validation), cfg.batch_size, rank=self.dist.rank,
+            world_size=self.dist.world_size, max_batches=cfg.validation_max_batches,
+            lengths=getattr(self.validation, "lengths", None))
+        progress = StepProgress(len(batches), 0, f"validation at step {self.global_step}",
+                                show=self.dist.is_main, unit="batch", leave=False)
+        try:
+            result = validation_loss(
+                self.model, self.loss_fn,
+                collated(self.validation, batches, partial(collate, pad_id=self.tokenizer.pad_id)),
+                self.device, self.autocast, on_batch=progress.update)
+        finally:
+            progress.close()
+        if cfg.save_best and math.isfinite(result.loss) and (
+                self.best_val_loss is None or result.loss < self.best_val_loss):
+            self.save_best(result.loss)
+        return result.metrics()
 
     def _real_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         # Tokens/s counts what the model had to read, not padding.
@@ -570,7 +696,10 @@ def _check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, pa
     expected = {k: tuple(shape) for k, shape in _full_shapes(model).items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    hint = f"; is it a checkpoint of '{model_name}' in native format?"
+    from tune_models import family_of
+
+    hint = (f"; is it a checkpoint of '{model_name}' ({family_of(model_name).name}) in native "
+            "format?")
     if missing:
         raise RecipeError(f"{path} lacks {len(missing)} key(s) of model '{model_name}', e.g. "
                           f"'{missing[0]}'{hint}")
@@ -613,7 +742,8 @@ def main(cfg: TrainConfig) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     """``python full_finetune.py --config X [key=value ...] [--debug]``."""
-    parser = argparse.ArgumentParser(description="Full fine-tuning of a Llama-2-class model.")
+    parser = argparse.ArgumentParser(description="Full fine-tuning of a Llama 2, Llama 3.x, "
+                                     "Mistral or Qwen2.5 model.")
     parser.add_argument("--config", help="YAML file or built-in config name (default: none, "
                         "only defaults and overrides)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
