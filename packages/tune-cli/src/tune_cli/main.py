@@ -142,7 +142,11 @@ def _model_options(function):
                      help="Weights file, checkpoint folder, or a training output_dir (its latest "
                      "checkpoint)."),
         click.option("--config", "config_name", default=None,
-                     help="Or a training config: its output_dir and tokenizer are used."),
+                     help="Or a training config: its output_dir and tokenizer are used (a "
+                     "LoRA config's: its model_checkpoint with the adapter in output_dir)."),
+        click.option("--adapter", type=click.Path(path_type=Path), default=None,
+                     help="A LoRA adapter folder (PEFT format, e.g. a lora_finetune "
+                     "output_dir) to apply to the --checkpoint base."),
         click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
                      help="tokenizer.model (default: beside the checkpoint or the run's)."),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto."),
@@ -154,8 +158,8 @@ def _model_options(function):
     return function
 
 
-def _load(checkpoint: Path | None, config_name: str | None, tokenizer: Path | None,
-          device: str, dtype: str | None):
+def _load(checkpoint: Path | None, config_name: str | None, adapter: Path | None,
+          tokenizer: Path | None, device: str, dtype: str | None):
     import torch
 
     from tune_data import Llama2Tokenizer
@@ -168,11 +172,13 @@ def _load(checkpoint: Path | None, config_name: str | None, tokenizer: Path | No
 
         cfg = load_config(config_name)
         checkpoint = Path(cfg.output_dir)
+        if cfg.lora_rank is not None and cfg.model_checkpoint is not None:
+            checkpoint, adapter = Path(cfg.model_checkpoint), adapter or Path(cfg.output_dir)
         tokenizer = tokenizer or Path(cfg.tokenizer_checkpoint)
     weights = resolve_checkpoint(checkpoint)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         dtype or "")
-    model, _ = load_model(weights, device=device, dtype=torch_dtype)
+    model, _ = load_model(weights, device=device, dtype=torch_dtype, adapter=adapter)
     return model, Llama2Tokenizer(resolve_tokenizer(weights, tokenizer)), weights
 
 
@@ -195,7 +201,7 @@ def _load(checkpoint: Path | None, config_name: str | None, tokenizer: Path | No
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the decode step: faster after a one-off compile "
                    "(on CPU it needs a C++ compiler).")
-def generate(checkpoint, config_name, tokenizer, device, dtype, prompts, template,
+def generate(checkpoint, config_name, adapter, tokenizer, device, dtype, prompts, template,
              max_new_tokens, temperature, top_k, top_p, seed, compile_) -> None:
     """Generate text from a checkpoint; prints each answer, then tokens/s on stderr."""
     import time
@@ -210,7 +216,7 @@ def generate(checkpoint, config_name, tokenizer, device, dtype, prompts, templat
     if template != "none" and template not in TEMPLATES:
         raise click.UsageError(f"unknown template '{template}'; choose none, "
                                f"{', '.join(TEMPLATES)}")
-    model, tok, weights = _load(checkpoint, config_name, tokenizer, device, dtype)
+    model, tok, weights = _load(checkpoint, config_name, adapter, tokenizer, device, dtype)
     texts = [p if template == "none" else TEMPLATES[template].render(
         {"instruction": p, "input": ""} if template == "alpaca" else _split_demo(p))
         for p in prompts]
@@ -267,7 +273,7 @@ def _split_demo(prompt: str) -> dict[str, str]:
               help="A UTF-8 text file: report perplexity over it (no lm-eval needed).")
 @click.option("--max-seq-len", "--max_seq_len", "max_seq_len", type=int, default=None,
               help="Window length for perplexity (default: the model's).")
-def eval_(checkpoint, config_name, tokenizer, device, dtype, tasks, include_path, limit,
+def eval_(checkpoint, config_name, adapter, tokenizer, device, dtype, tasks, include_path, limit,
           num_fewshot, batch_size, perplexity_file, max_seq_len) -> None:
     """Evaluate a checkpoint: lm-eval harness tasks and/or perplexity over a text file."""
     from tune_train.eval import (
@@ -290,7 +296,7 @@ def eval_(checkpoint, config_name, tokenizer, device, dtype, tasks, include_path
     if max_seq_len is not None:  # the model's own limit is checked once it is loaded
         _check_option("--max-seq-len", check_max_seq_len, max_seq_len)
     text = read_text(perplexity_file) if perplexity_file is not None else None
-    model, tok, weights = _load(checkpoint, config_name, tokenizer, device, dtype)
+    model, tok, weights = _load(checkpoint, config_name, adapter, tokenizer, device, dtype)
     max_seq_len = _check_option("--max-seq-len", resolve_max_seq_len, model, max_seq_len)
     if text is not None:
         from tune_train.eval import perplexity

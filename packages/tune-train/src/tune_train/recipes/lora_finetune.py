@@ -32,7 +32,8 @@ from tqdm import tqdm
 from tune_train import checkpointing as ckpt
 from tune_train import lora
 from tune_train.errors import RecipeError
-from tune_train.recipes.full_finetune import FullFinetuneRecipe, cli
+from tune_train.recipes import full_finetune
+from tune_train.recipes.full_finetune import FullFinetuneRecipe
 
 
 class LoRAFinetuneRecipe(FullFinetuneRecipe):
@@ -91,5 +92,10 @@ class LoRAFinetuneRecipe(FullFinetuneRecipe):
         self._barrier()
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python lora_finetune.py --config X [key=value ...] [--debug]``."""
+    return full_finetune.cli(argv, recipe_class=LoRAFinetuneRecipe)
+
+
 if __name__ == "__main__":
-    sys.exit(cli(recipe_class=LoRAFinetuneRecipe))
+    sys.exit(cli())
