@@ -136,3 +136,38 @@ def family_twins(vocab_size: int = 256) -> dict[str, tuple]:
         "mistral": (mistral_tiny(vocab_size), "mistral"),
         "qwen2": (qwen2_tiny(vocab_size), "qwen2"),
     }
+
+
+def native_to_hf_reference(sd: dict[str, torch.Tensor], n_layers: int, n_heads: int,
+                           n_kv_heads: int, tied: bool = False) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`hf_to_native_reference`: native -> transformers names, q/k rows
+    (and biases) permuted back to HF's rotate-half order; ``lm_head.weight`` is the embedding
+    when ``tied``."""
+
+    def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+        rows = w.shape[0]
+        cols = w.shape[1:]
+        return w.view(heads, rows // heads // 2, 2, *cols).transpose(1, 2).reshape(rows, *cols)
+
+    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"],
+           "model.norm.weight": sd["norm.weight"],
+           "lm_head.weight": sd["tok_embeddings.weight" if tied else "output.weight"]}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            fused = sd.get(f"layers.{i}.attention.wqkv.{kind}")
+            if fused is None:
+                continue
+            head_dim = fused.shape[0] // (n_heads + 2 * n_kv_heads)
+            q, k, v = fused.split([n_heads * head_dim, n_kv_heads * head_dim,
+                                   n_kv_heads * head_dim])
+            out[p + f"self_attn.q_proj.{kind}"] = permute(q, n_heads)
+            out[p + f"self_attn.k_proj.{kind}"] = permute(k, n_kv_heads)
+            out[p + f"self_attn.v_proj.{kind}"] = v
+        out[p + "self_attn.o_proj.weight"] = sd[f"layers.{i}.attention.wo.weight"]
+        out[p + "mlp.gate_proj.weight"] = sd[f"layers.{i}.feed_forward.w1.weight"]
+        out[p + "mlp.down_proj.weight"] = sd[f"layers.{i}.feed_forward.w2.weight"]
+        out[p + "mlp.up_proj.weight"] = sd[f"layers.{i}.feed_forward.w3.weight"]
+        out[p + "input_layernorm.weight"] = sd[f"layers.{i}.attention_norm.weight"]
+        out[p + "post_attention_layernorm.weight"] = sd[f"layers.{i}.ffn_norm.weight"]
+    return out

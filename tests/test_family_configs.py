@@ -22,8 +22,10 @@ from tune_train.metrics import read_jsonl_metrics
 
 TUNE = str(Path(sys.executable).with_name("tune"))
 
-# The demo trains its own tokenizer on generated data (tests/test_demo.py runs it as shipped).
-CONFIGS = sorted(name for name in builtin_configs() if name != "demo")
+# The demo trains its own tokenizer on generated data (tests/test_demo.py runs it as shipped);
+# the LoRA configs run lora_finetune (tests/test_lora_configs.py).
+CONFIGS = sorted(name for name in builtin_configs() if name != "demo"
+                 and "lora_rank" not in yaml.safe_load(builtin_configs()[name].read_text()))
 # What shrinks each model to a few seconds of CPU: every field that sets the family apart
 # (tied embeddings, q/k/v biases, RoPE scaling, sliding window) stays the preset's.
 TINY = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128}

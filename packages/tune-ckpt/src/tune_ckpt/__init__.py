@@ -1,8 +1,10 @@
-"""tune-ckpt: Hugging Face Hub download and streaming checkpoint conversion (Meta, HF, native).
+"""tune-ckpt: Hugging Face Hub download and streaming checkpoint conversion (Meta, HF, native),
+LoRA adapters in PEFT's format, and merging them into their base.
 
 Needs torch, safetensors, huggingface_hub and tune-models (torch only: a model's shape and
-key schema are defined there once). Names load lazily, so ``import tune_ckpt`` (and the
-``tune-ckpt --help`` it backs) costs nothing until a function is used.
+the key schemas of the model and its adapters are defined there once). Names load lazily, so
+``import tune_ckpt`` (and the ``tune-ckpt --help`` it backs) costs nothing until a function is
+used.
 """
 
 from __future__ import annotations
@@ -32,9 +34,16 @@ _EXPORTS = {
     "native_shapes": "tune_ckpt.keymaps",
     "merge_meta_shards": "tune_ckpt.shards",
     "meta_shard_dim": "tune_ckpt.shards",
+    "Adapter": "tune_ckpt.adapters",
+    "save_peft_adapter": "tune_ckpt.adapters",
+    "load_peft_adapter": "tune_ckpt.adapters",
+    "native_to_peft": "tune_ckpt.adapters",
+    "peft_to_native": "tune_ckpt.adapters",
+    "merge_adapter": "tune_ckpt.merge",
 }
 
 __all__ = [
+    "Adapter",
     "CheckpointError",
     "convert",
     "detect_format",
@@ -43,6 +52,8 @@ __all__ = [
     "hf_to_native",
     "hf_to_native_rows",
     "load_native",
+    "load_peft_adapter",
+    "merge_adapter",
     "merge_meta_shards",
     "meta_shard_dim",
     "meta_to_native",
@@ -50,15 +61,25 @@ __all__ = [
     "native_to_hf",
     "native_to_hf_rows",
     "native_to_meta",
+    "native_to_peft",
     "open_checkpoint",
+    "peft_to_native",
     "read_model_args",
     "read_model_family",
     "save_native",
+    "save_peft_adapter",
     "write_model_args",
 ]
 assert set(__all__) == {"CheckpointError", *_EXPORTS}
 
 if TYPE_CHECKING:
+    from tune_ckpt.adapters import (
+        Adapter,
+        load_peft_adapter,
+        native_to_peft,
+        peft_to_native,
+        save_peft_adapter,
+    )
     from tune_ckpt.conversion import convert, detect_format, open_checkpoint
     from tune_ckpt.hub import download
     from tune_ckpt.keymaps import (
@@ -70,6 +91,7 @@ if TYPE_CHECKING:
         native_to_hf_rows,
         native_to_meta,
     )
+    from tune_ckpt.merge import merge_adapter
     from tune_ckpt.model_args import read_model_args, read_model_family, write_model_args
     from tune_ckpt.native import save_native
     from tune_ckpt.reading import find_native_file, load_native

@@ -27,6 +27,12 @@ HF_BIN_FILE = "pytorch_model.bin"
 HF_BIN_INDEX = "pytorch_model.bin.index.json"
 HF_SHARD_PATTERN = r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$"
 
+# LoRA adapters: PEFT's two files (safetensors first; .bin is PEFT's older format), and tune's
+# sidecar with the base model's shape and whether the base was quantised (QLoRA).
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_SIDECAR_FILE = "tune_adapter.json"
+
 # Default output folders of `convert --to hf` / `--to meta`, beside the input.
 HF_EXPORT_DIR = "hf_model"
 META_EXPORT_DIR = "meta_model"

@@ -108,6 +108,33 @@ _dash_alias.hidden = True
 cli.add_command(_dash_alias, "convert-checkpoint")
 
 
+@cli.command(context_settings=CONTEXT)
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(path_type=Path), required=True,
+              help="The base model: a native checkpoint file or its folder (with "
+              "tune_model.json).")
+@click.option("--adapter", "adapter_path", type=click.Path(path_type=Path), required=True,
+              help="A LoRA adapter folder in PEFT's format (adapter_config.json + "
+              "adapter_model.safetensors), e.g. the one a LoRA run leaves in its output_dir.")
+@click.option("--to", "target_format", type=click.Choice(["native", "hf"]), default="native",
+              show_default=True, help="Output format.")
+@click.option("--output-path", "--output_path", "-o", "output_path",
+              type=click.Path(path_type=Path), required=True,
+              help="native: a .pt / .safetensors file or a folder; hf: a folder.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Cast the merged weights (default: the base's dtype).")
+@click.option("--force", is_flag=True, help="Overwrite existing output.")
+def merge(checkpoint_path: Path, adapter_path: Path, target_format: str, output_path: Path,
+          dtype: str | None, force: bool) -> None:
+    """Fold a LoRA adapter into its base model and write the merged model.
+
+    A QLoRA adapter is merged into the NF4-dequantised base it was trained on.
+    """
+    from tune_ckpt.merge import run_merge
+
+    run_merge(checkpoint_path, adapter_path, output_path, target_format=target_format,
+              dtype=dtype, force=force)
+
+
 # ----------------------------------------------------------------------------- generate / eval
 def _model_options(function):
     options = [
@@ -115,7 +142,11 @@ def _model_options(function):
                      help="Weights file, checkpoint folder, or a training output_dir (its latest "
                      "checkpoint)."),
         click.option("--config", "config_name", default=None,
-                     help="Or a training config: its output_dir and tokenizer are used."),
+                     help="Or a training config: its output_dir and tokenizer are used (a "
+                     "LoRA config's: its model_checkpoint with the adapter in output_dir)."),
+        click.option("--adapter", type=click.Path(path_type=Path), default=None,
+                     help="A LoRA adapter folder (PEFT format, e.g. a lora_finetune "
+                     "output_dir) to apply to the --checkpoint base."),
         click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
                      help="tokenizer.model (default: beside the checkpoint or the run's)."),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto."),
@@ -127,8 +158,8 @@ def _model_options(function):
     return function
 
 
-def _load(checkpoint: Path | None, config_name: str | None, tokenizer: Path | None,
-          device: str, dtype: str | None):
+def _load(checkpoint: Path | None, config_name: str | None, adapter: Path | None,
+          tokenizer: Path | None, device: str, dtype: str | None):
     import torch
 
     from tune_data import load_tokenizer
@@ -139,11 +170,13 @@ def _load(checkpoint: Path | None, config_name: str | None, tokenizer: Path | No
     if checkpoint is None:
         cfg = _config(config_name)
         checkpoint = Path(cfg.output_dir)
+        if cfg.lora_rank is not None and cfg.model_checkpoint is not None:
+            checkpoint, adapter = Path(cfg.model_checkpoint), adapter or Path(cfg.output_dir)
         tokenizer = tokenizer or Path(cfg.tokenizer_checkpoint)
     weights = resolve_checkpoint(checkpoint)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         dtype or "")
-    model, _ = load_model(weights, device=device, dtype=torch_dtype)
+    model, _ = load_model(weights, device=device, dtype=torch_dtype, adapter=adapter)
     return model, load_tokenizer(resolve_tokenizer(weights, tokenizer)), weights
 
 
@@ -183,9 +216,9 @@ def _config(config_name: str):
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the decode step: faster after a one-off compile "
                    "(on CPU it needs a C++ compiler).")
-def generate(checkpoint, config_name, tokenizer, device, dtype, prompts, template, chat,
-             chat_template, system, interactive, max_new_tokens, temperature, top_k, top_p,
-             seed, compile_) -> None:
+def generate(checkpoint, config_name, adapter, tokenizer, device, dtype, prompts, template,
+             chat, chat_template, system, interactive, max_new_tokens, temperature, top_k,
+             top_p, seed, compile_) -> None:
     """Generate text from a checkpoint; prints each answer, then tokens/s on stderr."""
     import time
 
@@ -207,7 +240,7 @@ def generate(checkpoint, config_name, tokenizer, device, dtype, prompts, templat
         raise click.UsageError("--chat-template and --system apply to --chat")
     if not prompts and not interactive:
         raise click.UsageError("pass --prompt/-p (or --interactive to chat from stdin)")
-    model, tok, weights = _load(checkpoint, config_name, tokenizer, device, dtype)
+    model, tok, weights = _load(checkpoint, config_name, adapter, tokenizer, device, dtype)
 
     def run(encoded: list[list[int]]) -> list[list[int]]:
         limit = model.config.max_seq_len - max(len(e) for e in encoded)
@@ -325,7 +358,7 @@ def _split_demo(prompt: str) -> dict[str, str]:
               help="A UTF-8 text file: report perplexity over it (no lm-eval needed).")
 @click.option("--max-seq-len", "--max_seq_len", "max_seq_len", type=int, default=None,
               help="Window length for perplexity (default: the model's).")
-def eval_(checkpoint, config_name, tokenizer, device, dtype, tasks, include_path, limit,
+def eval_(checkpoint, config_name, adapter, tokenizer, device, dtype, tasks, include_path, limit,
           num_fewshot, batch_size, perplexity_file, max_seq_len) -> None:
     """Evaluate a checkpoint: lm-eval harness tasks and/or perplexity over a text file."""
     from tune_train.eval import (
@@ -348,7 +381,7 @@ def eval_(checkpoint, config_name, tokenizer, device, dtype, tasks, include_path
     if max_seq_len is not None:  # the model's own limit is checked once it is loaded
         _check_option("--max-seq-len", check_max_seq_len, max_seq_len)
     text = read_text(perplexity_file) if perplexity_file is not None else None
-    model, tok, weights = _load(checkpoint, config_name, tokenizer, device, dtype)
+    model, tok, weights = _load(checkpoint, config_name, adapter, tokenizer, device, dtype)
     max_seq_len = _check_option("--max-seq-len", resolve_max_seq_len, model, max_seq_len)
     if text is not None:
         from tune_train.eval import perplexity

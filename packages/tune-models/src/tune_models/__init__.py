@@ -45,7 +45,21 @@ from tune_models.families import (
 )
 from tune_models.generation import check_sampling, generate, generate_stream, sample_token
 from tune_models.kv_cache import KVCache
+from tune_models.lora import (
+    LORA_TARGETS,
+    LoRALinear,
+    LoRASettings,
+    apply_lora,
+    is_lora_key,
+    load_lora_state_dict,
+    lora_parameter_shapes,
+    lora_settings,
+    lora_state_dict,
+    merge_lora,
+    reset_lora_parameters,
+)
 from tune_models.loss import linear_cross_entropy
+from tune_models.nf4 import NF4Linear, dequantize_nf4, quantize_base, quantize_nf4
 
 # The names from when tune fine-tuned Llama 2 only; code that imported them keeps working.
 Llama2 = Decoder
@@ -55,6 +69,7 @@ __all__ = [
     "FAMILIES",
     "FAMILY_OF_PRESET",
     "HF_KEYS",
+    "LORA_TARGETS",
     "META_KEYS",
     "MODELS",
     "Attention",
@@ -64,16 +79,22 @@ __all__ = [
     "KVCache",
     "Llama2",
     "Llama2Config",
+    "LoRALinear",
+    "LoRASettings",
     "ModelFamily",
+    "NF4Linear",
     "RMSNorm",
     "TiedOutput",
     "TransformerBlock",
+    "apply_lora",
     "apply_rope",
     "check_sampling",
     "checkpoint_key_map",
+    "dequantize_nf4",
     "family_of",
     "generate",
     "generate_stream",
+    "is_lora_key",
     "linear_cross_entropy",
     "llama2_7b",
     "llama2_13b",
@@ -85,6 +106,11 @@ __all__ = [
     "llama3_2_1b",
     "llama3_2_3b",
     "llama3_tiny",
+    "load_lora_state_dict",
+    "lora_parameter_shapes",
+    "lora_settings",
+    "lora_state_dict",
+    "merge_lora",
     "mistral_7b",
     "mistral_tiny",
     "native_shapes",
@@ -92,7 +118,10 @@ __all__ = [
     "qwen2_5_0_5b",
     "qwen2_5_1_5b",
     "qwen2_5_7b",
+    "quantize_base",
+    "quantize_nf4",
     "qwen2_tiny",
+    "reset_lora_parameters",
     "rope_cache",
     "rope_frequencies",
     "sample_token",

@@ -262,10 +262,10 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, kv = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(b, t, h + 2 * kv, self.head_dim)  # (B, T, H+2KV, D)
+        # split, not two slices: its backward is one cat, a slice's a zero-filled full tensor.
+        qk, v = qkv.split([h + kv, kv], dim=2)  # (B, T, H+KV, D), (B, T, KV, D)
         # Queries and keys are rotated together: one set of kernels instead of two.
-        qk = apply_rope(qkv[:, :, : h + kv], rope)  # (B, T, H+KV, D)
-        q, k = qk.split([h, kv], dim=2)  # (B, T, H, D), (B, T, KV, D)
-        v = qkv[:, :, h + kv :]  # (B, T, KV, D)
+        q, k = apply_rope(qk, rope).split([h, kv], dim=2)  # (B, T, H, D), (B, T, KV, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T, D)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, KV, S, D)
@@ -444,7 +444,10 @@ class Decoder(nn.Module):
         """
         h = self.hidden_states(tokens, input_pos, mask)
         if labels is not None:
-            return linear_cross_entropy(h, self.output.weight, labels)
+            # A LoRA adapter on the output (tune_models.lora) adds its low-rank term inside
+            # the chunked loss, which never runs the output layer itself.
+            low_rank = self.output.low_rank(h) if hasattr(self.output, "low_rank") else None
+            return linear_cross_entropy(h, self.output.weight, labels, low_rank=low_rank)
         return self.output(h)
 
     def hidden_states(

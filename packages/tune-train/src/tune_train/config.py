@@ -133,6 +133,21 @@ class TrainConfig:
     fsdp_cpu_offload: bool = _help("With FSDP, keep parameters and optimizer state in CPU "
                                    "memory.", False)
 
+    # --- LoRA and QLoRA (the lora_finetune recipe) ---
+    lora_rank: int | None = _help(
+        "Rank of the LoRA adapters lora_finetune trains (the base model stays frozen); "
+        "None = no adapters (full_finetune).", None)
+    lora_alpha: float = _help("Adapter outputs are scaled by lora_alpha / lora_rank.", 16.0)
+    lora_dropout: float = _help("Dropout on the adapters' input while training, in [0, 1).",
+                                0.0)
+    lora_target_modules: list[str] = _help(
+        "Where adapters go: any of q, k, v, o (attention), gate, up, down (MLP), output.",
+        default_factory=lambda: ["q", "v"])
+    quantize_base: Literal["nf4"] | None = _help(
+        "nf4: QLoRA, the frozen base's block linears stored in 4-bit NormalFloat "
+        "(double-quantised scales), computed in dtype; needs lora_rank. None = as loaded.",
+        None)
+
     # --- optimisation ---
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", 1)
     max_steps_per_epoch: int | None = _help("Stop an epoch after this many optimizer steps.",
@@ -518,6 +533,10 @@ def _check_values(cfg: TrainConfig) -> None:
         cfg.device in ("cpu", "cuda") or cfg.device.startswith("cuda:")
     ):
         raise ConfigError(f"'device' is '{cfg.device}'; use cpu, cuda, cuda:N or auto")
+    if cfg.quantize_base is not None and cfg.lora_rank is None:
+        raise ConfigError(f"'quantize_base: {cfg.quantize_base}' stores the frozen base in 4 "
+                          "bits, and only LoRA leaves the base frozen: set lora_rank (e.g. 8) "
+                          "and run lora_finetune, or set quantize_base: null")
     _check_validation(cfg)
 
 

@@ -170,12 +170,14 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "auto",
-               dtype: torch.dtype | None = None):
+               dtype: torch.dtype | None = None, adapter: str | Path | None = None):
     """Build a decoder of the checkpoint's shape and load its weights (mmap, weights only).
 
     The shape, of any family, comes from the ``tune_model.json`` written beside every native
     checkpoint (or Meta's params.json / HF's config.json there): see
-    :func:`checkpoint_config`.
+    :func:`checkpoint_config`. With ``adapter`` (a PEFT LoRA adapter folder, or a
+    lora_finetune output_dir) the adapter is merged into the loaded base (a QLoRA one into
+    its NF4 base): see :func:`tune_train.lora.apply_adapter`.
 
     Returns:
         (model in eval mode, its DecoderConfig).
@@ -199,6 +201,10 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto",
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise RecipeError(f"{path} does not fit the shape in its tune_model.json: {first}") from e
+    if adapter is not None:
+        from tune_train.lora import apply_adapter
+
+        model = apply_adapter(model, config, adapter)
     device = pick_device(device) if isinstance(device, str) else device
     model = model.to(device=device, dtype=dtype) if dtype else model.to(device=device)
     return model.eval(), config

@@ -105,10 +105,25 @@ def model_problems(cfg: TrainConfig) -> list[str]:
         config = registry.model_config(cfg)
     except ConfigError as e:
         return [str(e)]
-    problems = [checkpoint_problem(cfg, config)]
+    problems = [lora_problem(cfg, config), checkpoint_problem(cfg, config)]
     if cfg.tokenizer in registry.TOKENIZERS:  # else unknown_names reports it
         problems.insert(0, registry.tokenizer_problem(cfg))
     return [p for p in problems if p is not None]
+
+
+def lora_problem(cfg: TrainConfig, config) -> str | None:
+    """Why the LoRA keys cannot build adapters on the config's model (rank 0, an unknown
+    target module, ``output`` with tied embeddings, ...), or None. The rules are
+    ``tune_models``' own (:func:`tune_train.lora.lora_settings_of`)."""
+    from tune_train.lora import lora_settings_of
+
+    if cfg.lora_rank is None:
+        return None
+    try:
+        lora_settings_of(cfg, config)
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def checkpoint_problem(cfg: TrainConfig, config) -> str | None:

@@ -56,6 +56,9 @@ class FullFinetuneRecipe:
         cfg: The checked training config.
     """
 
+    lora = False  # lora_finetune's recipe: adapters on a frozen base (tune_train.lora)
+    description = "Full fine-tuning of a Llama 2, Llama 3.x, Mistral or Qwen2.5 model."
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.global_step = 0  # optimizer steps taken
@@ -86,6 +89,11 @@ class FullFinetuneRecipe:
         problems = model_problems(cfg)  # model_args, tokenizer and checkpoint vs the family
         if problems:
             raise ConfigError(problems[0])
+        from tune_train.lora import recipe_problem
+
+        problem = recipe_problem(cfg, self.lora)
+        if problem:
+            raise ConfigError(problem)
 
         self.device = _resolve_device(cfg.device)
         self.dist: DistInfo = init_distributed(self.device.type)
@@ -118,7 +126,7 @@ class FullFinetuneRecipe:
         self.model_config = self._model_config()
         weights = cfg.model_checkpoint
         if self.resume_from is not None:
-            weights = _model_file(self.resume_from)
+            weights = self._check_checkpoint(self.resume_from)
         self.model = self._setup_model(weights)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self._setup_optimizer()
@@ -189,19 +197,20 @@ class FullFinetuneRecipe:
             )
         return model_config
 
-    def _setup_model(self, weights: str | Path | None) -> torch.nn.Module:
-        from tune_models import Decoder
+    def _check_checkpoint(self, checkpoint: Path) -> Path:
+        """Check a checkpoint to resume from; returns the model weights to load."""
+        return _model_file(checkpoint)
 
+    def _prepare_layers(self, model: torch.nn.Module) -> None:
         cfg = self.cfg
-        with torch.device("meta"):
-            model = Decoder(self.model_config)
         for layer in model.layers:
             layer.use_checkpoint = cfg.enable_activation_checkpointing
-        param_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-        model.to(dtype=param_dtype)
         if cfg.compile:
             for layer in model.layers:
                 layer.compile()
+
+    def _setup_model(self, weights: str | Path | None) -> torch.nn.Module:
+        cfg = self.cfg
         self.sharded = cfg.enable_fsdp and self.dist.initialized
         if cfg.enable_fsdp and not self.sharded:
             _warn_once(self.dist, "enable_fsdp is on but the recipe was not launched by "
@@ -209,6 +218,27 @@ class FullFinetuneRecipe:
         if cfg.fsdp_cpu_offload and not self.sharded:
             _warn_once(self.dist, "fsdp_cpu_offload only applies to FSDP: set enable_fsdp: "
                        "True and launch with torchrun (tune --nproc_per_node N ...)")
+        param_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+        return self._build_model(weights, param_dtype)
+
+    def _shard(self, model: torch.nn.Module) -> None:
+        cfg = self.cfg
+        shard_model(
+            model,
+            param_dtype=torch.float16 if cfg.dtype == "fp16" else None,
+            reduce_dtype=torch.float32 if cfg.dtype == "fp16" else None,
+            cpu_offload=cfg.fsdp_cpu_offload,
+        )
+
+    def _build_model(self, weights: str | Path | None,
+                     param_dtype: torch.dtype) -> torch.nn.Module:
+        from tune_models import Decoder
+
+        cfg = self.cfg
+        with torch.device("meta"):
+            model = Decoder(self.model_config)
+        model.to(dtype=param_dtype)
+        self._prepare_layers(model)
         if not self.sharded:
             if weights is not None:
                 # Straight from the mmap'd file into the parameters: no second copy in memory.
@@ -224,12 +254,7 @@ class FullFinetuneRecipe:
             set_model_state_dict,
         )
 
-        shard_model(
-            model,
-            param_dtype=torch.float16 if cfg.dtype == "fp16" else None,
-            reduce_dtype=torch.float32 if cfg.dtype == "fp16" else None,
-            cpu_offload=cfg.fsdp_cpu_offload,
-        )
+        self._shard(model)
         model.to_empty(device="cpu" if cfg.fsdp_cpu_offload else self.device)
         if weights is None:
             # Each rank initialises its own shards: a valid random init, though not the same
@@ -632,7 +657,7 @@ class FullFinetuneRecipe:
         gradient can still overflow them); the previous checkpoint stays the latest."""
         bad = torch.zeros((), device=self.device)
         with torch.no_grad():
-            for p in self.model.parameters():
+            for p in self.params:  # the trained ones: frozen weights cannot change
                 local = p.to_local() if hasattr(p, "to_local") else p  # this rank's shard
                 bad += (~torch.isfinite(local)).any().to(bad.device)
         if all_reduce_sum(bad).item():
@@ -734,9 +759,9 @@ def _warn_once(info: DistInfo, message: str) -> None:
         tqdm.write(f"warning: {message}")
 
 
-def main(cfg: TrainConfig) -> None:
-    """Run the recipe end to end."""
-    recipe = FullFinetuneRecipe(cfg)
+def main(cfg: TrainConfig, recipe_class: type[FullFinetuneRecipe] | None = None) -> None:
+    """Run the recipe (by default this one) end to end."""
+    recipe = (recipe_class or FullFinetuneRecipe)(cfg)
     try:
         recipe.setup()
         recipe.train()
@@ -744,10 +769,11 @@ def main(cfg: TrainConfig) -> None:
         recipe.cleanup()
 
 
-def cli(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None,
+        recipe_class: type[FullFinetuneRecipe] | None = None) -> int:
     """``python full_finetune.py --config X [key=value ...] [--debug]``."""
-    parser = argparse.ArgumentParser(description="Full fine-tuning of a Llama 2, Llama 3.x, "
-                                     "Mistral or Qwen2.5 model.")
+    recipe_class = recipe_class or FullFinetuneRecipe
+    parser = argparse.ArgumentParser(description=recipe_class.description)
     parser.add_argument("--config", help="YAML file or built-in config name (default: none, "
                         "only defaults and overrides)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -756,7 +782,7 @@ def cli(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("TUNE_DEBUG") == "1"
     quiet_library_progress_bars()
     try:
-        main(load_config(args.config, args.overrides))
+        main(load_config(args.config, args.overrides), recipe_class)
     except (KeyboardInterrupt, *user_errors()) as e:
         if debug and not isinstance(e, KeyboardInterrupt):
             raise

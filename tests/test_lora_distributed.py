@@ -1,0 +1,112 @@
+"""lora_finetune under FSDP2 with real torchrun processes (CPU, gloo), launched the
+tutorial's way: ``tune --nnodes 1 --nproc_per_node 2 lora_finetune.py --config my.yaml``.
+Two processes give one process's losses on the same global batch, for LoRA and for QLoRA
+(the NF4 base sharded), and a run resumes on another number of processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tune_ckpt import load_peft_adapter
+from tune_train.checkpointing import latest_checkpoint, read_trainer_state
+from tune_train.metrics import read_jsonl_metrics
+
+from train_helpers import make_demo_files, tiny_config
+
+TUNE = str(Path(sys.executable).with_name("tune"))
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Demo data, tokenizer, and the base checkpoint every run starts from."""
+    from tune_ckpt import save_native
+    from tune_models import Decoder, llama2_tiny
+
+    root = tmp_path_factory.mktemp("lora-dist")
+    files = make_demo_files(root)
+    torch.manual_seed(0)
+    config = llama2_tiny(vocab_size=64)
+    model = Decoder(config)
+    model.init_weights()
+    base = root / "base" / "native_pytorch_model.pt"
+    base.parent.mkdir()
+    save_native(model.state_dict(), base, model_args=config, family="llama2")
+    return root, files, base, config
+
+
+def _write_config(setup, name: str, **extra) -> tuple[Path, Path]:
+    root, files, base, _ = setup
+    out = root / name
+    settings = dict(output_dir=str(out), model_checkpoint=str(base),
+                    model_args={"vocab_size": 64}, enable_fsdp=True,
+                    enable_activation_checkpointing=True, max_steps_per_epoch=STEPS,
+                    optimizer="AdamW", lr=1e-2, lora_rank=4, lora_alpha=8.0,
+                    lora_target_modules=["q", "k", "v", "o", "gate", "up", "down", "output"])
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(files, **{**settings, **extra})))
+    return path, out
+
+
+def _run(config: Path, nproc: int, *overrides: str) -> str:
+    proc = subprocess.run(
+        [TUNE, "--nnodes", "1", "--nproc_per_node", str(nproc), "lora_finetune.py", "--config",
+         str(config), *overrides], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TUNE_DIST_TIMEOUT": "60"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl_metrics(out / "metrics.jsonl")}
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["lora", "qlora"])
+def test_two_processes_train_the_adapters_as_one(setup, nf4):
+    """Same global batch (2 ranks x 2 samples x 2 micro-batches = 1 x 4 x 2)."""
+    *_, config = setup
+    quantize = {"quantize_base": "nf4"} if nf4 else {}
+    tag = "q" if nf4 else "l"
+    config1, out1 = _write_config(setup, f"one-{tag}", batch_size=4,
+                                  gradient_accumulation_steps=2, **quantize)
+    config2, out2 = _write_config(setup, f"two-{tag}", batch_size=2,
+                                  gradient_accumulation_steps=2, **quantize)
+    _run(config1, 1)
+    log = _run(config2, 2)
+    one, two = _losses(out1), _losses(out2)
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5), step
+    assert one[STEPS] < one[1]
+    assert log.count("adapter (PEFT format)") == 1  # rank 0 writes it
+    # Rank 0 gathered the sharded adapters into the same adapter one process trained.
+    single, sharded = load_peft_adapter(out1, config), load_peft_adapter(out2, config)
+    assert single.weights.keys() == sharded.weights.keys()
+    for key, value in single.weights.items():
+        torch.testing.assert_close(sharded.weights[key], value, atol=1e-4, rtol=1e-3, msg=key)
+    assert sharded.quantize_base == ("nf4" if nf4 else None)
+    assert not list(latest_checkpoint(out2).glob("native_pytorch_model.*"))
+
+
+def test_resume_on_another_number_of_processes(setup):
+    """Epoch 1 on 2 processes, epoch 2 resumed on 1; the global batch stays 4, so the losses
+    follow a run that never stopped (the adapters' optimizer state is resharded)."""
+    reference_config, reference = _write_config(setup, "ref", epochs=2, batch_size=4,
+                                                max_steps_per_epoch=3)
+    _run(reference_config, 1)
+    config, out = _write_config(setup, "switch", epochs=1, batch_size=2, max_steps_per_epoch=3)
+    _run(config, 2)
+    assert read_trainer_state(latest_checkpoint(out))["world_size"] == 2
+    log = _run(config, 1, "epochs=2", "batch_size=4", "resume_from_checkpoint=True")
+    assert "resumed from" in log
+    expected, got = _losses(reference), _losses(out)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(4, 7):
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
