@@ -111,9 +111,6 @@ def test_each_lora_config_trains_an_adapter_of_its_model(trained):
 def test_tune_eval_and_generate_apply_the_adapter_to_the_base(trained, tmp_path, request,
                                                                tinyshakespeare_path):
     name, base, out, result, _ = trained
-    if family_of(_shipped(name)["model"]).name != "llama2":
-        pytest.skip("tune eval / generate read every tokenizer as SentencePiece until tune_cli "
-                    "moves to tune_data.load_tokenizer (the chat branch)")
     assert result.returncode == 0
     sample = tmp_path / "sample.txt"
     sample.write_text(tinyshakespeare_path.read_text()[:2000])
