@@ -38,7 +38,13 @@ from tune_data.dataset import ROLES, TokenizedArrays, TokenizedDataset, Turns
 from tune_data.errors import DataError
 from tune_data.instruct import _describe_source, _encode_all, _tokenize_records
 from tune_data.ragged import flatten, gather
-from tune_data.sources import DataFiles, _json_records, load_records, local_json_files
+from tune_data.sources import (
+    DataFiles,
+    _json_records,
+    check_source,
+    load_records,
+    local_json_files,
+)
 from tune_data.tokenizers import Tokenizer
 
 # Bump when the tokenisation below changes, so stale cached datasets are not reused.
@@ -428,12 +434,7 @@ def chat_dataset(
             message, turns its template cannot hold, or makes the template fail: one line
             naming the row.
     """
-    if max_seq_len is not None and max_seq_len < 2:
-        raise DataError(f"max_seq_len must be at least 2 tokens, got {max_seq_len}")
-    if source is None and data_files is None:
-        raise DataError("a chat dataset needs a source (hub name or file; dataset_source in a "
-                        "config) or data_files")
-    source = source or ""
+    source = check_source("a chat dataset", source, data_files, max_seq_len)
     template = load_chat_template(chat_template, tokenizer)
     where = _describe_source(source, data_files)
     encoder = _ChatEncoder(tokenizer, template, train_on_input=train_on_input,

@@ -33,11 +33,11 @@ import numpy as np
 
 from tune_data import cache
 from tune_data.dataset import TokenizedArrays, TokenizedDataset, prefix_mask
-from tune_data.errors import DataError
 from tune_data.ragged import flatten, gather
 from tune_data.sources import (
     DataFiles,
     check_columns,
+    check_source,
     load_records,
     local_json_files,
     read_json_columns,
@@ -383,12 +383,7 @@ def instruct_dataset(
     Raises:
         DataError: If the data cannot be loaded or a row lacks a column.
     """
-    if max_seq_len is not None and max_seq_len < 2:
-        raise DataError(f"max_seq_len must be at least 2 tokens, got {max_seq_len}")
-    if source is None and data_files is None:
-        raise DataError("an instruct dataset needs a source (hub name or file; "
-                        "dataset_source in a config) or data_files")
-    source = source or ""
+    source = check_source("an instruct dataset", source, data_files, max_seq_len)
     template = as_template(template)
     column_map = dict(column_map or {})
     fields = [*template.fields, response_field]

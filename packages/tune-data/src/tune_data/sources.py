@@ -21,6 +21,24 @@ BUILDERS = {
 DataFiles = str | Path | Sequence[str | Path]
 
 
+def check_source(what: str, source: str | None, data_files: DataFiles | None,
+                 max_seq_len: int | None) -> str:
+    """The arguments every dataset builder shares, checked; returns the source ("" for none).
+
+    Args:
+        what: The dataset's kind for the message, e.g. "a chat dataset".
+
+    Raises:
+        DataError: max_seq_len below 2 (nothing to predict), or neither source nor data_files.
+    """
+    if max_seq_len is not None and max_seq_len < 2:
+        raise DataError(f"max_seq_len must be at least 2 tokens, got {max_seq_len}")
+    if source is None and data_files is None:
+        raise DataError(f"{what} needs a source (hub name or file; dataset_source in a config) "
+                        "or data_files")
+    return source or ""
+
+
 def load_records(
     source: str,
     data_files: DataFiles | None = None,

@@ -10,10 +10,9 @@ from typing import Any
 import numpy as np
 
 from tune_data.dataset import TokenizedArrays, TokenizedDataset
-from tune_data.errors import DataError
 from tune_data.instruct import _describe_source, _tokenize_records
 from tune_data.ragged import flatten
-from tune_data.sources import DataFiles, check_columns, load_records
+from tune_data.sources import DataFiles, check_columns, check_source, load_records
 from tune_data.tokenizers import Tokenizer
 
 _FORMAT_VERSION = "text-2"  # 2: a per-token loss mask
@@ -124,11 +123,7 @@ def text_completion_dataset(
     Raises:
         DataError: If the data cannot be loaded or lacks the column.
     """
-    if max_seq_len is not None and max_seq_len < 2:
-        raise DataError(f"max_seq_len must be at least 2 tokens, got {max_seq_len}")
-    if source is None and data_files is None:
-        raise DataError("text_completion_dataset needs source= (hub name or file) or data_files=")
-    source = source or ""
+    source = check_source("a text dataset", source, data_files, max_seq_len)
     records = load_records(source, data_files, split, cache_dir, **load_kwargs)
     where = _describe_source(source, data_files)
     check_columns(records, [column], where, hint="pass column='your_text_column'")
