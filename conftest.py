@@ -10,6 +10,15 @@ pytest_plugins = ["fixtures_hub"]
 
 REPO = Path(__file__).resolve().parent
 
+# Under pytest-xdist (pyproject's addopts run two workers) the workers share the cores: each
+# worker's processes get one thread unless OMP_NUM_THREADS says otherwise (threads spinning
+# on a busy core cost more than they give), and each worker's torchrun jobs their own
+# rendezvous port (torchrun reads PET_MASTER_PORT; its default, 29500, is one for all).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER.startswith("gw"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("PET_MASTER_PORT", str(29600 + int(_WORKER[2:])))
+
 
 def shared_data_dir() -> Path:
     """../shared/data beside the checkout, or $TUNE_SHARED_DATA."""
