@@ -12,8 +12,9 @@ Tasks (each answer is a pure function of the input, so correctness is checkable)
 
 A 0.75M-parameter model (the ``demo`` config) learns all three in three epochs of 20,000
 records (1,836 steps with the config's 2% held out, about a minute on 2 CPU cores): on
-held-out strings it reverses and sorts about 99% correctly. One epoch is not enough: reversing is then only half-learnt, and how far
-it got depends on the seed and on the CPU's floating-point rounding.
+held-out strings it reverses and sorts about 99% correctly. One epoch is not enough:
+reversing is then only half-learnt, and how far it got depends on the seed and on the CPU's
+floating-point rounding.
 """
 
 from __future__ import annotations
