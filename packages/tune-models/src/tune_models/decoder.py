@@ -346,6 +346,20 @@ class TiedOutput(nn.Module):
         return F.linear(x, self.weight)
 
 
+def init_parameter_(param: torch.Tensor, name: str, n_layers: int, std: float = 0.02,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill one Decoder parameter, named by its state-dict key, as ``Decoder.init_weights``
+    does; ``generator`` draws it from a stream of its own (one weight at a time, in any order).
+    """
+    if name.endswith("norm.weight"):
+        return nn.init.ones_(param)
+    if name.endswith(".bias"):
+        return nn.init.zeros_(param)
+    if name.endswith(("wo.weight", "w2.weight")):
+        std = std / math.sqrt(2 * n_layers)
+    return nn.init.normal_(param, 0.0, std, generator=generator)
+
+
 class Decoder(nn.Module):
     """The decoder of every supported family (Llama 2, Llama 3.x, Mistral, Qwen2.5).
 
@@ -375,16 +389,8 @@ class Decoder(nn.Module):
         (wo, w2) scaled by 1/sqrt(2 * n_layers) so its variance does not grow with depth;
         biases start at zero.
         """
-        out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(param)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(param)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(param, 0.0, out_std)
-            else:
-                nn.init.normal_(param, 0.0, std)
+            init_parameter_(param, name, self.config.n_layers, std)
 
     def setup_caches(
         self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +134,14 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torc
     return (lora_b.float() @ lora_a.float()) * scale
 
 
+def init_lora_(tensor: torch.Tensor, key: str) -> torch.Tensor:
+    """Initialise an adapter tensor named by its key: A (``lora_a``) kaiming-uniform as
+    nn.Linear and PEFT do, B (``lora_b``) zero, so a new adapter changes nothing at first."""
+    if ".lora_b" in key or key.startswith("lora_b"):
+        return nn.init.zeros_(tensor)
+    return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus low-rank adapters on all or some of its output rows.
 
@@ -212,8 +220,8 @@ class LoRALinear(nn.Module):
         """A kaiming-uniform (as nn.Linear and PEFT initialise), B zero: no change at first."""
         with torch.no_grad():
             for _, _, a, b in self.adapters():
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-                nn.init.zeros_(b)
+                init_lora_(a, "lora_a")
+                init_lora_(b, "lora_b")
 
     def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout and self.training:
@@ -410,17 +418,14 @@ def reset_lora_parameters(model: nn.Module) -> None:
         module.reset_lora_parameters()
 
 
-def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load adapter weights into a model with adapters of the same targets and shapes.
-
-    Values are copied into the existing parameters (keeping their dtype and device), or
-    become them if those are still on the meta device.
+def check_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Check that adapter weights fit a model's adapters: the same keys and shapes (the
+    model may be on the meta device or sharded).
 
     Raises:
         ValueError: One line naming the first missing, unexpected or misshapen key.
     """
-    params = dict(model.named_parameters())
-    expected = {k: tuple(v.shape) for k, v in params.items() if is_lora_key(k)}
+    expected = {k: tuple(v.shape) for k, v in model.named_parameters() if is_lora_key(k)}
     if not expected:
         raise ValueError("the model has no LoRA adapters: apply_lora first")
     for key, value in state_dict.items():
@@ -438,6 +443,20 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
         raise ValueError(f"the adapter has no '{missing[0]}'" +
                          (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
                          ": it targets fewer modules or layers than this model's adapters")
+
+
+def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load adapter weights into a model with adapters of the same targets and shapes.
+
+    Values are copied into the existing parameters (keeping their dtype and device), or
+    become them if those are still on the meta device.
+
+    Raises:
+        ValueError: One line naming the first missing, unexpected or misshapen key
+            (:func:`check_lora_state_dict`).
+    """
+    check_lora_state_dict(model, state_dict)
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in state_dict.items():
             param = params[key]

@@ -200,6 +200,7 @@ class _NF4Matmul(torch.autograd.Function):
 # like any other (frozen) parameter: weight_nf4, weight_nf4_scales, weight_nf4_factors.
 
 _SUFFIXES = ("_nf4", "_nf4_scales", "_nf4_factors")
+NF4_PARAMETERS = tuple("weight" + s for s in _SUFFIXES)  # in NF4Weight's order
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -221,7 +222,7 @@ def store_nf4(module: nn.Module, weight: torch.Tensor) -> None:
 
 def nf4_weight(module: nn.Module) -> NF4Weight:
     """The module's quantised weight (its three parameters)."""
-    return NF4Weight(*(getattr(module, "weight" + s) for s in _SUFFIXES))
+    return NF4Weight(*(getattr(module, name) for name in NF4_PARAMETERS))
 
 
 def base_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -292,6 +293,8 @@ def quantize_base(
             only the block linears' keys are read. None quantises the module's own weights,
             which must not be on the meta device.
         device: Where the quantised tensors go; default the source weight's device.
+            "meta" gives NF4 parameters of the right shapes and no values, from a model on
+            the meta device: to shard a model before filling in each process's part.
         on_quantized: Called with each module's path once it is quantised (progress bars).
 
     Returns:
@@ -302,6 +305,7 @@ def quantize_base(
             NF4 weight: apply LoRA first), a weight already quantised, or a meta weight with
             nothing to quantise from.
     """
+    placeholders = device is not None and torch.device(device).type == "meta"
     if scheme not in QUANT_SCHEMES:
         raise ValueError(f"unknown quantize_base scheme {scheme!r}; use one of "
                          f"{', '.join(QUANT_SCHEMES)} or none")
@@ -319,7 +323,7 @@ def quantize_base(
             )
     for key, module in targets:
         weight = weights[key + ".weight"] if weights is not None else module.weight
-        if weight.is_meta:
+        if weight.is_meta and not placeholders:
             raise ValueError(f"'{key}.weight' is on the meta device: load the weights first "
                              "or pass them as weights=")
         if device is not None:
