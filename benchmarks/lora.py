@@ -16,10 +16,11 @@ allocator peak over two steps (see benchmarks/model.py).
 
 Memory: one QLoRA training step of the real shape (llama3_1_8b, llama2_7b) at batch 1 x 256,
 activation checkpointing, fp32 compute, adapters rank 8 on q, v, o, gate, up, down
-(torchtune's QLoRA recipe). The base is random and goes straight from the meta device to NF4
-one matrix at a time (quantize_base with lazy weights), so the full-precision model never
-exists. Prints the bytes of the frozen base, the trainable parameters, the optimizer state,
-the step time and the process's peak RSS (goal: <= 10 GB).
+(torchtune's QLoRA recipe). The model is built by lora_finetune's own code
+(tune_train.lora.build_lora_model) from a random base: one weight at a time from the meta
+device, each quantised to NF4 as it is made, so the full-precision model never exists.
+Prints the bytes of the frozen base, the trainable parameters, the optimizer state, the
+step time and the process's peak RSS (goal: <= 10 GB).
 
 GPU (--gpu): Llama-3.1-8B shape, bf16, batch 2 x 2048, activation checkpointing, adapters
 rank 8 on q, v, o, gate, up, down: tune QLoRA, tune LoRA and transformers + PEFT LoRA
@@ -56,7 +57,6 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -75,63 +75,22 @@ HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": 
 # --- building models without materialising a full-precision one ------------------------------
 
 
-class RandomWeights(Mapping):
-    """Native key -> a fresh N(0, 0.02) fp32 tensor of that weight's shape, made on request:
-    what quantize_base reads instead of a checkpoint, one matrix at a time."""
-
-    def __init__(self, shapes: dict[str, tuple[int, ...]], device):
-        self.shapes, self.device = shapes, device
-
-    def __getitem__(self, key):
-        import torch
-
-        return torch.randn(self.shapes[key], device=self.device) * 0.02
-
-    def __iter__(self):
-        return iter(self.shapes)
-
-    def __len__(self):
-        return len(self.shapes)
-
-
-def _materialise(model, device, dtype) -> None:
-    """Give every parameter still on the meta device real storage, one tensor at a time:
-    norms at one, the rest N(0, 0.02); the adapters are initialised by the caller."""
-    import torch
-    from torch import nn
-
-    for name, module in model.named_modules():
-        for pname, p in list(module._parameters.items()):
-            if p is None or not p.is_meta:
-                continue
-            data = torch.empty(p.shape, device=device, dtype=dtype)
-            if "norm" in name:
-                data.fill_(1.0)
-            else:
-                data.normal_(0.0, 0.02)
-            module._parameters[pname] = nn.Parameter(data, requires_grad=p.requires_grad)
-
-
 def build_tune(config, *, qlora: bool, device, dtype, targets, checkpointing: bool):
+    """lora_finetune's own build (tune_train.lora.build_lora_model) from a random base: made
+    one weight at a time from the meta device, quantised as it goes under QLoRA, so the
+    full-precision model never exists."""
     import torch
 
-    from tune_models import Decoder, apply_lora, quantize_base, reset_lora_parameters
-    from tune_models.nf4 import QUANTIZED_MODULES
+    from tune_models import LoRASettings
+    from tune_train.lora import build_lora_model
 
-    with torch.device("meta"):
-        model = Decoder(config)
-    apply_lora(model, rank=RANK, alpha=ALPHA, targets=targets)
-    if qlora:
-        shapes = {}
-        for i, layer in enumerate(model.layers):
-            for name in QUANTIZED_MODULES:
-                m = layer.get_submodule(name)
-                shapes[f"layers.{i}.{name}.weight"] = (m.out_features, m.in_features)
-        quantize_base(model, "nf4", weights=RandomWeights(shapes, device), device=device)
-    _materialise(model, device, dtype)
-    reset_lora_parameters(model)
-    for layer in model.layers:
-        layer.use_checkpoint = checkpointing
+    def prepare(model):
+        for layer in model.layers:
+            layer.use_checkpoint = checkpointing
+
+    model = build_lora_model(config, LoRASettings(RANK, ALPHA, 0.0, tuple(targets)), base=None,
+                             quantize="nf4" if qlora else None, device=torch.device(device),
+                             dtype=dtype, seed=0, prepare_layers=prepare)
     return model.train()
 
 

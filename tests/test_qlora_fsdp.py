@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = '''
 import copy
 
@@ -72,3 +74,94 @@ def test_qlora_shards_the_nf4_base_and_trains_the_adapters_as_one_process(tmp_pa
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "qlora gradients agree" in proc.stdout
+
+
+BUILD_SCRIPT = '''
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
+
+from tune_ckpt import load_native
+from tune_models import DecoderConfig, LoRASettings
+from tune_train.distributed import shard_model
+from tune_train.lora import build_lora_model
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+base, quantize = Path(sys.argv[1]), sys.argv[2] if sys.argv[2] != "none" else None
+config = DecoderConfig(**json.loads(sys.argv[3]))
+settings = LoRASettings(4, 8.0, 0.0, ("q", "v", "o", "gate", "up", "down", "output"))
+
+
+def build(shard):
+    return build_lora_model(config, settings, base=base, read_weights=lambda p, m: load_native(p),
+                            quantize=quantize, device=torch.device("cpu"), dtype=torch.float32,
+                            seed=3, shard=shard)
+
+
+def peak_bytes(prof):
+    """Peak of torch's running total of CPU tensor bytes over the profiled region."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+    return max(e["args"]["Total Allocated"] for e in events
+               if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)
+
+
+with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    sharded = build(shard_model)
+peak = peak_bytes(prof)
+whole = build(None)  # what one process builds
+theirs = dict(whole.named_parameters())
+assert [n for n, _ in sharded.named_parameters()] == list(theirs)
+for name, p in sharded.named_parameters():
+    assert p.requires_grad == theirs[name].requires_grad, name
+    assert torch.equal(p.full_tensor(), theirs[name].detach()), name
+# The bf16 checkpoint becomes fp32 weights: one process allocates the whole base; each of
+# these keeps a third of it, plus one weight in flight.
+base_bytes = sum(p.numel() * p.element_size() for p in whole.parameters() if not p.requires_grad)
+if quantize is None:
+    assert 0.2 * base_bytes < peak < 0.6 * base_bytes, (peak, base_bytes)
+dist.destroy_process_group()
+if rank == 0:
+    print(f"built in shards: peak {peak} bytes of a {base_bytes}-byte base")
+'''
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_each_process_builds_only_its_shards_of_the_model_one_process_builds(tmp_path, quantize):
+    """tune --nproc_per_node N lora_finetune.py: no process holds the whole base, and the
+    shards make up exactly the model (base, NF4 base, adapters) one process builds. Three
+    processes, so some tensors split unevenly."""
+    import json
+
+    import torch
+
+    from tune_ckpt import save_native
+    from tune_models import Decoder, DecoderConfig
+
+    config = DecoderConfig(vocab_size=64, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                           hidden_dim=352, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Decoder(config)
+    model.init_weights()
+    base = tmp_path / "base" / "native_pytorch_model.pt"
+    base.parent.mkdir()
+    save_native({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, base,
+                model_args=config)
+    script = tmp_path / "build.py"
+    script.write_text(BUILD_SCRIPT)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    args = {f: getattr(config, f) for f in ("vocab_size", "dim", "n_layers", "n_heads",
+                                            "n_kv_heads", "hidden_dim", "max_seq_len")}
+    proc = subprocess.run(
+        [torchrun, "--nnodes", "1", "--nproc_per_node", "3", str(script), str(base), quantize,
+         json.dumps(args)], capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "built in shards" in proc.stdout, proc.stdout

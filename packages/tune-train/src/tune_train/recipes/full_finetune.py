@@ -276,8 +276,10 @@ class FullFinetuneRecipe:
             warnings.filterwarnings("ignore", message="DTensor random operators")
             model.init_weights()
 
-    def _read_weights(self, path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """A native checkpoint as a state dict, checked key by key against the model."""
+    def _read_weights(self, path: Path, model: torch.nn.Module,
+                      cast: bool = True) -> dict[str, torch.Tensor]:
+        """A native checkpoint as a state dict (mmap'd), checked key by key against the
+        model; ``cast`` converts every tensor to the model's dtype at once."""
         from tune_ckpt import CheckpointError, load_native
 
         try:
@@ -285,6 +287,8 @@ class FullFinetuneRecipe:
         except CheckpointError as e:
             raise RecipeError(str(e)) from e
         _check_state_dict(state, model, path, self.cfg.model)
+        if not cast:
+            return state
         dtype = next(iter(model.parameters())).dtype
         # Cast while loading so a bf16 checkpoint trains in fp32 (and vice versa).
         return {k: v if v.dtype == dtype else v.to(dtype) for k, v in state.items()}

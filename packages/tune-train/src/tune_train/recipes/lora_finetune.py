@@ -17,8 +17,9 @@ changes three things, set by the config's lora_* keys and quantize_base:
   (adapter_config.json + adapter_model.safetensors) that PEFT and vLLM load; ``tune merge``
   folds it into the base, ``tune generate/eval --adapter`` use it as it is.
 
-Under torchrun every process builds the same model (the adapters from ``seed``) and FSDP2
-then shards it, the frozen NF4 base included.
+Under torchrun the model is sharded (FSDP2) on the meta device and each process then fills in
+its own shards one weight at a time (the frozen NF4 base included): no process holds the
+whole base. The adapters are made from ``seed``, so N processes train what one does.
 """
 
 from __future__ import annotations
@@ -60,14 +61,12 @@ class LoRAFinetuneRecipe(FullFinetuneRecipe):
         device = torch.device("cpu") if cfg.fsdp_cpu_offload and self.sharded else self.device
         model = lora.build_lora_model(
             self.model_config, self.lora_settings,
-            base=Path(weights) if weights is not None else None, read_weights=self._read_weights,
+            base=Path(weights) if weights is not None else None,
+            read_weights=lambda path, model: self._read_weights(path, model, cast=False),
             quantize=cfg.quantize_base, device=device, dtype=param_dtype, seed=cfg.seed,
-            prepare_layers=self._prepare_layers)
-        if self.resume_from is not None:
-            lora.load_adapter_weights(model, self.resume_adapter, self.lora_settings,
-                                      self.resume_from)
-        if self.sharded:
-            self._shard(model)
+            prepare_layers=self._prepare_layers, shard=self._shard if self.sharded else None,
+            adapter=self.resume_adapter if self.resume_from is not None else None,
+            adapter_source=self.resume_from)
         if self.dist.is_main:
             trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
             tqdm.write(f"LoRA rank {self.lora_settings.rank} on "
