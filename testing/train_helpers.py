@@ -38,3 +38,90 @@ def tiny_config(demo_files: dict[str, Path], **extra: Any) -> dict[str, Any]:
     }
     cfg.update(extra)
     return cfg
+
+
+def run_recipe(cfg: dict[str, Any], *, train: bool = True, recipe_class=None):
+    """Set up (and train) a recipe in this process from a config dict; always cleans up.
+
+    Returns:
+        The recipe (``recipe.model`` etc. stay readable).
+    """
+    from tune_train.config import load_config
+    from tune_train.recipes.full_finetune import FullFinetuneRecipe
+
+    recipe = (recipe_class or FullFinetuneRecipe)(load_config(cfg))
+    try:
+        recipe.setup()
+        if train:
+            recipe.train()
+    finally:
+        recipe.cleanup()
+    return recipe
+
+
+def read_losses(output_dir: str | Path) -> dict[int, float]:
+    """Step -> training loss, from a run's metrics.jsonl."""
+    from tune_train.metrics import read_jsonl_metrics
+
+    return {r["step"]: r["loss"] for r in read_jsonl_metrics(Path(output_dir) / "metrics.jsonl")}
+
+
+def save_tiny_base(folder: Path, seed: int = 0):
+    """A seeded llama2_tiny (64-token vocabulary) native checkpoint in ``folder``/start:
+    the one starting point every run of a comparison loads.
+
+    Returns:
+        (checkpoint path, the model's DecoderConfig)
+    """
+    import torch
+
+    from tune_ckpt import save_native
+    from tune_models import Decoder, llama2_tiny
+
+    torch.manual_seed(seed)
+    config = llama2_tiny(vocab_size=64)
+    model = Decoder(config)
+    model.init_weights()
+    path = folder / "start" / "native_pytorch_model.pt"
+    path.parent.mkdir(parents=True)
+    save_native(model.state_dict(), path, model_args=config, family="llama2")
+    return path, config
+
+
+def tune_launch(recipe: str, config: Path, nproc: int, *overrides: str):
+    """``tune --nnodes 1 --nproc_per_node N <recipe>.py --config C ...`` as a user types it."""
+    import os
+    import subprocess
+    import sys
+
+    tune = str(Path(sys.executable).with_name("tune"))
+    return subprocess.Popen(
+        [tune, "--nnodes", "1", "--nproc_per_node", str(nproc), f"{recipe}.py", "--config",
+         str(config), *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TUNE_DIST_TIMEOUT": "60"})
+
+
+def tune_run(recipe: str, config: Path, nproc: int, *overrides: str, timeout: int = 600) -> str:
+    """:func:`tune_launch`, waited for; it must succeed. Returns stdout + stderr."""
+    proc = tune_launch(recipe, config, nproc, *overrides)
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out + err
+
+
+def torchrun_script(folder: Path, script: str, nproc: int, *args: str) -> str:
+    """Run a Python script under ``torchrun --nproc_per_node N``; it must succeed.
+
+    Returns:
+        Its stdout.
+    """
+    import subprocess
+    import sys
+
+    path = folder / "torchrun_script.py"
+    path.write_text(script)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    proc = subprocess.run([torchrun, "--nnodes", "1", "--nproc_per_node", str(nproc), str(path),
+                           *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,27 +17,24 @@ import yaml
 from tune_train.checkpointing import latest_checkpoint, read_trainer_state
 from tune_train.metrics import read_jsonl_metrics
 
-from train_helpers import make_demo_files, tiny_config
+from train_helpers import (
+    make_demo_files,
+    read_losses,
+    save_tiny_base,
+    tiny_config,
+    tune_launch,
+    tune_run,
+)
 
-TUNE = str(Path(sys.executable).with_name("tune"))
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Demo data, tokenizer, and one seeded starting checkpoint every run loads."""
-    from tune_ckpt import save_native
-    from tune_models import Llama2, llama2_tiny
-
     root = tmp_path_factory.mktemp("dist")
     files = make_demo_files(root)
-    torch.manual_seed(0)
-    model_config = llama2_tiny(vocab_size=64)
-    model = Llama2(model_config)
-    model.init_weights()
-    start = root / "start" / "native_pytorch_model.pt"
-    start.parent.mkdir()
-    save_native(model.state_dict(), start, model_args=vars(model_config))
+    start, _ = save_tiny_base(root)
     return root, files, start
 
 
@@ -56,21 +52,11 @@ def _write_config(setup, name: str, **extra) -> tuple[Path, Path]:
 
 
 def _launch(config: Path, nproc: int, *overrides: str) -> subprocess.Popen:
-    args = [TUNE, "--nnodes", "1", "--nproc_per_node", str(nproc), "full_finetune.py",
-            "--config", str(config), *overrides]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TUNE_DIST_TIMEOUT": "60"})
+    return tune_launch("full_finetune", config, nproc, *overrides)
 
 
 def _run(config: Path, nproc: int, *overrides: str) -> str:
-    proc = _launch(config, nproc, *overrides)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    return out + err
-
-
-def _losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_jsonl_metrics(out / "metrics.jsonl")}
+    return tune_run("full_finetune", config, nproc, *overrides, timeout=300)
 
 
 def _val_losses(out: Path) -> dict[int, float]:
@@ -93,7 +79,7 @@ def test_two_process_fsdp_equals_one_process(setup):
                                   metric_loggers=["stdout", "jsonl"])
     _run(config1, 1)
     log = _run(config2, 2)
-    one, two = _losses(out1), _losses(out2)
+    one, two = read_losses(out1), read_losses(out2)
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-5), step
@@ -131,7 +117,7 @@ def test_fsdp_cpu_offload_trains_like_one_process(setup):
                                   fsdp_cpu_offload=True)
     _run(config1, 1)
     _run(config2, 2)
-    one, two = _losses(out1), _losses(out2)
+    one, two = read_losses(out1), read_losses(out2)
     assert sorted(two) == [1, 2, 3]
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-5), step
@@ -158,7 +144,7 @@ def test_resume_on_a_different_number_of_processes(setup, before, after):
     log = _run(config, after, "epochs=2", f"batch_size={per_rank[after]}",
                "resume_from_checkpoint=True")
     assert "resumed from" in log
-    expected, got = _losses(reference), _losses(out)
+    expected, got = read_losses(reference), read_losses(out)
     assert sorted(got) == list(range(1, 7))
     for step in range(4, 7):
         assert got[step] == pytest.approx(expected[step], abs=1e-5), step
@@ -198,7 +184,7 @@ def test_a_killed_rank_stops_the_job_and_resume_matches(setup):
     assert time.monotonic() - killed_at < 60, "the job hung after a rank died"
     assert "error:" in err and "Traceback" not in err
     _run(config, 2, "resume_from_checkpoint=True")
-    expected, got = _losses(reference), _losses(out)
+    expected, got = read_losses(reference), read_losses(out)
     assert sorted(got) == list(range(1, 9))
     for step in got:
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step

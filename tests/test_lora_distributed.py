@@ -5,9 +5,6 @@ Two processes give one process's losses on the same global batch, for LoRA and f
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,29 +13,18 @@ import yaml
 
 from tune_ckpt import load_peft_adapter
 from tune_train.checkpointing import latest_checkpoint, read_trainer_state
-from tune_train.metrics import read_jsonl_metrics
 
-from train_helpers import make_demo_files, tiny_config
+from train_helpers import make_demo_files, read_losses, save_tiny_base, tiny_config, tune_run
 
-TUNE = str(Path(sys.executable).with_name("tune"))
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Demo data, tokenizer, and the base checkpoint every run starts from."""
-    from tune_ckpt import save_native
-    from tune_models import Decoder, llama2_tiny
-
     root = tmp_path_factory.mktemp("lora-dist")
     files = make_demo_files(root)
-    torch.manual_seed(0)
-    config = llama2_tiny(vocab_size=64)
-    model = Decoder(config)
-    model.init_weights()
-    base = root / "base" / "native_pytorch_model.pt"
-    base.parent.mkdir()
-    save_native(model.state_dict(), base, model_args=config, family="llama2")
+    base, config = save_tiny_base(root)
     return root, files, base, config
 
 
@@ -56,16 +42,7 @@ def _write_config(setup, name: str, **extra) -> tuple[Path, Path]:
 
 
 def _run(config: Path, nproc: int, *overrides: str) -> str:
-    proc = subprocess.run(
-        [TUNE, "--nnodes", "1", "--nproc_per_node", str(nproc), "lora_finetune.py", "--config",
-         str(config), *overrides], capture_output=True, text=True, timeout=600,
-        env={**os.environ, "TUNE_DIST_TIMEOUT": "60"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
-
-
-def _losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_jsonl_metrics(out / "metrics.jsonl")}
+    return tune_run("lora_finetune", config, nproc, *overrides)
 
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["lora", "qlora"])
@@ -80,7 +57,7 @@ def test_two_processes_train_the_adapters_as_one(setup, nf4):
                                   gradient_accumulation_steps=2, **quantize)
     _run(config1, 1)
     log = _run(config2, 2)
-    one, two = _losses(out1), _losses(out2)
+    one, two = read_losses(out1), read_losses(out2)
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-5), step
@@ -106,7 +83,7 @@ def test_resume_on_another_number_of_processes(setup):
     assert read_trainer_state(latest_checkpoint(out))["world_size"] == 2
     log = _run(config, 1, "epochs=2", "batch_size=4", "resume_from_checkpoint=True")
     assert "resumed from" in log
-    expected, got = _losses(reference), _losses(out)
+    expected, got = read_losses(reference), read_losses(out)
     assert sorted(got) == list(range(1, 7))
     for step in range(4, 7):
         assert got[step] == pytest.approx(expected[step], abs=1e-5), step

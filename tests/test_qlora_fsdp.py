@@ -4,11 +4,9 @@ of one process on the whole batch."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from train_helpers import torchrun_script
 
 SCRIPT = '''
 import copy
@@ -65,15 +63,7 @@ if rank == 0:
 
 
 def test_qlora_shards_the_nf4_base_and_trains_the_adapters_as_one_process(tmp_path):
-    script = tmp_path / "qlora_fsdp.py"
-    script.write_text(SCRIPT)
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    proc = subprocess.run(
-        [torchrun, "--nnodes", "1", "--nproc_per_node", "2", str(script)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "qlora gradients agree" in proc.stdout
+    assert "qlora gradients agree" in torchrun_script(tmp_path, SCRIPT, 2)
 
 
 BUILD_SCRIPT = '''
@@ -154,14 +144,7 @@ def test_each_process_builds_only_its_shards_of_the_model_one_process_builds(tmp
     base.parent.mkdir()
     save_native({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, base,
                 model_args=config)
-    script = tmp_path / "build.py"
-    script.write_text(BUILD_SCRIPT)
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
     args = {f: getattr(config, f) for f in ("vocab_size", "dim", "n_layers", "n_heads",
                                             "n_kv_heads", "hidden_dim", "max_seq_len")}
-    proc = subprocess.run(
-        [torchrun, "--nnodes", "1", "--nproc_per_node", "3", str(script), str(base), quantize,
-         json.dumps(args)], capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "built in shards" in proc.stdout, proc.stdout
+    out = torchrun_script(tmp_path, BUILD_SCRIPT, 3, str(base), quantize, json.dumps(args))
+    assert "built in shards" in out

@@ -3,9 +3,7 @@ sharded once and its gradient collects both uses, as in one process on the whole
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+from train_helpers import torchrun_script
 
 SCRIPT = '''
 import torch
@@ -47,12 +45,4 @@ if rank == 0:
 
 
 def test_tied_embeddings_shard_once_and_get_both_gradients(tmp_path):
-    script = tmp_path / "tied_fsdp.py"
-    script.write_text(SCRIPT)
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    proc = subprocess.run(
-        [torchrun, "--nnodes", "1", "--nproc_per_node", "2", str(script)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "tied gradients agree" in proc.stdout
+    assert "tied gradients agree" in torchrun_script(tmp_path, SCRIPT, 2)

@@ -16,14 +16,11 @@ from tune_train.errors import RecipeError
 from tune_train.recipes.full_finetune import FullFinetuneRecipe
 from tune_train.validate import validate_config
 
+from train_helpers import run_recipe
+
 
 def _setup(cfg: dict) -> FullFinetuneRecipe:
-    recipe = FullFinetuneRecipe(load_config(cfg))
-    try:
-        recipe.setup()
-    finally:
-        recipe.cleanup()
-    return recipe
+    return run_recipe(cfg, train=False)
 
 
 def _one_line(error: pytest.ExceptionInfo) -> str:

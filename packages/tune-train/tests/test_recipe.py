@@ -11,22 +11,9 @@ import torch
 
 from tune_train.checkpointing import latest_checkpoint, list_checkpoints
 from tune_train.config import ConfigError, load_config
-from tune_train.metrics import read_jsonl_metrics
 from tune_train.recipes.full_finetune import FullFinetuneRecipe, RecipeError, main
 
-
-def read_losses(output_dir: str | Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_jsonl_metrics(Path(output_dir) / "metrics.jsonl")}
-
-
-def _run(cfg: dict) -> FullFinetuneRecipe:
-    recipe = FullFinetuneRecipe(load_config(cfg))
-    try:
-        recipe.setup()
-        recipe.train()
-    finally:
-        recipe.cleanup()
-    return recipe
+from train_helpers import read_losses, run_recipe
 
 
 def test_loss_goes_down_on_real_alpaca(llama2_tokenizer_path, alpaca_json_path, tmp_path):
@@ -56,8 +43,8 @@ def test_gradient_accumulation_equals_a_bigger_batch(tiny_run):
     target tokens of the whole step, not averaged per micro-batch)."""
     common = dict(optimizer="SGD", lr=0.5, max_steps_per_epoch=1, max_grad_norm=None,
                   batch_size=8)
-    big = _run(tiny_run(**common, output_dir=tiny_run()["output_dir"] + "-big"))
-    small = _run(tiny_run(**{**common, "batch_size": 2}, gradient_accumulation_steps=4))
+    big = run_recipe(tiny_run(**common, output_dir=tiny_run()["output_dir"] + "-big"))
+    small = run_recipe(tiny_run(**{**common, "batch_size": 2}, gradient_accumulation_steps=4))
     for (name, a), (_, b) in zip(big.model.named_parameters(), small.model.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
     # Unequal micro-batches (different padding and target counts) were really involved.
@@ -72,23 +59,23 @@ def _initial_output_weight(tiny_run) -> torch.Tensor:
 
 
 def test_runs_are_repeatable_and_seed_matters(tiny_run, tmp_path):
-    a = read_losses(_run(tiny_run(output_dir=str(tmp_path / "a"))).cfg.output_dir)
-    b = read_losses(_run(tiny_run(output_dir=str(tmp_path / "b"))).cfg.output_dir)
-    c = read_losses(_run(tiny_run(output_dir=str(tmp_path / "c"), seed=7)).cfg.output_dir)
+    a = read_losses(run_recipe(tiny_run(output_dir=str(tmp_path / "a"))).cfg.output_dir)
+    b = read_losses(run_recipe(tiny_run(output_dir=str(tmp_path / "b"))).cfg.output_dir)
+    c = read_losses(run_recipe(tiny_run(output_dir=str(tmp_path / "c"), seed=7)).cfg.output_dir)
     assert a == b
     assert a != c
 
 
 def test_activation_checkpointing_gives_the_same_losses(tiny_run, tmp_path):
-    plain = read_losses(_run(tiny_run(output_dir=str(tmp_path / "p"))).cfg.output_dir)
-    ac = _run(tiny_run(output_dir=str(tmp_path / "ac"), enable_activation_checkpointing=True))
+    plain = read_losses(run_recipe(tiny_run(output_dir=str(tmp_path / "p"))).cfg.output_dir)
+    ac = run_recipe(tiny_run(output_dir=str(tmp_path / "ac"), enable_activation_checkpointing=True))
     assert all(layer.use_checkpoint for layer in ac.model.layers)
     for step, loss in read_losses(ac.cfg.output_dir).items():
         assert loss == pytest.approx(plain[step], abs=1e-5)
 
 
 def test_bf16_keeps_weights_and_optimizer_state_in_bf16(tiny_run):
-    recipe = _run(tiny_run(dtype="bf16", max_steps_per_epoch=2, max_seq_len=16, batch_size=2))
+    recipe = run_recipe(tiny_run(dtype="bf16", max_steps_per_epoch=2, max_seq_len=16, batch_size=2))
     assert all(p.dtype == torch.bfloat16 for p in recipe.model.parameters())
     state = next(iter(recipe.optimizer.state.values()))
     assert state["exp_avg"].dtype == torch.bfloat16
@@ -96,7 +83,7 @@ def test_bf16_keeps_weights_and_optimizer_state_in_bf16(tiny_run):
 
 
 def test_fp16_trains_fp32_master_weights_with_loss_scaling(tiny_run):
-    recipe = _run(tiny_run(dtype="fp16", max_steps_per_epoch=3, max_seq_len=16, batch_size=2))
+    recipe = run_recipe(tiny_run(dtype="fp16", max_steps_per_epoch=3, max_seq_len=16, batch_size=2))
     assert all(p.dtype == torch.float32 for p in recipe.model.parameters())
     records = [json.loads(line) for line in
                (Path(recipe.cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -105,7 +92,7 @@ def test_fp16_trains_fp32_master_weights_with_loss_scaling(tiny_run):
 
 
 def test_checkpoints_every_n_steps_keep_the_last_k(tiny_run):
-    recipe = _run(tiny_run(save_every_n_steps=2, keep_last_n_checkpoints=2,
+    recipe = run_recipe(tiny_run(save_every_n_steps=2, keep_last_n_checkpoints=2,
                            max_steps_per_epoch=7))
     names = [p.name for p in list_checkpoints(recipe.cfg.output_dir)]
     assert names == ["step_0000006", "step_0000007"]
@@ -113,14 +100,14 @@ def test_checkpoints_every_n_steps_keep_the_last_k(tiny_run):
 
 
 def test_a_second_run_does_not_overwrite_the_first(tiny_run):
-    _run(tiny_run())
+    run_recipe(tiny_run())
     with pytest.raises(RecipeError, match="already holds checkpoints.*resume_from_checkpoint"):
-        _run(tiny_run())
+        run_recipe(tiny_run())
 
 
 def test_resume_continues_where_it_stopped(tiny_run, tmp_path):
     """In-process variant of the kill test: stop after 4 steps, resume to 9."""
-    full = read_losses(_run(tiny_run(output_dir=str(tmp_path / "full"), max_steps_per_epoch=9,
+    full = read_losses(run_recipe(tiny_run(output_dir=str(tmp_path / "full"), max_steps_per_epoch=9,
                                      lr_scheduler="cosine", warmup_steps=2)).cfg.output_dir)
     part = tiny_run(output_dir=str(tmp_path / "part"), max_steps_per_epoch=9,
                     lr_scheduler="cosine", warmup_steps=2, save_every_n_steps=4)
@@ -138,24 +125,24 @@ def test_resume_continues_where_it_stopped(tiny_run, tmp_path):
         recipe.train()
     recipe.cleanup()
     assert [p.name for p in list_checkpoints(part["output_dir"])] == ["step_0000004"]
-    resumed = _run({**part, "resume_from_checkpoint": True})
+    resumed = run_recipe({**part, "resume_from_checkpoint": True})
     assert resumed.global_step == 9
     assert read_losses(part["output_dir"]) == full
 
 
 def test_missing_files_are_reported_before_the_model_is_built(tiny_run, tmp_path):
     with pytest.raises(RecipeError, match="tokenizer_checkpoint .*nope.model does not exist"):
-        _run(tiny_run(tokenizer_checkpoint=str(tmp_path / "nope.model")))
+        run_recipe(tiny_run(tokenizer_checkpoint=str(tmp_path / "nope.model")))
     with pytest.raises(RecipeError, match="model_checkpoint .*missing.pt does not exist.*"
                                           "convert_checkpoint"):
-        _run(tiny_run(model_checkpoint=str(tmp_path / "missing.pt")))
+        run_recipe(tiny_run(model_checkpoint=str(tmp_path / "missing.pt")))
 
 
 def test_a_checkpoint_of_another_model_is_named(tiny_run, tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"tok_embeddings.weight": torch.zeros(64, 32)}, path)
     with pytest.raises(RecipeError, match="lacks .* key\\(s\\) of model 'llama2_tiny'"):
-        _run(tiny_run(model_checkpoint=str(path)))
+        run_recipe(tiny_run(model_checkpoint=str(path)))
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -165,7 +152,7 @@ def test_a_checkpoint_of_another_model_is_named(tiny_run, tmp_path):
 ])
 def test_unknown_names_suggest_the_right_one(tiny_run, key, value, message):
     with pytest.raises(ConfigError) as e:
-        _run(tiny_run(**{key: value}))
+        run_recipe(tiny_run(**{key: value}))
     assert message in str(e.value)
 
 

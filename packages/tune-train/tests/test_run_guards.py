@@ -19,15 +19,7 @@ from tune_train.config import load_config
 from tune_train.metrics import read_jsonl_metrics
 from tune_train.recipes.full_finetune import FullFinetuneRecipe, RecipeError, main
 
-
-def _run(cfg: dict) -> FullFinetuneRecipe:
-    recipe = FullFinetuneRecipe(load_config(cfg))
-    try:
-        recipe.setup()
-        recipe.train()
-    finally:
-        recipe.cleanup()
-    return recipe
+from train_helpers import run_recipe
 
 
 def _records(output_dir: str | Path) -> list[dict]:
@@ -40,7 +32,7 @@ def test_a_second_run_on_a_held_output_dir_fails_naming_the_holder(tiny_run):
     first.setup()
     try:
         with pytest.raises(RecipeError) as e:
-            _run(tiny_run())
+            run_recipe(tiny_run())
         assert str(e.value) == (
             f"output_dir {tiny_run()['output_dir']} is in use by another training run (pid "
             f"{os.getpid()} on {socket.gethostname()}); wait for it to finish, or set another "
@@ -48,7 +40,7 @@ def test_a_second_run_on_a_held_output_dir_fails_naming_the_holder(tiny_run):
     finally:
         first.cleanup()
     # Released at the end of the run: the next one may continue it.
-    _run(tiny_run(resume_from_checkpoint=True))
+    run_recipe(tiny_run(resume_from_checkpoint=True))
 
 
 def test_output_dir_that_is_a_file(tiny_run, tmp_path):
@@ -113,7 +105,7 @@ def test_read_only_output_dir(tiny_run, tmp_path):
 def test_a_non_finite_loss_stops_the_run_naming_the_step(tiny_run):
     # lr 1e30: the first update makes the weights ~1e30, and step 2's forward overflows.
     with pytest.raises(RecipeError) as e:
-        _run(tiny_run(lr=1e30, max_steps_per_epoch=4))
+        run_recipe(tiny_run(lr=1e30, max_steps_per_epoch=4))
     assert str(e.value).startswith("training diverged at step 2: the loss is nan; no "
                                    "checkpoint was written. Lower lr (now 1e+30)")
     assert [r["step"] for r in _records(tiny_run()["output_dir"])] == [1]
@@ -125,7 +117,7 @@ def test_a_non_finite_gradient_norm_stops_the_run_naming_the_step(tiny_run):
     # loss at step 2, but its gradient overflows (lr 1e9 trains on, 1e13 overflows the loss).
     with pytest.raises(RecipeError, match="^training diverged at step 2: the gradient norm "
                                           "is (nan|inf); no checkpoint was written"):
-        _run(tiny_run(optimizer="SGD", lr=1e11, max_grad_norm=None, max_steps_per_epoch=4))
+        run_recipe(tiny_run(optimizer="SGD", lr=1e11, max_grad_norm=None, max_steps_per_epoch=4))
 
 
 def test_weights_made_non_finite_are_never_checkpointed(tiny_run):
@@ -134,14 +126,14 @@ def test_weights_made_non_finite_are_never_checkpointed(tiny_run):
     # SGD's weight decay shrinks each weight by lr * weight_decay per step: a tenth here.
     common = dict(optimizer="SGD", weight_decay=1e30, max_steps_per_epoch=2,
                   save_every_n_steps=1)
-    _run(tiny_run(**common, lr=1e-31))
+    run_recipe(tiny_run(**common, lr=1e-31))
     out = tiny_run()["output_dir"]
     good = latest_checkpoint(out)
     assert good.name == "step_0000002"
     # Resumed at lr 1e30, one update scales every weight by about -1e60, past the largest
     # float, although that step's loss and gradient norm were finite.
     with pytest.raises(RecipeError) as e:
-        _run(tiny_run(**common, lr=1e30, epochs=2, resume_from_checkpoint=True))
+        run_recipe(tiny_run(**common, lr=1e30, epochs=2, resume_from_checkpoint=True))
     assert str(e.value).startswith(
         f"training diverged at step 3: its update made some weights inf or nan; the latest "
         f"checkpoint, {good}, is unchanged.")
@@ -174,7 +166,7 @@ def test_fp16_loss_scaler_still_skips_overflowing_steps(tiny_run):
 def test_plain_progress_lines_when_stderr_is_not_a_terminal(tiny_run, capsys, monkeypatch):
     # Under pytest stderr is a pipe, as in `tune run ... > train.log 2>&1`.
     monkeypatch.setattr(metrics, "PLAIN_PROGRESS_SECONDS", 0.0)
-    _run(tiny_run(max_steps_per_epoch=3, metric_loggers=["stdout"]))
+    run_recipe(tiny_run(max_steps_per_epoch=3, metric_loggers=["stdout"]))
     captured = capsys.readouterr()
     assert "\r" not in captured.out + captured.err
     lines = captured.out.splitlines()
@@ -187,6 +179,6 @@ def test_plain_progress_lines_when_stderr_is_not_a_terminal(tiny_run, capsys, mo
 
 
 def test_no_progress_line_before_the_interval(tiny_run, capsys):
-    _run(tiny_run(max_steps_per_epoch=3, metric_loggers=["stdout"]))
+    run_recipe(tiny_run(max_steps_per_epoch=3, metric_loggers=["stdout"]))
     out = capsys.readouterr().out
     assert "step 3 |" in out and "epoch 1/1: step" not in out

@@ -8,9 +8,9 @@ import math
 import pytest
 
 from tune_train import registry
-from tune_train.config import load_config
 from tune_train.metrics import read_jsonl_metrics
-from tune_train.recipes.full_finetune import FullFinetuneRecipe
+
+from train_helpers import run_recipe
 
 KINDS = [
     ("llama2_tokenizer", "llama2_tokenizer_path", [15043, 3186]),
@@ -42,12 +42,7 @@ def test_a_tiny_model_trains_on_alpaca_with_the_family_tokenizer(
                    tokenizer_checkpoint=str(request.getfixturevalue(path_fixture)),
                    dataset="alpaca", dataset_source=None, data_files=str(data),
                    max_seq_len=64, max_steps_per_epoch=2)
-    recipe = FullFinetuneRecipe(load_config(cfg))
-    try:
-        recipe.setup()
-        recipe.train()
-    finally:
-        recipe.cleanup()
+    recipe = run_recipe(cfg)
     losses = [r["loss"] for r in read_jsonl_metrics(tmp_path / "run" / "metrics.jsonl")]
     # Untrained, the loss is about ln(vocabulary): the model's output covers every id.
     assert len(losses) == 2 and abs(losses[0] - math.log(recipe.tokenizer.vocab_size)) < 1.5
