@@ -93,10 +93,28 @@ def test_fp16_trains_fp32_master_weights_with_loss_scaling(tiny_run):
 
 def test_checkpoints_every_n_steps_keep_the_last_k(tiny_run):
     recipe = run_recipe(tiny_run(save_every_n_steps=2, keep_last_n_checkpoints=2,
-                           max_steps_per_epoch=7))
+                                 max_steps_per_epoch=7))
     names = [p.name for p in list_checkpoints(recipe.cfg.output_dir)]
     assert names == ["step_0000006", "step_0000007"]
     assert not list(Path(recipe.cfg.output_dir, "checkpoints").glob(".tmp-*"))
+
+
+def test_pruning_keeps_a_checkpoint_holding_a_users_export(tiny_run, capsys):
+    """`tune convert_checkpoint --to hf` on a mid-run checkpoint writes hf_model inside it by
+    default; keep_last_n_checkpoints must not delete it with the checkpoint."""
+    from tune_ckpt import convert
+
+    cfg = tiny_run(save_every_n_steps=1, keep_last_n_checkpoints=1, max_steps_per_epoch=2)
+    recipe = run_recipe(cfg)
+    first = list_checkpoints(recipe.cfg.output_dir)[-1]
+    export = convert(first / "native_pytorch_model.pt", target_format="hf",
+                                progress=False)
+    assert export == first / "hf_model"
+    run_recipe({**cfg, "epochs": 2, "resume_from_checkpoint": True})
+    names = [p.name for p in list_checkpoints(recipe.cfg.output_dir)]
+    assert names == [first.name, "step_0000004"]  # step 3 went, the exported one stayed
+    assert (export / "config.json").is_file()
+    assert f"{first} holds hf_model, which training did not write" in capsys.readouterr().out
 
 
 def test_a_second_run_does_not_overwrite_the_first(tiny_run):
@@ -107,8 +125,9 @@ def test_a_second_run_does_not_overwrite_the_first(tiny_run):
 
 def test_resume_continues_where_it_stopped(tiny_run, tmp_path):
     """In-process variant of the kill test: stop after 4 steps, resume to 9."""
-    full = read_losses(run_recipe(tiny_run(output_dir=str(tmp_path / "full"), max_steps_per_epoch=9,
-                                     lr_scheduler="cosine", warmup_steps=2)).cfg.output_dir)
+    full = read_losses(run_recipe(tiny_run(output_dir=str(tmp_path / "full"),
+                                           max_steps_per_epoch=9, lr_scheduler="cosine",
+                                           warmup_steps=2)).cfg.output_dir)
     part = tiny_run(output_dir=str(tmp_path / "part"), max_steps_per_epoch=9,
                     lr_scheduler="cosine", warmup_steps=2, save_every_n_steps=4)
     recipe = FullFinetuneRecipe(load_config(part))

@@ -46,7 +46,15 @@ from typing import Any
 import torch
 
 from tune_ckpt import CheckpointError
-from tune_ckpt.names import NATIVE_FILE, NATIVE_SAFETENSORS_FILE
+from tune_ckpt.names import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_FILES,
+    ADAPTER_SIDECAR_FILE,
+    MODEL_ARGS_FILE,
+    NATIVE_FILE,
+    NATIVE_FILES,
+    NATIVE_SAFETENSORS_FILE,
+)
 
 # The model file of a checkpoint, by the config's checkpoint_format.
 MODEL_FILES = {"pt": NATIVE_FILE, "safetensors": NATIVE_SAFETENSORS_FILE}
@@ -105,12 +113,30 @@ def _repair_best(root: Path) -> None:
             old.rename(root / BEST_DIR)  # a kill between the two renames: put it back
 
 
-def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (renamed away first: never half-gone)."""
+def _written_by_training() -> set[str]:
+    return {*NATIVE_FILES, MODEL_ARGS_FILE, TRAINER_STATE, RNG_STATE, TRAINING_STATE,
+            ADAPTER_CONFIG_FILE, *ADAPTER_FILES, ADAPTER_SIDECAR_FILE, BEST_INFO}
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> list[tuple[Path, str]]:
+    """Delete all but the newest ``keep`` checkpoints (renamed away first: never half-gone).
+
+    A checkpoint that holds something training did not write (the ``hf_model`` folder
+    ``tune convert_checkpoint --to hf`` puts beside a model file by default) is left whole.
+
+    Returns:
+        (checkpoint, the first foreign entry) for each checkpoint left for that reason.
+    """
+    ours, kept = _written_by_training(), []
     for old in list_checkpoints(output_dir)[:-keep]:
+        foreign = sorted(p.name for p in old.iterdir() if p.name not in ours)
+        if foreign:
+            kept.append((old, foreign[0]))
+            continue
         doomed = old.with_name(f".tmp-delete-{old.name}")
         old.rename(doomed)
         shutil.rmtree(doomed, ignore_errors=True)
+    return kept
 
 
 def _fsync_tree(path: Path) -> None:

@@ -427,7 +427,11 @@ class FullFinetuneRecipe:
                 raise  # not a failed write: a bug worth its traceback
             raise RecipeError(ckpt.save_failed_message(final, e)) from e
         if self.dist.is_main:
-            ckpt.prune_checkpoints(cfg.output_dir, cfg.keep_last_n_checkpoints)
+            for kept, foreign in ckpt.prune_checkpoints(cfg.output_dir,
+                                                        cfg.keep_last_n_checkpoints):
+                _warn_once(self.dist, f"{kept} holds {foreign}, which training did not write: "
+                           "the checkpoint is kept whole past keep_last_n_checkpoints; move "
+                           f"{foreign} elsewhere and delete the folder when you are done")
         self._barrier()
         return final
 
