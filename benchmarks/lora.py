@@ -30,21 +30,19 @@ without peft the transformers side gets a minimal LoRA layer written here, and s
 measurement is its own process: warm-up steps, then timed steps between
 torch.cuda.synchronize() calls; peak memory is torch.cuda.max_memory_allocated().
 
-Last measured (this machine: 2 shared CPU cores, fp32, torch 2.x CPU build; no GPU lent):
-* CPU speed, 3 rounds x 3 steps: tune 668 tokens/s median (601-891), transformers + PEFT
-  484 (425-542): 1.38x (goal >= 1.2x); peak allocator memory 477 MiB vs 948 MiB (0.50x).
-  Step-0 losses equal (10.42452 both), 32,768 trainable parameters on each side.
-* Memory, one QLoRA step of llama3_1_8b at 1 x 256: frozen base 7.80 GB (NF4 linears
-  3.60 GB, fp32 embeddings + output 4.2 GB), 19,660,800 trainable parameters = 78.6 MB, AdamW
-  state 157.3 MB; built in 707 s, step 910 s (the machine was shared), peak RSS 10.74 GB:
-  above the 10 GB goal. llama2_7b: frozen base 4.39 GB (NF4
-  linears 3.34 GB), 17,891,328 trainable parameters = 71.6 MB, AdamW state 143.1 MB; built in
-  815 s, step 811 s, peak RSS 7.31 GB (goal met). The 8B model's excess is its 128k-token
-  embedding and output matrices, kept in fp32 (2.1 GB each), as bitsandbytes keeps them
-  unquantised, plus ~2 GB of glibc heap fragmentation from the transient dequantised
-  weights: with MALLOC_MMAP_THRESHOLD_=1048576 in the environment (large blocks always
-  mmap'd, so freed ones go back to the OS) the same llama3_1_8b step peaks at 9.27 GB
-  (built in 414 s, step 645 s), within the goal.
+Last measured (this machine: 2 CPU cores, fp32, torch 2.x CPU build; no GPU lent):
+* CPU speed, 5 rounds x 3 steps, quiet machine: tune 3,148 tokens/s median (3,102-3,373),
+  transformers + PEFT 2,521 (2,491-2,628): 1.25x (goal >= 1.2x; 1.30x in a 3-round run, 1.38x
+  on a loaded machine); peak allocator memory 477 MiB vs 948 MiB (0.50x). Step-0 losses
+  equal (10.42452 both), 32,768 trainable parameters on each side.
+* Memory, one QLoRA step at 1 x 256: llama3_1_8b peak RSS 9.27 GB (goal <= 10 GB): frozen
+  base 7.80 GB (NF4 linears 3.60 GB, fp32 embeddings + output 4.2 GB, kept unquantised as
+  bitsandbytes keeps them), 19,660,800 trainable parameters = 78.6 MB, AdamW state
+  157.3 MB; built in 300 s, step 200 s. llama2_7b: 5.77 GB peak RSS, frozen base 4.39 GB
+  (NF4 linears 3.34 GB), 17,891,328 trainable = 71.6 MB, AdamW 143.1 MB; built in 159 s,
+  step 162 s. Before lora_finetune set glibc's mmap threshold for an NF4 base on CPU
+  (tune_train.lora.return_large_blocks_to_os) the same steps peaked at 10.74 GB and 7.31 GB:
+  the weights dequantised for every matmul fragmented the heap.
 * GPU: not run (no GPU was lent to this task); `--gpu --smoke` runs the three sides on CPU.
 """
 
