@@ -72,16 +72,23 @@ def test_two_processes_train_the_adapters_as_one(setup, nf4):
     assert not list(latest_checkpoint(out2).glob("native_pytorch_model.*"))
 
 
-def test_resume_on_another_number_of_processes(setup):
-    """Epoch 1 on 2 processes, epoch 2 resumed on 1; the global batch stays 4, so the losses
-    follow a run that never stopped (the adapters' optimizer state is resharded)."""
-    reference_config, reference = _write_config(setup, "ref", epochs=2, batch_size=4,
-                                                max_steps_per_epoch=3)
+@pytest.mark.parametrize("before, after, nf4", [(2, 1, False), (1, 2, True)],
+                         ids=["lora-2to1", "qlora-1to2"])
+def test_resume_on_another_number_of_processes(setup, before, after, nf4):
+    """Epoch 1 on one number of processes, epoch 2 resumed on another; the global batch stays
+    4, so the losses follow a run that never stopped (the adapters' optimizer state is
+    resharded; resumed on 2, each process puts its shards of the saved adapter in place)."""
+    quantize = {"quantize_base": "nf4"} if nf4 else {}
+    tag = f"{before}to{after}"
+    reference_config, reference = _write_config(setup, f"ref-{tag}", epochs=2, batch_size=4,
+                                                max_steps_per_epoch=3, **quantize)
     _run(reference_config, 1)
-    config, out = _write_config(setup, "switch", epochs=1, batch_size=2, max_steps_per_epoch=3)
-    _run(config, 2)
-    assert read_trainer_state(latest_checkpoint(out))["world_size"] == 2
-    log = _run(config, 1, "epochs=2", "batch_size=4", "resume_from_checkpoint=True")
+    config, out = _write_config(setup, f"switch-{tag}", epochs=1, batch_size=4 // before,
+                                max_steps_per_epoch=3, **quantize)
+    _run(config, before)
+    assert read_trainer_state(latest_checkpoint(out))["world_size"] == before
+    log = _run(config, after, "epochs=2", f"batch_size={4 // after}",
+               "resume_from_checkpoint=True")
     assert "resumed from" in log
     expected, got = read_losses(reference), read_losses(out)
     assert sorted(got) == list(range(1, 7))
