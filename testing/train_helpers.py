@@ -125,3 +125,22 @@ def torchrun_script(folder: Path, script: str, nproc: int, *args: str) -> str:
                            *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+def write_run_config(root: Path, demo_files: dict[str, Path], start: Path, name: str,
+                     **extra: Any) -> tuple[Path, Path]:
+    """root/<name>.yaml for a tune --nproc_per_node run from checkpoint ``start``: FSDP and
+    activation checkpointing on, AdamW, output in root/<name>; ``extra`` overrides any key.
+
+    Returns:
+        (the YAML file, the run's output_dir)
+    """
+    import yaml
+
+    out = root / name
+    settings = dict(output_dir=str(out), model_checkpoint=str(start),
+                    model_args={"vocab_size": 64}, enable_fsdp=True,
+                    enable_activation_checkpointing=True, optimizer="AdamW")
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(demo_files, **{**settings, **extra})))
+    return path, out

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tune_train.checkpointing import latest_checkpoint, read_trainer_state
 from tune_train.metrics import read_jsonl_metrics
@@ -21,9 +20,9 @@ from train_helpers import (
     make_demo_files,
     read_losses,
     save_tiny_base,
-    tiny_config,
     tune_launch,
     tune_run,
+    write_run_config,
 )
 
 STEPS = 6
@@ -40,15 +39,8 @@ def setup(tmp_path_factory):
 
 def _write_config(setup, name: str, **extra) -> tuple[Path, Path]:
     root, files, start = setup
-    out = root / name
-    settings = dict(output_dir=str(out), model_checkpoint=str(start),
-                    model_args={"vocab_size": 64}, enable_fsdp=True,
-                    enable_activation_checkpointing=True, max_steps_per_epoch=STEPS,
-                    optimizer="AdamW", lr=1e-3)
-    cfg = tiny_config(files, **{**settings, **extra})
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path, out
+    return write_run_config(root, files, start, name,
+                            **{"max_steps_per_epoch": STEPS, "lr": 1e-3, **extra})
 
 
 def _launch(config: Path, nproc: int, *overrides: str) -> subprocess.Popen:

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tune_ckpt import load_peft_adapter
 from tune_train.checkpointing import latest_checkpoint, read_trainer_state
 
-from train_helpers import make_demo_files, read_losses, save_tiny_base, tiny_config, tune_run
+from train_helpers import make_demo_files, read_losses, save_tiny_base, tune_run, write_run_config
 
 STEPS = 4
 
@@ -30,15 +29,9 @@ def setup(tmp_path_factory):
 
 def _write_config(setup, name: str, **extra) -> tuple[Path, Path]:
     root, files, base, _ = setup
-    out = root / name
-    settings = dict(output_dir=str(out), model_checkpoint=str(base),
-                    model_args={"vocab_size": 64}, enable_fsdp=True,
-                    enable_activation_checkpointing=True, max_steps_per_epoch=STEPS,
-                    optimizer="AdamW", lr=1e-2, lora_rank=4, lora_alpha=8.0,
-                    lora_target_modules=["q", "k", "v", "o", "gate", "up", "down", "output"])
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(files, **{**settings, **extra})))
-    return path, out
+    lora = dict(max_steps_per_epoch=STEPS, lr=1e-2, lora_rank=4, lora_alpha=8.0,
+                lora_target_modules=["q", "k", "v", "o", "gate", "up", "down", "output"])
+    return write_run_config(root, files, base, name, **{**lora, **extra})
 
 
 def _run(config: Path, nproc: int, *overrides: str) -> str:
