@@ -60,7 +60,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "testing"))  # hf_reference: transformers twin of a config
 
-from _timing import median, summary  # noqa: E402
+from _timing import median, summary, timed  # noqa: E402
 
 RANK, ALPHA = 8, 16
 CPU_TARGETS = ["q", "v"]
@@ -148,10 +148,7 @@ def cpu_child(side: str, steps: int, dropout: float) -> dict:
         first_loss = step()  # B = 0: the base model's loss, equal on both sides
         step()
     peak = _peak_allocated_mib(prof)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    elapsed = time.perf_counter() - start
+    elapsed = timed(lambda: [step() for _ in range(steps)])
     return {"tokens_per_s": batch * seq * steps / elapsed, "peak_mib": peak,
             "first_loss": first_loss, "trainable": sum(p.numel() for p in trainable)}
 

@@ -27,13 +27,12 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "testing"))  # hf_reference: transformers twin of a config
 
-from _timing import median, summary  # noqa: E402
+from _timing import median, summary, timed  # noqa: E402
 
 # name -> (preset builder, transformers architecture, batch, seq)
 MODELS = {
@@ -118,10 +117,7 @@ def child(name: str, side: str, steps: int) -> dict:
         step()  # warm-up: AdamW state exists from here on
         step()
     peak = _peak_allocated_mib(prof)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    elapsed = time.perf_counter() - start
+    elapsed = timed(lambda: [step() for _ in range(steps)])
     return {"tokens_per_s": batch * seq * steps / elapsed, "peak_mib": peak,
             "params": sum(p.numel() for p in model.parameters())}
 

@@ -88,6 +88,17 @@ def save_tiny_base(folder: Path, seed: int = 0):
     return path, config
 
 
+def demo_start(root: Path):
+    """What a comparison of runs shares: the demo files and a seeded start checkpoint.
+
+    Returns:
+        (demo files, checkpoint path, the model's DecoderConfig)
+    """
+    files = make_demo_files(root)
+    start, config = save_tiny_base(root)
+    return files, start, config
+
+
 def tune_launch(recipe: str, config: Path, nproc: int, *overrides: str):
     """``tune --nnodes 1 --nproc_per_node N <recipe>.py --config C ...`` as a user types it."""
     import os

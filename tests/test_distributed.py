@@ -17,9 +17,8 @@ from tune_train.checkpointing import latest_checkpoint, read_trainer_state
 from tune_train.metrics import read_jsonl_metrics
 
 from train_helpers import (
-    make_demo_files,
+    demo_start,
     read_losses,
-    save_tiny_base,
     tune_launch,
     tune_run,
     write_run_config,
@@ -32,8 +31,7 @@ STEPS = 6
 def setup(tmp_path_factory):
     """Demo data, tokenizer, and one seeded starting checkpoint every run loads."""
     root = tmp_path_factory.mktemp("dist")
-    files = make_demo_files(root)
-    start, _ = save_tiny_base(root)
+    files, start, _ = demo_start(root)
     return root, files, start
 
 

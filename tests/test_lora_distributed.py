@@ -13,7 +13,7 @@ import torch
 from tune_ckpt import load_peft_adapter
 from tune_train.checkpointing import latest_checkpoint, read_trainer_state
 
-from train_helpers import make_demo_files, read_losses, save_tiny_base, tune_run, write_run_config
+from train_helpers import demo_start, read_losses, tune_run, write_run_config
 
 STEPS = 4
 
@@ -22,9 +22,7 @@ STEPS = 4
 def setup(tmp_path_factory):
     """Demo data, tokenizer, and the base checkpoint every run starts from."""
     root = tmp_path_factory.mktemp("lora-dist")
-    files = make_demo_files(root)
-    base, config = save_tiny_base(root)
-    return root, files, base, config
+    return root, *demo_start(root)
 
 
 def _write_config(setup, name: str, **extra) -> tuple[Path, Path]:
