@@ -40,11 +40,17 @@ def flops_per_token(params: int, layers: int, dim: int) -> float:
 
 
 def phase_tune(args, work: Path) -> dict:
+    """full_finetune's build and step, from the library it calls (no checkpoints: a 7B one
+    would measure the disk, not us)."""
     import torch
 
     from tune_data.demo import train_demo_tokenizer
+    from tune_train import steps
     from tune_train.config import load_config
-    from tune_train.recipes.full_finetune import FullFinetuneRecipe
+    from tune_train.data import training_data
+    from tune_train.registry import LOSSES
+    from tune_train.run import start_run
+    from tune_train.setup import build_tokenizer, model_config, optimizer_for, training_model
 
     tokenizer = train_demo_tokenizer(work / "tokenizer.model")
     total = args.warmup + args.steps
@@ -59,20 +65,36 @@ def phase_tune(args, work: Path) -> dict:
         "output_dir": str(work / f"out-{args.phase}"), "metric_loggers": ["jsonl"],
         "plot": False, "shuffle": False,
     })
-    recipe = FullFinetuneRecipe(cfg)
-    recipe.setup()
-    recipe.save_checkpoint = lambda: None  # a 7B checkpoint would measure the disk, not us
-    recipe.train()
-    records = [json.loads(line) for line in
-               (work / f"out-{args.phase}" / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["tokens_per_second"] for r in records[args.warmup:]]
-    params = sum(p.numel() for p in recipe.model.parameters())
-    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
-    recipe.cleanup()
-    c = recipe.model_config
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    with start_run(cfg, "full_finetune", lora=False) as run:
+        tok = build_tokenizer(cfg)
+        config = model_config(cfg, tok)
+        model = training_model(cfg, run, config, None)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = optimizer_for(cfg, params, run.device)
+        data = training_data(cfg, tok, run)
+        loss_fn = LOSSES[cfg.loss]
+        rates, losses = [], []
+        for step, micro_batches in enumerate(data.steps(0)):
+            sync()
+            start = time.perf_counter()
+            tokens = steps.count_tokens(micro_batches, run.device)
+            loss_sum = torch.zeros((), device=run.device)
+            for batch in micro_batches:
+                loss = loss_fn(model, steps.to_device(batch, run.device))
+                (loss * tokens.loss_weight()).backward()
+                loss_sum += loss.detach()
+            losses.append(steps.mean_loss(loss_sum, tokens, step + 1))
+            steps.optimizer_step(optimizer, params, lr=cfg.lr, max_grad_norm=cfg.max_grad_norm,
+                                 step=step + 1)
+            sync()
+            if step >= args.warmup:
+                rates.append(tokens.seen / (time.perf_counter() - start))
+        n_params = sum(p.numel() for p in model.parameters())
+        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
     return {"tokens_per_second": statistics.median(rates), "peak_gib": peak,
-            "loss_first": records[0]["loss"], "loss_last": records[-1]["loss"],
-            "flops_per_token": flops_per_token(params, c.n_layers, c.dim)}
+            "loss_first": losses[0], "loss_last": losses[-1],
+            "flops_per_token": flops_per_token(n_params, config.n_layers, config.dim)}
 
 
 def phase_hf(args, work: Path) -> dict:

@@ -17,7 +17,7 @@ allocator peak over two steps (see benchmarks/model.py).
 Memory: one QLoRA training step of the real shape (llama3_1_8b, llama2_7b) at batch 1 x 256,
 activation checkpointing, fp32 compute, adapters rank 8 on q, v, o, gate, up, down
 (torchtune's QLoRA recipe). The model is built by lora_finetune's own code
-(tune_train.lora.build_lora_model) from a random base: one weight at a time from the meta
+(tune_ckpt.building.build_model) from a random base: one weight at a time from the meta
 device, each quantised to NF4 as it is made, so the full-precision model never exists.
 Prints the bytes of the frozen base, the trainable parameters, the optimizer state, the
 step time and the process's peak RSS (goal: <= 10 GB).
@@ -41,7 +41,7 @@ Last measured (this machine: 2 CPU cores, fp32, torch 2.x CPU build; no GPU lent
   157.3 MB; built in 300 s, step 200 s. llama2_7b: 5.77 GB peak RSS, frozen base 4.39 GB
   (NF4 linears 3.34 GB), 17,891,328 trainable = 71.6 MB, AdamW 143.1 MB; built in 159 s,
   step 162 s. Before lora_finetune set glibc's mmap threshold for an NF4 base on CPU
-  (tune_train.lora.return_large_blocks_to_os) the same steps peaked at 10.74 GB and 7.31 GB:
+  (tune_train.memory.return_large_blocks_to_os) the same steps peaked at 10.74 GB and 7.31 GB:
   the weights dequantised for every matmul fragmented the heap.
 * GPU: not run (no GPU was lent to this task); `--gpu --smoke` runs the three sides on CPU.
 """
@@ -74,21 +74,27 @@ HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": 
 
 
 def build_tune(config, *, qlora: bool, device, dtype, targets, checkpointing: bool):
-    """lora_finetune's own build (tune_train.lora.build_lora_model) from a random base: made
-    one weight at a time from the meta device, quantised as it goes under QLoRA, so the
-    full-precision model never exists."""
+    """lora_finetune's own build (the one builder, tune_ckpt.building.build_model) from a
+    random base: made one weight at a time from the meta device, quantised as it goes under
+    QLoRA, so the full-precision model never exists."""
     import torch
 
+    from tune_ckpt.building import RandomBase, build_model
     from tune_models import LoRASettings
-    from tune_train.lora import build_lora_model
 
     def prepare(model):
         for layer in model.layers:
             layer.use_checkpoint = checkpointing
 
-    model = build_lora_model(config, LoRASettings(RANK, ALPHA, 0.0, tuple(targets)), base=None,
-                             quantize="nf4" if qlora else None, device=torch.device(device),
-                             dtype=dtype, seed=0, prepare_layers=prepare)
+    device = torch.device(device)
+    if qlora and device.type == "cpu":  # as lora_finetune does (tune_train.setup)
+        from tune_train.memory import return_large_blocks_to_os
+
+        return_large_blocks_to_os()
+    model = build_model(config, lambda m: RandomBase(m, 0, device),
+                        lora=LoRASettings(RANK, ALPHA, 0.0, tuple(targets)),
+                        quantize="nf4" if qlora else None, device=device, dtype=dtype, seed=0,
+                        prepare=prepare)
     return model.train()
 
 

@@ -1,8 +1,9 @@
 """Write tests/fixtures/legacy_5cb8ced: training runs made by tune at commit 5cb8ced.
 
-Run once, at that commit, before tune-train was reorganised (issue 20); the output is committed
-so that every later version is tested against checkpoints an earlier tune really wrote
-(tests/test_legacy_checkpoints.py): they must still resume and load.
+It was run once, at that commit, before tune-train was reorganised (issue 20), and its output
+is committed, so that every later version is tested against checkpoints an earlier tune
+really wrote (tests/test_legacy_checkpoints.py): they must still resume and load. (Its calls
+follow today's API; running it now makes checkpoints of today's tune.)
 
     uv run python testing/make_legacy_checkpoints.py
 
@@ -41,8 +42,6 @@ def _settings(files: dict[str, Path], start: Path, output_dir: Path, **extra) ->
 
 
 def main() -> None:
-    from tune_train.recipes.lora_finetune import LoRAFinetuneRecipe
-
     if OUT.exists():
         shutil.rmtree(OUT)
     work = OUT.parent / ".legacy-work"
@@ -55,9 +54,9 @@ def main() -> None:
     shutil.copy(files["data"], OUT / "data.jsonl")
     shutil.copytree(start.parent, OUT / "start")
     lora = dict(lora_rank=4, lora_alpha=8.0, lora_target_modules=["q", "v", "gate"])
-    for name, extra, recipe in (("full", {}, None), ("lora", lora, LoRAFinetuneRecipe)):
+    for name, extra, recipe in (("full", {}, "full_finetune"), ("lora", lora, "lora_finetune")):
         run = work / name
-        run_recipe(_settings(files, start, run, **extra), recipe_class=recipe)
+        run_recipe(_settings(files, start, run, **extra), recipe)
         (OUT / f"{name}.jsonl").write_text((run / "metrics.jsonl").read_text())
         # Keep the run as a kill after step 3 would have left it: its step-3 checkpoint, the
         # best model so far and the first three steps of metrics.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,23 +41,57 @@ def tiny_config(demo_files: dict[str, Path], **extra: Any) -> dict[str, Any]:
     return cfg
 
 
-def run_recipe(cfg: dict[str, Any], *, train: bool = True, recipe_class=None):
-    """Set up (and train) a recipe in this process from a config dict; always cleans up.
+def run_recipe(cfg: dict[str, Any], recipe: str = "full_finetune") -> Any:
+    """Run a recipe in this process on a config dict, as ``tune run`` would run it.
 
     Returns:
-        The recipe (``recipe.model`` etc. stay readable).
+        The checked config (a ``TrainConfig``): the run's output_dir holds what it did.
     """
     from tune_train.config import load_config
-    from tune_train.recipes.full_finetune import FullFinetuneRecipe
+    from tune_train.recipes import recipe_main_of
 
-    recipe = (recipe_class or FullFinetuneRecipe)(load_config(cfg))
-    try:
-        recipe.setup()
-        if train:
-            recipe.train()
-    finally:
-        recipe.cleanup()
-    return recipe
+    config = load_config(cfg)
+    recipe_main_of(recipe)(config)
+    return config
+
+
+@contextmanager
+def started_run(cfg: dict[str, Any], recipe: str = "full_finetune", lora: bool | None = False):
+    """The run a recipe starts for a config dict (checks, device, output_dir lock), closed on
+    leaving: for tests of what a recipe builds before its loop."""
+    from tune_train.config import load_config
+    from tune_train.run import start_run
+
+    with start_run(load_config(cfg), recipe, lora=lora) as run:
+        yield run
+
+
+def recipe_model(cfg: dict[str, Any], lora: bool = False):
+    """The model a recipe trains for a config dict, built as the recipe builds it (from
+    model_checkpoint, or random weights; with the config's adapters when ``lora``).
+
+    Returns:
+        (model, its DecoderConfig)
+    """
+    from tune_train.lora import lora_settings_of
+    from tune_train.setup import build_tokenizer, model_config, training_model
+
+    recipe = "lora_finetune" if lora else "full_finetune"
+    with started_run(cfg, recipe, lora=lora) as run:
+        config = model_config(run.cfg, build_tokenizer(run.cfg))
+        settings = lora_settings_of(run.cfg, config) if lora else None
+        return training_model(run.cfg, run, config, run.cfg.model_checkpoint,
+                              lora=settings), config
+
+
+def recipe_data(cfg: dict[str, Any]):
+    """The TrainingData a recipe iterates over for a config dict (training and validation
+    samples, sampler), built as the recipe builds it."""
+    from tune_train.data import training_data
+    from tune_train.setup import build_tokenizer
+
+    with started_run(cfg) as run:
+        return training_data(run.cfg, build_tokenizer(run.cfg), run)
 
 
 def read_losses(output_dir: str | Path) -> dict[int, float]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tune_train.checkpointing import latest_checkpoint, read_trainer_state
+from tune_train.checkpointing import TrainingState, latest_checkpoint
 from tune_train.metrics import read_jsonl_metrics
 
 from train_helpers import (
@@ -130,7 +130,7 @@ def test_resume_on_a_different_number_of_processes(setup, before, after):
     config, out = _write_config(setup, f"switch-{before}{after}", epochs=1,
                                 batch_size=per_rank[before], max_steps_per_epoch=3)
     _run(config, before)
-    assert read_trainer_state(latest_checkpoint(out))["world_size"] == before
+    assert TrainingState.read(latest_checkpoint(out)).world_size == before
     log = _run(config, after, "epochs=2", f"batch_size={per_rank[after]}",
                "resume_from_checkpoint=True")
     assert "resumed from" in log

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tune_ckpt import load_peft_adapter
-from tune_train.checkpointing import latest_checkpoint, read_trainer_state
+from tune_train.checkpointing import TrainingState, latest_checkpoint
 
 from train_helpers import demo_start, read_losses, tune_run, write_run_config
 
@@ -77,7 +77,7 @@ def test_resume_on_another_number_of_processes(setup, before, after, nf4):
     config, out = _write_config(setup, f"switch-{tag}", epochs=1, batch_size=4 // before,
                                 max_steps_per_epoch=3, **quantize)
     _run(config, before)
-    assert read_trainer_state(latest_checkpoint(out))["world_size"] == before
+    assert TrainingState.read(latest_checkpoint(out)).world_size == before
     log = _run(config, after, "epochs=2", f"batch_size={4 // after}",
                "resume_from_checkpoint=True")
     assert "resumed from" in log

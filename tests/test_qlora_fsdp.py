@@ -76,22 +76,22 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
-from tune_ckpt import load_native
+from tune_ckpt.building import build_model, checkpoint_weights
 from tune_models import DecoderConfig, LoRASettings
 from tune_train.distributed import shard_model
-from tune_train.lora import build_lora_model
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-base, quantize = Path(sys.argv[1]), sys.argv[2] if sys.argv[2] != "none" else None
+base, mode = Path(sys.argv[1]), sys.argv[2]
 config = DecoderConfig(**json.loads(sys.argv[3]))
-settings = LoRASettings(4, 8.0, 0.0, ("q", "v", "o", "gate", "up", "down", "output"))
+settings = None if mode == "full" else LoRASettings(4, 8.0, 0.0, ("q", "v", "o", "gate", "up",
+                                                                 "down", "output"))
 
 
 def build(shard):
-    return build_lora_model(config, settings, base=base, read_weights=lambda p, m: load_native(p),
-                            quantize=quantize, device=torch.device("cpu"), dtype=torch.float32,
-                            seed=3, shard=shard)
+    return build_model(config, checkpoint_weights(base, config), lora=settings,
+                       quantize="nf4" if mode == "nf4" else None, device="cpu",
+                       dtype=torch.float32, seed=3, shard=shard)
 
 
 def peak_bytes(prof):
@@ -114,8 +114,9 @@ for name, p in sharded.named_parameters():
     assert torch.equal(p.full_tensor(), theirs[name].detach()), name
 # The bf16 checkpoint becomes fp32 weights: one process allocates the whole base; each of
 # these keeps a third of it, plus one weight in flight.
-base_bytes = sum(p.numel() * p.element_size() for p in whole.parameters() if not p.requires_grad)
-if quantize is None:
+base_bytes = sum(p.numel() * p.element_size() for p in whole.parameters()
+                 if not p.requires_grad or settings is None)
+if mode != "nf4":
     assert 0.2 * base_bytes < peak < 0.6 * base_bytes, (peak, base_bytes)
 dist.destroy_process_group()
 if rank == 0:
@@ -123,11 +124,12 @@ if rank == 0:
 '''
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
-def test_each_process_builds_only_its_shards_of_the_model_one_process_builds(tmp_path, quantize):
-    """tune --nproc_per_node N lora_finetune.py: no process holds the whole base, and the
-    shards make up exactly the model (base, NF4 base, adapters) one process builds. Three
-    processes, so some tensors split unevenly."""
+@pytest.mark.parametrize("mode", ["none", "nf4", "full"])
+def test_each_process_builds_only_its_shards_of_the_model_one_process_builds(tmp_path, mode):
+    """tune --nproc_per_node N lora_finetune.py (and full_finetune.py, which builds with the
+    same builder): no process holds the whole base, and the shards make up exactly the model
+    (base, NF4 base, adapters) one process builds. Three processes, so some tensors split
+    unevenly."""
     import json
 
     import torch
@@ -146,5 +148,5 @@ def test_each_process_builds_only_its_shards_of_the_model_one_process_builds(tmp
                 model_args=config)
     args = {f: getattr(config, f) for f in ("vocab_size", "dim", "n_layers", "n_heads",
                                             "n_kv_heads", "hidden_dim", "max_seq_len")}
-    out = torchrun_script(tmp_path, BUILD_SCRIPT, 3, str(base), quantize, json.dumps(args))
+    out = torchrun_script(tmp_path, BUILD_SCRIPT, 3, str(base), mode, json.dumps(args))
     assert "built in shards" in out

@@ -57,7 +57,7 @@ def test_logged_validation_loss_is_tune_evals_log_perplexity(tmp_path, llama2_to
     from tune_train.config import load_config
     from tune_train.eval import perplexity
     from tune_train.loading import load_model
-    from tune_train.recipes.full_finetune import main
+    from tune_train.recipes import recipe_main_of
 
     tokenizer = SentencePieceTokenizer(llama2_tokenizer_path)
     text = tinyshakespeare_path.read_text()
@@ -90,7 +90,7 @@ def test_logged_validation_loss_is_tune_evals_log_perplexity(tmp_path, llama2_to
         assert validation.token_ids(i).tolist() == ids and len(ids) == MAX_SEQ_LEN
     assert validation.loss_tokens.tolist() == [MAX_SEQ_LEN - 1] * len(validation_files)
 
-    main(config)
+    recipe_main_of("full_finetune")(config)
     out = Path(cfg["output_dir"])
     logged = {r["step"]: r["val_loss"] for r in read_jsonl_metrics(out / "metrics.jsonl")
               if "val_loss" in r}

@@ -104,16 +104,23 @@ def test_debug_shows_the_traceback():
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
-def test_recipe_cp_then_run_the_copy_by_path(tmp_path, demo_files):
-    copied = tune("recipe", "cp", "full_finetune", str(tmp_path))
+@pytest.mark.parametrize("name", ["full_finetune", "lora_finetune"])
+def test_recipe_cp_then_run_the_copy_by_path(tmp_path, demo_files, name):
+    copied = tune("recipe", "cp", name, str(tmp_path))
     assert copied.returncode == 0
-    recipe = tmp_path / "full_finetune.py"
+    recipe = tmp_path / f"{name}.py"
+    source = recipe.read_text()
+    # The copy is the whole run: its loop is in the file, not inherited.
+    assert "for micro_batches in data.steps(" in source and ".backward()" in source
+    assert "import tune_train.recipes" not in source and "from tune_train.recipes" not in source
     # The user edits their copy; the edit must be what runs.
-    recipe.write_text(recipe.read_text().replace(
-        'tqdm.write(f"epoch {epoch + 1} done: checkpoint {path}")',
-        'tqdm.write(f"my edited recipe finished epoch {epoch + 1}")'))
+    line = 'run.print(f"epoch {epoch + 1} done: checkpoint {save()}")'
+    assert line in source
+    recipe.write_text(source.replace(
+        line, 'save()\n            run.print(f"my edited recipe finished epoch {epoch + 1}")'))
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(_tiny(demo_files, tmp_path / "out")))
+    extra = {"lora_rank": 4} if name == "lora_finetune" else {}
+    config.write_text(yaml.safe_dump({**_tiny(demo_files, tmp_path / "out"), **extra}))
     result = tune("run", str(recipe), "--config", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "my edited recipe finished epoch 1" in result.stdout + result.stderr

@@ -7,8 +7,10 @@ release changes either (STYLE.md #18)."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -136,12 +138,17 @@ def test_trainer_state_rejects_what_tune_never_writes(tmp_path):
     folder.mkdir()
     good = {"global_step": 4, "epoch": 0, "step_in_epoch": 4, "world_size": 1, "batch_size": 8,
             "gradient_accumulation_steps": 1, "loss_scaler": {"scale": 65536.0, "good_steps": 3}}
-    ckpt.write_json(folder / ckpt.TRAINER_STATE, good)
-    assert ckpt.read_trainer_state(folder) == good
+    unset = asdict(ckpt.TrainingState())
+    ckpt.write_json(folder / ckpt.TRAINER_STATE, good)  # as tune before it named the recipe
+    assert asdict(ckpt.TrainingState.read(folder)) == {**unset, **good}
     # What a run with validation records: the best validation loss so far and its step.
-    with_best = {**good, "best_val_loss": 1.25, "best_val_step": 2}
+    with_best = {**good, "best_val_loss": 1.25, "best_val_step": 2, "recipe": "full_finetune"}
     ckpt.write_json(folder / ckpt.TRAINER_STATE, with_best)
-    assert ckpt.read_trainer_state(folder) == with_best
+    assert asdict(ckpt.TrainingState.read(folder)) == {**unset, **with_best}
+    # What the state writes, it reads back.
+    state = ckpt.TrainingState.read(folder)
+    state.write(folder)
+    assert ckpt.TrainingState.read(folder) == state
     for bad, message in [
         ({"global_step": True}, "'global_step' is True"),
         ({"epoch": 1.5}, "'epoch' is 1.5"),
@@ -154,10 +161,11 @@ def test_trainer_state_rejects_what_tune_never_writes(tmp_path):
                                                       "or a whole number >= 0"),
         ({"best_val_step": 2, "best_val_loss": float("nan")}, "'best_val_loss' is nan"),
         ({"best_val_step": "2", "best_val_loss": 1.0}, "'best_val_step' is '2'"),
+        ({"recipe": 5}, "'recipe' is 5, expected a recipe name"),
     ]:
         ckpt.write_json(folder / ckpt.TRAINER_STATE, {**good, **bad})
         with pytest.raises(ckpt.DamagedCheckpointError, match=message):
-            ckpt.read_trainer_state(folder)
+            ckpt.TrainingState.read(folder)
 
 
 def test_rng_state_must_be_torch_rng_states(tmp_path):
@@ -174,13 +182,13 @@ def test_rng_state_must_be_torch_rng_states(tmp_path):
 def test_best_is_replaced_whole_and_a_kill_between_the_renames_is_repaired(tmp_path):
     root = ckpt.checkpoint_root(tmp_path)
     for step in (3, 5):
-        with ckpt.staging_best(tmp_path) as tmp:
+        with ckpt.staging(tmp_path, ckpt.BEST_DIR) as tmp:
             ckpt.write_json(tmp / ckpt.BEST_INFO, {"step": step, "val_loss": 1.0 / step})
     assert ckpt.read_best_info(tmp_path) == {"step": 5, "val_loss": 0.2}
     assert sorted(p.name for p in root.iterdir()) == ["best"]
 
     # A failed write leaves the previous best as it was.
-    with pytest.raises(OSError), ckpt.staging_best(tmp_path) as tmp:
+    with pytest.raises(OSError), ckpt.staging(tmp_path, ckpt.BEST_DIR) as tmp:
         ckpt.write_json(tmp / ckpt.BEST_INFO, {"step": 7, "val_loss": 0.1})
         raise OSError(28, "No space left on device")
     assert ckpt.read_best_info(tmp_path)["step"] == 5
@@ -191,7 +199,7 @@ def test_best_is_replaced_whole_and_a_kill_between_the_renames_is_repaired(tmp_p
     (root / "best").rename(root / ".old-best")
     ckpt.remove_partial_checkpoints(tmp_path)
     assert ckpt.read_best_info(tmp_path)["step"] == 5
-    with ckpt.staging_best(tmp_path) as tmp:
+    with ckpt.staging(tmp_path, ckpt.BEST_DIR) as tmp:
         ckpt.write_json(tmp / ckpt.BEST_INFO, {"step": 6, "val_loss": 0.15})
     (root / ".old-best").mkdir()
     ckpt.remove_partial_checkpoints(tmp_path)
@@ -199,3 +207,17 @@ def test_best_is_replaced_whole_and_a_kill_between_the_renames_is_repaired(tmp_p
     assert ckpt.read_best_info(tmp_path)["step"] == 6
     # best is neither resumed from nor pruned.
     assert ckpt.list_checkpoints(tmp_path) == []
+
+
+def test_a_step_saved_again_is_replaced_by_the_same_protocol(tmp_path):
+    """A step folder saved twice (an epoch's end right after save_every_n_steps) goes through
+    the renames best goes through: a kill between them leaves the old folder to put back."""
+    root = ckpt.checkpoint_root(tmp_path)
+    for loss in (1.0, 0.5):
+        with ckpt.staging(tmp_path, "step_0000004") as tmp:
+            ckpt.write_json(tmp / "note.json", {"loss": loss})
+    assert json.loads((root / "step_0000004" / "note.json").read_text()) == {"loss": 0.5}
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000004"]
+    (root / "step_0000004").rename(root / ".old-step_0000004")  # killed between the renames
+    ckpt.remove_partial_checkpoints(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000004"]

@@ -12,15 +12,15 @@ from tune_data import HFTokenizer, Llama3Tokenizer, SentencePieceTokenizer
 from tune_models import Decoder, llama3_2_1b, qwen2_tiny
 from tune_train import registry
 from tune_train.config import ConfigError, TrainConfig, load_config
+from tune_train.config_checks import validate_config
 from tune_train.errors import RecipeError
-from tune_train.recipes.full_finetune import FullFinetuneRecipe
-from tune_train.validate import validate_config
 
-from train_helpers import run_recipe
+from train_helpers import recipe_model
 
 
-def _setup(cfg: dict) -> FullFinetuneRecipe:
-    return run_recipe(cfg, train=False)
+def _setup(cfg: dict):
+    """What the recipe builds before its loop: the model (and its DecoderConfig)."""
+    return recipe_model(cfg)
 
 
 def _one_line(error: pytest.ExceptionInfo) -> str:
@@ -193,8 +193,8 @@ def test_a_checkpoint_of_the_configs_family_and_shape_loads(tiny_run, tmp_path,
     cfg = tiny_run(model="qwen2_tiny", tokenizer="auto",
                    tokenizer_checkpoint=str(qwen2_tokenizer_path), model_checkpoint=str(path))
     assert validate_config(load_config(cfg)) == []
-    recipe = _setup(cfg)
+    model, _ = _setup(cfg)
     saved = torch.load(path, weights_only=True)
-    loaded = recipe.model.state_dict()
+    loaded = model.state_dict()
     assert saved.keys() == loaded.keys()
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)

@@ -21,9 +21,9 @@ from tune_train.checkpointing import (
     checkpoint_root,
     latest_checkpoint,
     read_best_info,
-    read_trainer_state,
 )
 from tune_train.metrics import read_jsonl_metrics
+from tune_train.state import TrainingState
 
 from train_helpers import tiny_config
 
@@ -80,9 +80,9 @@ def _assert_latest_loads(output_dir: Path) -> None:
     latest = latest_checkpoint(output_dir)
     if latest is None:
         return
-    state = read_trainer_state(latest)
+    state = TrainingState.read(latest)
     weights = torch.load(latest / "native_pytorch_model.pt", weights_only=True, mmap=True)
-    assert state["global_step"] >= 1 and "output.weight" in weights
+    assert state.global_step >= 1 and "output.weight" in weights
     assert (latest / "training_state" / ".metadata").is_file()
 
 

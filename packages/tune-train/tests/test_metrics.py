@@ -11,7 +11,7 @@ import pytest
 from tune_train.config import load_config
 from tune_train.metrics import JsonlLogger, StdoutLogger, read_jsonl_metrics
 from tune_train.plot import PlotError, plot_metrics
-from tune_train.recipes.full_finetune import main
+from tune_train.recipes import recipe_main_of
 
 
 def test_every_logger_records_the_run(tiny_run, tmp_path, capsys, monkeypatch):
@@ -23,7 +23,7 @@ def test_every_logger_records_the_run(tiny_run, tmp_path, capsys, monkeypatch):
                    wandb={"mode": "offline", "project": "tune-test"}, plot=True,
                    max_steps_per_epoch=5, log_every_n_steps=1, validation_split=0.05,
                    eval_every_n_steps=2)
-    main(load_config(cfg))
+    recipe_main_of("full_finetune")(load_config(cfg))
     out = Path(cfg["output_dir"])
 
     records = read_jsonl_metrics(out / "metrics.jsonl")

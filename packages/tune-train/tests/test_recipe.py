@@ -9,11 +9,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from tune_train.checkpointing import latest_checkpoint, list_checkpoints
+from tune_train.checkpointing import (
+    TRAINING_STATE,
+    latest_checkpoint,
+    list_checkpoints,
+    read_dcp_metadata,
+)
 from tune_train.config import ConfigError, load_config
-from tune_train.recipes.full_finetune import FullFinetuneRecipe, RecipeError, main
+from tune_train.errors import RecipeError
+from tune_train.recipes import recipe_main_of
 
-from train_helpers import read_losses, run_recipe
+from train_helpers import read_losses, recipe_model, run_recipe
+
+main = recipe_main_of("full_finetune")
+
+
+def _trained_weights(output_dir) -> dict[str, torch.Tensor]:
+    """The weights a run ended with: its latest checkpoint's model file."""
+    return torch.load(latest_checkpoint(output_dir) / "native_pytorch_model.pt",
+                      weights_only=True)
 
 
 def test_loss_goes_down_on_real_alpaca(llama2_tokenizer_path, alpaca_json_path, tmp_path):
@@ -43,50 +57,55 @@ def test_gradient_accumulation_equals_a_bigger_batch(tiny_run):
     target tokens of the whole step, not averaged per micro-batch)."""
     common = dict(optimizer="SGD", lr=0.5, max_steps_per_epoch=1, max_grad_norm=None,
                   batch_size=8)
-    big = run_recipe(tiny_run(**common, output_dir=tiny_run()["output_dir"] + "-big"))
-    small = run_recipe(tiny_run(**{**common, "batch_size": 2}, gradient_accumulation_steps=4))
-    for (name, a), (_, b) in zip(big.model.named_parameters(), small.model.named_parameters()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    big = _trained_weights(run_recipe(tiny_run(
+        **common, output_dir=tiny_run()["output_dir"] + "-big")).output_dir)
+    small = _trained_weights(run_recipe(tiny_run(
+        **{**common, "batch_size": 2}, gradient_accumulation_steps=4)).output_dir)
+    assert big.keys() == small.keys()
+    for name in big:
+        torch.testing.assert_close(big[name], small[name], atol=1e-6, rtol=0, msg=name)
     # Unequal micro-batches (different padding and target counts) were really involved.
-    assert not torch.equal(big.model.output.weight, _initial_output_weight(tiny_run))
+    assert not torch.equal(big["output.weight"], _initial_output_weight(tiny_run))
 
 
 def _initial_output_weight(tiny_run) -> torch.Tensor:
-    recipe = FullFinetuneRecipe(load_config(tiny_run(output_dir=tiny_run()["output_dir"] + "-0")))
-    recipe.setup()
-    recipe.cleanup()
-    return recipe.model.output.weight.detach().clone()
+    model, _ = recipe_model(tiny_run(output_dir=tiny_run()["output_dir"] + "-0"))
+    return model.output.weight.detach().clone()
 
 
 def test_runs_are_repeatable_and_seed_matters(tiny_run, tmp_path):
-    a = read_losses(run_recipe(tiny_run(output_dir=str(tmp_path / "a"))).cfg.output_dir)
-    b = read_losses(run_recipe(tiny_run(output_dir=str(tmp_path / "b"))).cfg.output_dir)
-    c = read_losses(run_recipe(tiny_run(output_dir=str(tmp_path / "c"), seed=7)).cfg.output_dir)
+    a = read_losses(run_recipe(tiny_run(output_dir=str(tmp_path / "a"))).output_dir)
+    b = read_losses(run_recipe(tiny_run(output_dir=str(tmp_path / "b"))).output_dir)
+    c = read_losses(run_recipe(tiny_run(output_dir=str(tmp_path / "c"), seed=7)).output_dir)
     assert a == b
     assert a != c
 
 
 def test_activation_checkpointing_gives_the_same_losses(tiny_run, tmp_path):
-    plain = read_losses(run_recipe(tiny_run(output_dir=str(tmp_path / "p"))).cfg.output_dir)
-    ac = run_recipe(tiny_run(output_dir=str(tmp_path / "ac"), enable_activation_checkpointing=True))
-    assert all(layer.use_checkpoint for layer in ac.model.layers)
-    for step, loss in read_losses(ac.cfg.output_dir).items():
+    plain = read_losses(run_recipe(tiny_run(output_dir=str(tmp_path / "p"))).output_dir)
+    settings = tiny_run(output_dir=str(tmp_path / "ac"), enable_activation_checkpointing=True)
+    model, _ = recipe_model({**settings, "output_dir": str(tmp_path / "ac-model")})
+    assert all(layer.use_checkpoint for layer in model.layers)
+    ac = run_recipe(settings)
+    for step, loss in read_losses(ac.output_dir).items():
         assert loss == pytest.approx(plain[step], abs=1e-5)
 
 
 def test_bf16_keeps_weights_and_optimizer_state_in_bf16(tiny_run):
-    recipe = run_recipe(tiny_run(dtype="bf16", max_steps_per_epoch=2, max_seq_len=16, batch_size=2))
-    assert all(p.dtype == torch.bfloat16 for p in recipe.model.parameters())
-    state = next(iter(recipe.optimizer.state.values()))
-    assert state["exp_avg"].dtype == torch.bfloat16
-    assert all(torch.isfinite(torch.tensor(v)) for v in read_losses(recipe.cfg.output_dir).values())
+    cfg = run_recipe(tiny_run(dtype="bf16", max_steps_per_epoch=2, max_seq_len=16, batch_size=2))
+    assert all(t.dtype == torch.bfloat16 for t in _trained_weights(cfg.output_dir).values())
+    # The optimizer state as the checkpoint holds it (DCP records each tensor's dtype).
+    metadata = read_dcp_metadata(latest_checkpoint(cfg.output_dir) / TRAINING_STATE)
+    exp_avg = [m for k, m in metadata.state_dict_metadata.items() if k.endswith(".exp_avg")]
+    assert exp_avg and all(m.properties.dtype == torch.bfloat16 for m in exp_avg)
+    assert all(torch.isfinite(torch.tensor(v)) for v in read_losses(cfg.output_dir).values())
 
 
 def test_fp16_trains_fp32_master_weights_with_loss_scaling(tiny_run):
-    recipe = run_recipe(tiny_run(dtype="fp16", max_steps_per_epoch=3, max_seq_len=16, batch_size=2))
-    assert all(p.dtype == torch.float32 for p in recipe.model.parameters())
+    cfg = run_recipe(tiny_run(dtype="fp16", max_steps_per_epoch=3, max_seq_len=16, batch_size=2))
+    assert all(t.dtype == torch.float32 for t in _trained_weights(cfg.output_dir).values())
     records = [json.loads(line) for line in
-               (Path(recipe.cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+               (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss_scale"] >= 1.0 for r in records)
     assert all(r["loss"] is not None for r in records)
 
@@ -94,9 +113,9 @@ def test_fp16_trains_fp32_master_weights_with_loss_scaling(tiny_run):
 def test_checkpoints_every_n_steps_keep_the_last_k(tiny_run):
     recipe = run_recipe(tiny_run(save_every_n_steps=2, keep_last_n_checkpoints=2,
                                  max_steps_per_epoch=7))
-    names = [p.name for p in list_checkpoints(recipe.cfg.output_dir)]
+    names = [p.name for p in list_checkpoints(recipe.output_dir)]
     assert names == ["step_0000006", "step_0000007"]
-    assert not list(Path(recipe.cfg.output_dir, "checkpoints").glob(".tmp-*"))
+    assert not list(Path(recipe.output_dir, "checkpoints").glob(".tmp-*"))
 
 
 def test_pruning_keeps_a_checkpoint_holding_a_users_export(tiny_run, capsys):
@@ -106,12 +125,12 @@ def test_pruning_keeps_a_checkpoint_holding_a_users_export(tiny_run, capsys):
 
     cfg = tiny_run(save_every_n_steps=1, keep_last_n_checkpoints=1, max_steps_per_epoch=2)
     recipe = run_recipe(cfg)
-    first = list_checkpoints(recipe.cfg.output_dir)[-1]
+    first = list_checkpoints(recipe.output_dir)[-1]
     export = convert(first / "native_pytorch_model.pt", target_format="hf",
                                 progress=False)
     assert export == first / "hf_model"
     run_recipe({**cfg, "epochs": 2, "resume_from_checkpoint": True})
-    names = [p.name for p in list_checkpoints(recipe.cfg.output_dir)]
+    names = [p.name for p in list_checkpoints(recipe.output_dir)]
     assert names == [first.name, "step_0000004"]  # step 3 went, the exported one stayed
     assert (export / "config.json").is_file()
     assert f"{first} holds hf_model, which training did not write" in capsys.readouterr().out
@@ -123,29 +142,29 @@ def test_a_second_run_does_not_overwrite_the_first(tiny_run):
         run_recipe(tiny_run())
 
 
-def test_resume_continues_where_it_stopped(tiny_run, tmp_path):
+def test_resume_continues_where_it_stopped(tiny_run, tmp_path, monkeypatch):
     """In-process variant of the kill test: stop after 4 steps, resume to 9."""
+    from tune_train import steps
+
     full = read_losses(run_recipe(tiny_run(output_dir=str(tmp_path / "full"),
                                            max_steps_per_epoch=9, lr_scheduler="cosine",
-                                           warmup_steps=2)).cfg.output_dir)
+                                           warmup_steps=2)).output_dir)
     part = tiny_run(output_dir=str(tmp_path / "part"), max_steps_per_epoch=9,
                     lr_scheduler="cosine", warmup_steps=2, save_every_n_steps=4)
-    recipe = FullFinetuneRecipe(load_config(part))
-    recipe.setup()
-    step = recipe._optimizer_step
+    optimizer_step = steps.optimizer_step
 
-    def crash_at_step_6():
-        if recipe.global_step == 5:  # after the step-4 checkpoint and one more step
+    def crash_at_step_6(*args, step, **kwargs):
+        if step == 6:  # after the step-4 checkpoint and one more step
             raise KeyboardInterrupt
-        return step()
+        return optimizer_step(*args, step=step, **kwargs)
 
-    recipe._optimizer_step = crash_at_step_6
-    with pytest.raises(KeyboardInterrupt):
-        recipe.train()
-    recipe.cleanup()
+    with monkeypatch.context() as patch:
+        patch.setattr(steps, "optimizer_step", crash_at_step_6)
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(part)
     assert [p.name for p in list_checkpoints(part["output_dir"])] == ["step_0000004"]
     resumed = run_recipe({**part, "resume_from_checkpoint": True})
-    assert resumed.global_step == 9
+    assert latest_checkpoint(resumed.output_dir).name == "step_0000009"
     assert read_losses(part["output_dir"]) == full
 
 
@@ -177,8 +196,6 @@ def test_unknown_names_suggest_the_right_one(tiny_run, key, value, message):
 
 def test_model_args_that_resize_the_model_rederive_head_dim(tiny_run):
     """llama2_tiny has 4 heads of 16; at dim 128 they must become 4 heads of 32."""
-    recipe = FullFinetuneRecipe(load_config(tiny_run(model_args={"dim": 128, "n_heads": 4})))
-    recipe.setup()
-    recipe.cleanup()
-    assert recipe.model_config.head_dim == 32
-    assert recipe.model.layers[0].attention.wo.weight.shape == (128, 128)
+    model, config = recipe_model(tiny_run(model_args={"dim": 128, "n_heads": 4}))
+    assert config.head_dim == 32
+    assert model.layers[0].attention.wo.weight.shape == (128, 128)

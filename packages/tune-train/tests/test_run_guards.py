@@ -16,10 +16,13 @@ import torch
 from tune_train import metrics
 from tune_train.checkpointing import latest_checkpoint, list_checkpoints
 from tune_train.config import load_config
+from tune_train.errors import RecipeError
 from tune_train.metrics import read_jsonl_metrics
-from tune_train.recipes.full_finetune import FullFinetuneRecipe, RecipeError, main
+from tune_train.recipes import recipe_main_of
 
-from train_helpers import run_recipe
+from train_helpers import run_recipe, started_run
+
+main = recipe_main_of("full_finetune")
 
 
 def _records(output_dir: str | Path) -> list[dict]:
@@ -28,17 +31,13 @@ def _records(output_dir: str | Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------- output_dir
 def test_a_second_run_on_a_held_output_dir_fails_naming_the_holder(tiny_run):
-    first = FullFinetuneRecipe(load_config(tiny_run()))
-    first.setup()
-    try:
+    with started_run(tiny_run()):  # holds output_dir until the block ends
         with pytest.raises(RecipeError) as e:
             run_recipe(tiny_run())
         assert str(e.value) == (
             f"output_dir {tiny_run()['output_dir']} is in use by another training run (pid "
             f"{os.getpid()} on {socket.gethostname()}); wait for it to finish, or set another "
             "output_dir")
-    finally:
-        first.cleanup()
     # Released at the end of the run: the next one may continue it.
     run_recipe(tiny_run(resume_from_checkpoint=True))
 
@@ -144,22 +143,18 @@ def test_weights_made_non_finite_are_never_checkpointed(tiny_run):
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
-def test_fp16_loss_scaler_still_skips_overflowing_steps(tiny_run):
+def test_fp16_loss_scaler_still_skips_overflowing_steps(tiny_run, monkeypatch):
     """Overflowing fp16 gradients are the loss scaler's business (skip the step, halve the
     scale), not divergence: the run goes on and finishes."""
-    recipe = FullFinetuneRecipe(load_config(tiny_run(dtype="fp16", max_seq_len=16,
-                                                     batch_size=2, max_steps_per_epoch=12)))
-    recipe.setup()
-    try:
-        recipe.loss_scaler.scale = 2.0**24  # scaled gradients overflow fp16 at first
-        recipe.train()
-    finally:
-        recipe.cleanup()
-    records = _records(recipe.cfg.output_dir)
+    from tune_train.optim import DynamicLossScaler
+
+    monkeypatch.setattr(DynamicLossScaler, "init_scale", 2.0**24)  # scaled gradients overflow
+    cfg = run_recipe(tiny_run(dtype="fp16", max_seq_len=16, batch_size=2, max_steps_per_epoch=12))
+    records = _records(cfg.output_dir)
     assert [r["step"] for r in records] == list(range(1, 13))
     assert records[0]["skipped_step"] == 1.0 and records[0]["loss_scale"] == 2.0**23
     assert records[-1]["skipped_step"] == 0.0
-    assert latest_checkpoint(recipe.cfg.output_dir).name == "step_0000012"
+    assert latest_checkpoint(cfg.output_dir).name == "step_0000012"
 
 
 # ----------------------------------------------------------------------------- progress

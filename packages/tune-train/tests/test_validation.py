@@ -16,22 +16,22 @@ import torch.nn.functional as F
 from tune_data import collate
 from tune_train import checkpointing as ckpt
 from tune_train.config import ConfigError, load_config
+from tune_train.config_checks import validate_config
+from tune_train.errors import RecipeError
 from tune_train.metrics import read_jsonl_metrics
-from tune_train.recipes.full_finetune import FullFinetuneRecipe, RecipeError, main
-from tune_train.validate import validate_config
+from tune_train.recipes import recipe_main_of
 from tune_train.validation import (
     Selection,
     collated,
     holdout_split,
+    validate,
     validation_batches,
     validation_loss,
 )
 
+from train_helpers import recipe_data, started_run
 
-def _setup(cfg: dict) -> FullFinetuneRecipe:
-    recipe = FullFinetuneRecipe(load_config(cfg))
-    recipe.setup()
-    return recipe
+main = recipe_main_of("full_finetune")
 
 
 def _val_losses(output_dir: str | Path) -> dict[int, float]:
@@ -40,24 +40,23 @@ def _val_losses(output_dir: str | Path) -> dict[int, float]:
 
 
 def test_held_out_records_are_chosen_by_seed_and_never_trained_on(tiny_run):
-    recipe = _setup(tiny_run(validation_split=0.1, epochs=3, max_steps_per_epoch=None))
-    try:
-        train, held = recipe.dataset, recipe.validation
-        rows = recipe.dataset.dataset.rows  # the source record of every sample
-        assert len(held) == round(0.1 * len(np.unique(rows)))
-        # Every sample any epoch trains on comes from a record outside the validation set.
-        held_rows = set(rows[held.indices].tolist())
-        for epoch in range(3):
-            trained = train.indices[recipe.sampler.epoch_batches(epoch).reshape(-1)]
-            assert not held_rows & set(rows[trained].tolist())
-        assert len(train) + len(held) == len(rows)
-    finally:
-        recipe.cleanup()
+    cfg = tiny_run(validation_split=0.1, epochs=3, max_steps_per_epoch=None)
+    data = recipe_data(cfg)
+    train, held = data.dataset, data.validation
+    rows = data.dataset.dataset.rows  # the source record of every sample
+    assert len(held) == round(0.1 * len(np.unique(rows)))
+    # Every sample any epoch trains on comes from a record outside the validation set.
+    held_rows = set(rows[held.indices].tolist())
+    for epoch in range(3):
+        trained = train.indices[data.sampler.epoch_batches(epoch).reshape(-1)]
+        assert not held_rows & set(rows[trained].tolist())
+    assert len(train) + len(held) == len(rows)
     # The same seed gives the same split (a resumed run validates on the same records);
     # another seed another.
-    again = holdout_split(recipe.dataset.dataset, 0.1, seed=recipe.cfg.seed)
+    seed = load_config(cfg).seed
+    again = holdout_split(data.dataset.dataset, 0.1, seed=seed)
     assert np.array_equal(again[1], held.indices)
-    other = holdout_split(recipe.dataset.dataset, 0.1, seed=recipe.cfg.seed + 1)
+    other = holdout_split(data.dataset.dataset, 0.1, seed=seed + 1)
     assert not np.array_equal(other[1], held.indices)
 
 
@@ -134,18 +133,21 @@ def test_save_best_keeps_the_lowest_loss_beside_pruned_checkpoints(tiny_run):
     assert best["val_loss"] == min(logged.values()) == logged[best["step"]]
     # Pruning kept one step folder and never touched best; the last checkpoint knows it.
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_0000005"]
-    state = ckpt.read_trainer_state(ckpt.latest_checkpoint(out))
-    assert (state["best_val_step"], state["best_val_loss"]) == (best["step"], best["val_loss"])
-    # best holds that step's model: validating it again gives the loss it was kept for.
-    recipe = _setup({**cfg, "resume_from_checkpoint": True})
-    try:
-        from tune_train.loading import load_model
+    state = ckpt.TrainingState.read(ckpt.latest_checkpoint(out))
+    assert (state.best_val_step, state.best_val_loss) == (best["step"], best["val_loss"])
+    # best holds that step's model: validating it again, as the run validates, gives the loss
+    # it was kept for.
+    from tune_train.loading import load_model
+    from tune_train.registry import LOSSES
+    from tune_train.setup import build_tokenizer
 
-        model, _ = load_model(out / "checkpoints" / "best", device="cpu")
-        recipe.model.load_state_dict(model.state_dict())
-        assert recipe.validate()["val_loss"] == pytest.approx(best["val_loss"], abs=1e-6)
-    finally:
-        recipe.cleanup()
+    model, _ = load_model(out / "checkpoints" / "best", device="cpu")
+    data = recipe_data({**cfg, "output_dir": cfg["output_dir"] + "-data"})
+    with started_run({**cfg, "output_dir": cfg["output_dir"] + "-validate"}) as run:
+        result = validate(model.train(), LOSSES["CrossEntropyLoss"], data.validation, run,
+                          batch_size=cfg["batch_size"], max_batches=None, step=5,
+                          pad_id=build_tokenizer(run.cfg).pad_id)
+    assert result.loss == pytest.approx(best["val_loss"], abs=1e-6)
 
 
 def test_a_resumed_run_compares_against_the_best_saved_after_its_checkpoint(tiny_run):
@@ -160,14 +162,14 @@ def test_a_resumed_run_compares_against_the_best_saved_after_its_checkpoint(tiny
     main(load_config({**cfg, "resume_from_checkpoint": True, "epochs": 2}))
     assert sorted(_val_losses(out)) == [1, 2, 3, 4]
     assert json.loads(info.read_text()) == {"step": 3, "val_loss": 0.001}  # not replaced
-    state = ckpt.read_trainer_state(ckpt.latest_checkpoint(out))
-    assert (state["global_step"], state["best_val_step"], state["best_val_loss"]) == (4, 3, 0.001)
+    state = ckpt.TrainingState.read(ckpt.latest_checkpoint(out))
+    assert (state.global_step, state.best_val_step, state.best_val_loss) == (4, 3, 0.001)
 
     # A new run (not resuming) may not take over a folder holding an earlier run's best.
     for step in ckpt.list_checkpoints(out):
         shutil.rmtree(step)
     with pytest.raises(RecipeError, match="already holds checkpoints of an earlier run"):
-        _setup(cfg)
+        main(load_config(cfg))
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -217,12 +219,9 @@ def test_a_separate_validation_file_is_built_like_the_training_data(tiny_run, de
                    validation_max_batches=1, batch_size=4, max_steps_per_epoch=3)
     main(load_config(cfg))
     assert sorted(_val_losses(cfg["output_dir"])) == [3]
-    recipe = _setup({**cfg, "output_dir": cfg["output_dir"] + "-setup"})
-    try:
-        assert len(recipe.validation) == 12  # every record of the file; training kept all
-        assert len(recipe.dataset) == len(lines)
-    finally:
-        recipe.cleanup()
+    data = recipe_data({**cfg, "output_dir": cfg["output_dir"] + "-setup"})
+    assert len(data.validation) == 12  # every record of the file; training kept all
+    assert len(data.dataset) == len(lines)
 
 
 @pytest.mark.parametrize("extra", [{"packing": True}, {"group_by_length": True}])

@@ -16,14 +16,10 @@ from pathlib import Path
 import click
 
 
-def recipes_dir() -> Path:
-    import tune_train  # light: no torch
-
-    return Path(tune_train.__file__).parent / "recipes"
-
-
 def builtin_recipes() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(recipes_dir().glob("*.py")) if not p.name.startswith("_")}
+    from tune_train.recipes import builtin_recipes  # light: no torch
+
+    return builtin_recipes()
 
 
 def resolve_recipe(name: str) -> Path:
@@ -114,16 +110,10 @@ def _recipe_token(argv: list[str]) -> str:
 
 
 def _run_in_process(recipe: Path, recipe_args: list[str]) -> int:
-    builtin = recipe.parent == recipes_dir()
+    # Built-in or copied and edited, a recipe runs like `python recipe.py ...` would.
     old_argv = sys.argv
     sys.argv = [str(recipe), *recipe_args]
     try:
-        if builtin:
-            import importlib
-
-            module = importlib.import_module(f"tune_train.recipes.{recipe.stem}")
-            return module.cli(recipe_args)
-        # A copied, edited recipe: run it like `python my_recipe.py ...` would.
         runpy.run_path(str(recipe), run_name="__main__")
         return 0
     except SystemExit as e:

@@ -518,7 +518,7 @@ def config_show(name: str | None, overrides: tuple[str, ...], keys: bool) -> Non
 def config_validate(name: str, overrides: tuple[str, ...]) -> None:
     """Check config NAME: keys, types, names of models/datasets/optimizers, and input files."""
     from tune_train.config import load_config
-    from tune_train.validate import validate_config
+    from tune_train.config_checks import validate_config
 
     cfg = load_config(name, list(overrides))
     problems = validate_config(cfg)

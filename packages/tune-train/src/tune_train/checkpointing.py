@@ -5,22 +5,32 @@ Layout under ``<output_dir>/checkpoints``::
     step_0000120/
         native_pytorch_model.pt   the model, native key schema (tune generate, tune-ckpt read it);
                                   native_pytorch_model.safetensors with checkpoint_format:
-                                  safetensors
-        tune_model.json           the model's shape (Llama2Config fields)
+                                  safetensors; a LoRA run writes its adapter instead
+                                  (adapter_config.json, adapter_model.safetensors,
+                                  tune_adapter.json)
+        tune_model.json           the model's shape (DecoderConfig fields) and family
         training_state/           optimizer state, torch.distributed.checkpoint (resharding: a
                                   run can resume on a different number of processes)
-        trainer_state.json        step, epoch, position in the epoch, loss scale
+        trainer_state.json        the recipe, step, epoch, position in the epoch, loss scale
+                                  (tune_train.state.TrainingState)
         rng_state.pt              torch RNG states (tensors only)
     best/                         with save_best: the model of the lowest validation loss
         native_pytorch_model.pt   (or .safetensors), tune_model.json: what a step folder has
         best.json                 for generate, eval and convert; its step and val_loss
 
-A checkpoint is assembled in ``.tmp-step_0000120`` and renamed into place once every file is
-written and fsynced, so the newest ``step_*`` folder is always complete; a failed save removes
-its staging folder, and leftovers of a kill are removed on the next start. ``best`` is
-assembled in ``.tmp-best`` and swapped in by two renames (the old one becomes ``.old-best``
-for a moment); a kill between them leaves ``.old-best``, which the next start puts back.
-``best`` is never pruned and never resumed from.
+One way to publish, for step folders and ``best`` alike (:func:`staging`): the folder is
+assembled in ``.tmp-<name>``, every file fsynced, and renamed into place. A folder of that
+name already there (a step saved twice, the previous best) is first renamed to
+``.old-<name>`` and deleted once the new one is in place. A kill at any moment leaves the old
+folder or the new one under the name, or ``.old-<name>`` alone, which the next start puts
+back (:func:`remove_partial_checkpoints`); so the newest ``step_*`` folder is always
+complete, and a failed save removes its staging folder. ``best`` is never pruned and never
+resumed from.
+
+Links: every file is written into a staging folder the run has just created, so nothing is
+written through a link planted beside the checkpoints. ``checkpoints`` itself may be a link
+to a folder on another disk if it is yours (it is followed); a link there that belongs to
+another user is refused (:func:`checkpoint_root_problem`).
 
 A checkpoint folder may come from a shared drive or a download, so nothing in it is unpickled
 freely: weights and RNG states load with ``weights_only=True`` (or safetensors), the DCP
@@ -38,7 +48,7 @@ import pickle
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,24 +65,24 @@ from tune_ckpt.names import (
     NATIVE_FILES,
     NATIVE_SAFETENSORS_FILE,
 )
+from tune_train.errors import RecipeError
+from tune_train.state import TRAINER_STATE, DamagedCheckpointError, TrainingState, step_of
 
 # The model file of a checkpoint, by the config's checkpoint_format.
 MODEL_FILES = {"pt": NATIVE_FILE, "safetensors": NATIVE_SAFETENSORS_FILE}
-TRAINER_STATE = "trainer_state.json"
 RNG_STATE = "rng_state.pt"
 TRAINING_STATE = "training_state"
 DCP_METADATA = ".metadata"  # the name torch.distributed.checkpoint gives its metadata file
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 BEST_DIR = "best"
 BEST_INFO = "best.json"
-_OLD_BEST = ".old-best"
+_STAGING, _OLD = ".tmp-", ".old-"
 
-
-class DamagedCheckpointError(CheckpointError):
-    """A file of a checkpoint is missing, truncated, corrupt, or holds what tune never writes.
-
-    The message names the file (relative to the checkpoint folder where that is clear).
-    """
+__all__ = ["BEST_DIR", "BEST_INFO", "DCP_METADATA", "MODEL_FILES", "RNG_STATE", "TRAINER_STATE",
+           "TRAINING_STATE", "DamagedCheckpointError", "TrainingState", "checkpoint_root",
+           "latest_checkpoint", "list_checkpoints", "read_best_info", "recipe_of",
+           "remove_partial_checkpoints", "resume_point", "save_best", "save_checkpoint",
+           "staging"]
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -94,23 +104,54 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def remove_partial_checkpoints(output_dir: str | Path) -> None:
-    """Delete what a kill in the middle of a save left behind (and put back a best
-    checkpoint a kill caught between the two renames of its replacement)."""
+def checkpoint_root_problem(output_dir: str | Path) -> str | None:
+    """Why a run must not write under ``output_dir/checkpoints``, or None.
+
+    A link there is followed if it belongs to this user (checkpoints kept on another disk);
+    one that belongs to someone else (planted in a shared /tmp) is refused, as is a
+    ``checkpoints`` that is not a folder.
+    """
     root = checkpoint_root(output_dir)
-    if root.is_dir():
-        for p in root.glob(".tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
-        _repair_best(root)
+    try:
+        info = root.lstat()
+    except FileNotFoundError:
+        return None
+    if root.is_symlink() and info.st_uid != os.geteuid():
+        return (f"{root} is a symbolic link (to {os.readlink(root)}) that another user made; "
+                "tune only writes checkpoints through a link you own: remove it, or set "
+                "another output_dir")
+    if root.exists() and not root.is_dir():
+        return (f"{root} is not a folder; tune keeps its checkpoints there: move it away, or "
+                "set another output_dir")
+    return None
 
 
-def _repair_best(root: Path) -> None:
-    old = root / _OLD_BEST
-    if old.is_dir():
-        if (root / BEST_DIR).exists():
-            shutil.rmtree(old, ignore_errors=True)  # the replacement finished
-        else:
-            old.rename(root / BEST_DIR)  # a kill between the two renames: put it back
+def _remove(path: Path) -> None:
+    """Delete a file, a link (not what it points at) or a folder tree."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_partial_checkpoints(output_dir: str | Path) -> None:
+    """Delete what a kill in the middle of a save left behind, and put back a checkpoint a
+    kill caught between the two renames of its replacement."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        if path.name.startswith(_STAGING):
+            _remove(path)
+        elif path.name.startswith(_OLD):
+            _repair(path, root / path.name[len(_OLD):])
+
+
+def _repair(old: Path, final: Path) -> None:
+    if final.exists() or final.is_symlink() or old.is_symlink():
+        _remove(old)  # the replacement finished (or the leftover is not ours)
+    else:
+        old.rename(final)  # a kill between the two renames: put it back
 
 
 def _written_by_training() -> set[str]:
@@ -133,16 +174,16 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> list[tuple[Path, str
         if foreign:
             kept.append((old, foreign[0]))
             continue
-        doomed = old.with_name(f".tmp-delete-{old.name}")
+        doomed = old.with_name(f"{_STAGING}delete-{old.name}")
         old.rename(doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        _remove(doomed)
     return kept
 
 
 def _fsync_tree(path: Path) -> None:
     for dirpath, _, filenames in os.walk(path):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 os.fsync(fd)
             finally:
@@ -159,64 +200,35 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def staging_dir(output_dir: str | Path, step: int, is_main: bool = True) -> Iterator[Path]:
-    """Yield a temporary folder to write a checkpoint into; publish it on success.
+def staging(output_dir: str | Path, name: str, is_main: bool = True) -> Iterator[Path]:
+    """Yield a new, empty folder to write checkpoint ``name`` into; publish it on success.
 
-    Every rank writes its shards into the same staging folder; only the main rank publishes
-    (the caller must barrier between writing and leaving this context). If writing fails, the
-    main rank removes the staging folder, so the newest complete checkpoint stays the latest.
+    The one publish protocol of every checkpoint folder (see the module docstring). Under
+    torchrun every rank may write into the staging folder, but only the main rank creates,
+    publishes or removes it: the caller barriers after creating and before leaving. If
+    writing fails, the main rank removes the staging folder and the folder of that name (if
+    any) stays as it was.
     """
     root = checkpoint_root(output_dir)
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp-{final.name}"
+    final, tmp, old = root / name, root / f"{_STAGING}{name}", root / f"{_OLD}{name}"
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        if old.exists() or old.is_symlink():
+            _repair(old, final)
+        _remove(tmp)
+        tmp.mkdir()  # fails rather than reuses a folder someone else put there
     try:
         yield tmp
         if is_main:
             _fsync_tree(tmp)
-            if final.exists():  # re-saving a step (e.g. epoch end right after save_every)
-                shutil.rmtree(final)
+            if final.exists() or final.is_symlink():
+                final.rename(old)
             tmp.rename(final)
             _fsync_dir(root)
+            _remove(old)
     except BaseException:
         if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextmanager
-def staging_best(output_dir: str | Path, is_main: bool = True) -> Iterator[Path]:
-    """Yield a temporary folder to write the best model into; on success it replaces
-    ``checkpoints/best``. Only the main rank writes (the weights are gathered there).
-
-    The replacement is two renames: ``best`` -> ``.old-best``, the new folder -> ``best``;
-    :func:`remove_partial_checkpoints` repairs a kill between them. A failure removes the
-    temporary folder and leaves the previous best as it was.
-    """
-    root = checkpoint_root(output_dir)
-    tmp, best, old = root / f".tmp-{BEST_DIR}", root / BEST_DIR, root / _OLD_BEST
-    if is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        _repair_best(root)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    try:
-        yield tmp
-        if is_main:
-            _fsync_tree(tmp)
-            if best.exists():
-                best.rename(old)
-            tmp.rename(best)
-            _fsync_dir(root)
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
         raise
 
 
@@ -289,13 +301,161 @@ def save_failed_message(checkpoint: Path, error: BaseException) -> str:
             "latest checkpoint (resume_from_checkpoint: True continues from it)")
 
 
-# ---------------------------------------------------------------------------- reading back
+def _failed_write(error: BaseException) -> bool:
+    """Whether a save failed because a write did (full disk, ...), not because of a bug."""
+    return not isinstance(error, RuntimeError) or os_error_in(error) is not None
+
+
+# ---------------------------------------------------------------------------- saving
+def save_checkpoint(output_dir: str | Path, state: TrainingState, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, write_model: Callable[[Path], None], *,
+                    loss_scaler: Any = None, keep_last: int, is_main: bool = True,
+                    barrier: Callable[[], None] = lambda: None,
+                    warn: Callable[[str], None] = print) -> Path:
+    """Write a step checkpoint: the model (``write_model``, on the main rank), the optimizer
+    state (every rank its shards), the progress and RNG states; then prune old ones.
+
+    Args:
+        output_dir: The run's output folder.
+        state: The run's progress (written as trainer_state.json).
+        model: The model (sharded or not), whose parameter names key the optimizer state.
+        optimizer: Its optimizer.
+        write_model: Writes the model's files into a folder (called on the main rank):
+            :func:`model_writer` for full weights, ``tune_train.lora.adapter_writer``.
+        loss_scaler: fp16's ``DynamicLossScaler``, if any.
+        keep_last: How many step checkpoints to keep.
+        is_main: Whether this is the main rank.
+        barrier: Waits for every rank (a no-op on one process).
+        warn: Called with one line per old checkpoint kept because it holds a user's files.
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
+        RecipeError: If it cannot be written (e.g. the disk is full); the staging folder is
+            removed and the previous checkpoint stays the latest.
+    """
+    final = checkpoint_root(output_dir) / f"step_{state.global_step:07d}"
+    state.loss_scaler = loss_scaler.state_dict() if loss_scaler is not None else None
+    try:
+        with staging(output_dir, final.name, is_main) as tmp:
+            barrier()  # the staging folder exists before anyone writes into it
+            if is_main:
+                write_model(tmp)
+                torch.save(rng_state(), tmp / RNG_STATE)
+            save_optimizer_state(tmp / TRAINING_STATE, model, optimizer)
+            if is_main:
+                state.write(tmp)
+            barrier()  # every shard is on disk before rank 0 publishes
+    except (OSError, RuntimeError, CheckpointError) as e:
+        if not _failed_write(e):
+            raise  # not a failed write: a bug worth its traceback
+        raise RecipeError(save_failed_message(final, e)) from e
+    if is_main:
+        for kept, foreign in prune_checkpoints(output_dir, keep_last):
+            warn(f"{kept} holds {foreign}, which training did not write: the checkpoint is "
+                 f"kept whole past keep_last_n_checkpoints; move {foreign} elsewhere and "
+                 "delete the folder when you are done")
+    barrier()
+    return final
+
+
+def save_best(output_dir: str | Path, state: TrainingState, write_model: Callable[[Path], None],
+              val_loss: float, *, is_main: bool = True) -> Path:
+    """Replace ``checkpoints/best`` with the model as it is now, whose validation loss is
+    ``val_loss``: the model files of a step folder and ``best.json`` (step, val_loss); the
+    state records it as the best so far.
+
+    Raises:
+        RecipeError: If it cannot be written; the previous best stays as it was.
+    """
+    best = checkpoint_root(output_dir) / BEST_DIR
+    try:
+        with staging(output_dir, BEST_DIR, is_main) as tmp:
+            if is_main:
+                write_model(tmp)
+                write_json(tmp / BEST_INFO, {"step": state.global_step, "val_loss": val_loss})
+    except (OSError, RuntimeError, CheckpointError) as e:
+        if not _failed_write(e):
+            raise
+        kept = (f"it still holds the model of step {state.best_val_step}"
+                if state.best_val_step is not None else "there is none yet")
+        raise RecipeError(f"could not save the best model to {best}: {failure_reason(e)}; "
+                          f"{kept}") from e
+    state.best_val_loss, state.best_val_step = val_loss, state.global_step
+    return best
+
+
+def model_writer(state_dict: dict[str, torch.Tensor], model_args: dict[str, Any], family: str,
+                 checkpoint_format: str) -> Callable[[Path], None]:
+    """What writes a full model into a checkpoint folder: the weights and the model's shape
+    (what tune generate, eval and convert read)."""
+    from tune_ckpt import save_native, write_model_args
+
+    def write(folder: Path) -> None:
+        save_native(state_dict, folder / MODEL_FILES[checkpoint_format])
+        # The family travels with the weights: tune generate --chat and a later fine-tune of
+        # this checkpoint read it even where the run's config.yaml is not beside it.
+        write_model_args(folder, model_args, family=family)
+
+    return write
+
+
+# ---------------------------------------------------------------------------- resuming
+def recipe_of(checkpoint: Path) -> str | None:
+    """The recipe that wrote a checkpoint: its trainer_state.json says, or (checkpoints of
+    tune before it did) its files: an adapter is lora_finetune's, full weights
+    full_finetune's. None if nothing tells (a damaged checkpoint)."""
+    try:
+        recipe = TrainingState.read(checkpoint).recipe
+    except DamagedCheckpointError:
+        recipe = None
+    if recipe is not None:
+        return recipe
+    if (Path(checkpoint) / ADAPTER_CONFIG_FILE).is_file():
+        return "lora_finetune"
+    if any((Path(checkpoint) / name).is_file() for name in NATIVE_FILES):
+        return "full_finetune"
+    return None
+
+
+def resume_point(output_dir: str | Path, recipe: str, resume: bool) -> Path | None:
+    """The checkpoint a run continues from (the latest), or None to start afresh.
+
+    Args:
+        output_dir: The run's output folder.
+        recipe: The recipe about to run.
+        resume: The config's ``resume_from_checkpoint``.
+
+    Raises:
+        RecipeError: output_dir holds an earlier run's checkpoints and ``resume`` is off, or
+            they are another recipe's (named, with the command that continues them; nothing
+            is to be deleted).
+    """
+    latest = latest_checkpoint(output_dir)
+    if latest is None and read_best_info(output_dir) is None:
+        return None
+    if not resume:
+        raise RecipeError(f"{output_dir} already holds checkpoints of an earlier run; set "
+                          "resume_from_checkpoint: True to continue it, or pick another "
+                          "output_dir")
+    if latest is None:
+        return None
+    written_by = recipe_of(latest)
+    if written_by is not None and written_by != recipe:
+        raise RecipeError(
+            f"{latest} is a checkpoint of a {written_by} run, which {recipe} cannot continue; "
+            f"resume it with the recipe that wrote it (tune run {written_by} --config ... "
+            f"resume_from_checkpoint=True), or set another output_dir for this {recipe} run")
+    return latest
+
+
 def damaged_message(checkpoint: Path, error: Exception) -> str:
     """The line to show when ``checkpoint`` cannot be resumed from: what is wrong, and that
     deleting the folder resumes from the checkpoint before it (named) or from the start."""
     checkpoint = Path(checkpoint)
     output_dir = checkpoint.parent.parent
-    earlier = [p for p in list_checkpoints(output_dir) if _step(p) < _step(checkpoint)]
+    earlier = [p for p in list_checkpoints(output_dir) if step_of(p) < step_of(checkpoint)]
     if earlier:
         advice = f"delete it to resume from {earlier[-1].name}, the checkpoint before it"
     else:
@@ -303,13 +463,8 @@ def damaged_message(checkpoint: Path, error: Exception) -> str:
     return f"cannot resume from {checkpoint}: {error}; {advice}"
 
 
-def _step(checkpoint: Path) -> int:
-    m = _STEP_DIR.match(checkpoint.name)
-    return int(m.group(1)) if m else -1
-
-
 def check_checkpoint(checkpoint: Path) -> Path:
-    """Check every file of a checkpoint before anything heavy is built from it.
+    """Check every file of a full checkpoint before anything heavy is built from it.
 
     Reads trainer_state.json, the model file's header (weights only), the DCP metadata (with
     the restricted unpickler) and the sizes of its shard files, and the RNG states.
@@ -324,7 +479,7 @@ def check_checkpoint(checkpoint: Path) -> Path:
     from tune_ckpt import load_native
 
     checkpoint = Path(checkpoint)
-    read_trainer_state(checkpoint)
+    TrainingState.read(checkpoint)
     weights = model_file(checkpoint)
     try:
         load_native(weights)  # mmap'd: reads the pickle or header, not the weights
@@ -354,70 +509,51 @@ def model_file(checkpoint: Path) -> Path:
                                      f"{safetensors})") from e
 
 
-# trainer_state.json: field -> smallest valid value (all whole numbers).
-_STATE_FIELDS = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "world_size": 1,
-                 "batch_size": 1, "gradient_accumulation_steps": 1}
-
-
-def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    """trainer_state.json of a checkpoint, every field checked for type and range.
+def resume_weights(checkpoint: Path) -> Path:
+    """The model file of a full checkpoint to resume from, once every file of the checkpoint
+    has been checked.
 
     Raises:
-        DamagedCheckpointError: If it is missing, not JSON, or a field is missing or wrong.
+        RecipeError: A file is missing or damaged (named, with the checkpoint to fall back to).
     """
-    path = Path(checkpoint) / TRAINER_STATE
     try:
-        state = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise DamagedCheckpointError(f"{TRAINER_STATE} is missing") from e
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DamagedCheckpointError(f"{TRAINER_STATE} is not valid JSON ({e})") from e
-    if not isinstance(state, dict):
-        raise DamagedCheckpointError(f"{TRAINER_STATE} holds a {type(state).__name__}, not an "
-                                     "object of training progress")
-    for field, least in _STATE_FIELDS.items():
-        if field not in state:
-            raise DamagedCheckpointError(f"{TRAINER_STATE} lacks '{field}'")
-        value = state[field]
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise DamagedCheckpointError(f"{TRAINER_STATE}: '{field}' is {value!r}, expected a "
-                                         f"whole number >= {least}")
-    step = _step(Path(checkpoint))
-    if step >= 0 and state["global_step"] != step:
-        raise DamagedCheckpointError(f"{TRAINER_STATE}: 'global_step' is {state['global_step']} "
-                                     f"but the folder is {Path(checkpoint).name}")
-    if state["step_in_epoch"] > state["global_step"]:
-        raise DamagedCheckpointError(f"{TRAINER_STATE}: 'step_in_epoch' "
-                                     f"({state['step_in_epoch']}) exceeds 'global_step' "
-                                     f"({state['global_step']})")
-    _check_best_fields(state)
-    scaler = state.get("loss_scaler")
-    if scaler is not None:
-        scale = scaler.get("scale") if isinstance(scaler, dict) else None
-        good = scaler.get("good_steps") if isinstance(scaler, dict) else None
-        if (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                or not math.isfinite(scale) or scale <= 0
-                or isinstance(good, bool) or not isinstance(good, int) or good < 0):
-            raise DamagedCheckpointError(f"{TRAINER_STATE}: 'loss_scaler' is {scaler!r}, "
-                                         "expected null or {'scale': a positive number, "
-                                         "'good_steps': a whole number >= 0}")
-    return state
+        return check_checkpoint(checkpoint)
+    except DamagedCheckpointError as e:
+        raise RecipeError(damaged_message(checkpoint, e)) from e
 
 
-def _check_best_fields(state: dict[str, Any]) -> None:
-    # Absent in checkpoints written before validation existed; then there is no best yet.
-    # The step may lie past global_step: a run resumed after a kill keeps the best that the
-    # killed run saved after the checkpoint it resumed from.
-    step, loss = state.get("best_val_step"), state.get("best_val_loss")
-    if step is None and loss is None:
-        return
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise DamagedCheckpointError(f"{TRAINER_STATE}: 'best_val_step' is {step!r}, expected "
-                                     "null or a whole number >= 0")
-    if (isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss)
-            or loss < 0):
-        raise DamagedCheckpointError(f"{TRAINER_STATE}: 'best_val_loss' is {loss!r}, expected "
-                                     "a finite number >= 0 beside 'best_val_step'")
+def load_training_state(checkpoint: Path, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, state: TrainingState,
+                        steps_per_epoch: int, loss_scaler: Any = None) -> TrainingState:
+    """Continue a checkpoint: restore its optimizer state, RNG states and fp16 loss scale
+    (the weights were loaded when the model was built).
+
+    Args:
+        checkpoint: The checkpoint folder.
+        model: The model, whose parameter names key the optimizer state.
+        optimizer: Its optimizer.
+        state: This run's fresh state (recipe, processes, batch settings).
+        steps_per_epoch: This run's optimizer steps per epoch.
+        loss_scaler: fp16's loss scaler, if any.
+
+    Returns:
+        ``state`` continuing the checkpoint's progress (:meth:`TrainingState.resumed`).
+
+    Raises:
+        RecipeError: A file of the checkpoint is damaged (named, with the checkpoint to fall
+            back to).
+        CheckpointError: The optimizer state does not fit this run's model and optimizer.
+    """
+    try:
+        saved = TrainingState.read(checkpoint)
+        load_optimizer_state(checkpoint / TRAINING_STATE, model, optimizer)
+        rng = load_rng_state(checkpoint)
+    except DamagedCheckpointError as e:
+        raise RecipeError(damaged_message(checkpoint, e)) from e
+    set_rng_state(rng)
+    if loss_scaler is not None and saved.loss_scaler:
+        loss_scaler.load_state_dict(saved.loss_scaler)
+    return state.resumed(saved, steps_per_epoch)
 
 
 def rng_state() -> dict[str, torch.Tensor]:

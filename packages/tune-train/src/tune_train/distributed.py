@@ -1,4 +1,4 @@
-"""Process groups and FSDP2 sharding. The model code never imports torch.distributed."""
+"""Devices, process groups and FSDP2 sharding. The model code never imports torch.distributed."""
 
 from __future__ import annotations
 
@@ -27,6 +27,23 @@ class DistInfo:
         return self.world_size > 1
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """The device a config or command names: cpu, cuda, cuda:N, or auto (cuda if there is one).
+
+    Raises:
+        RecipeError: If a GPU is asked for and none is visible.
+    """
+    from tune_train.errors import RecipeError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device is '{name}' but no CUDA GPU is visible; set device: cpu "
+                          "(or auto)")
+    return device
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group torchrun set up (env:// rendezvous); without torchrun, none.
 
@@ -52,6 +69,21 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def world_size() -> int:
+    """Processes in this run's group (1 without torchrun)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def full_state_dict(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) weights in CPU memory, gathered on the processes that
+    ``keep`` them (empty elsewhere). Under FSDP every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+    return state if keep else {}
+
+
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place), a no-op in one process."""
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -71,7 +103,7 @@ def shard_model(
     most a couple of blocks unsharded at a time.
 
     Args:
-        model: A tune_models.Llama2 (any module with a ``layers`` ModuleList).
+        model: A tune_models.Decoder (any module with a ``layers`` ModuleList).
         param_dtype: Compute dtype the parameters are all-gathered in (mixed precision).
         reduce_dtype: Dtype gradients are reduced in.
         cpu_offload: Keep sharded parameters, gradients and optimizer state in CPU memory.

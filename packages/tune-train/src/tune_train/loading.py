@@ -160,15 +160,6 @@ def checkpoint_config(checkpoint: str | Path):
                           f"tune builds: {e}") from e
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"device '{name}' asked for but no CUDA GPU is visible; use cpu")
-    return device
-
-
 def load_model(checkpoint: str | Path, device: str | torch.device = "auto",
                dtype: torch.dtype | None = None, adapter: str | Path | None = None):
     """Build a decoder of the checkpoint's shape and load its weights (mmap, weights only).
@@ -205,6 +196,8 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto",
         from tune_train.lora import apply_adapter
 
         model = apply_adapter(model, config, adapter)
+    from tune_train.distributed import pick_device
+
     device = pick_device(device) if isinstance(device, str) else device
     model = model.to(device=device, dtype=dtype) if dtype else model.to(device=device)
     return model.eval(), config

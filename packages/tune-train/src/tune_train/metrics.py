@@ -58,15 +58,19 @@ class JsonlLogger:
     """
 
     def __init__(self, path: str | Path):
+        from tune_train.errors import RecipeError
+        from tune_train.output_dir import OutputDirError, open_regular
+
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # never through a link planted at the name (output_dir may be in /tmp)
+            fd = open_regular(self.path, os.O_RDWR | os.O_APPEND)
+        except OutputDirError as e:
+            raise RecipeError(str(e)) from e
         # A kill can cut the last line short; start on a fresh line so it stays the only loss.
-        cut = False
-        if self.path.exists() and self.path.stat().st_size > 0:
-            with self.path.open("rb") as f:
-                f.seek(-1, 2)
-                cut = f.read(1) != b"\n"
-        self._file = self.path.open("a", buffering=1)
+        size = os.fstat(fd).st_size
+        cut = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+        self._file = os.fdopen(fd, "a", buffering=1)
         if cut:
             self._file.write("\n")
 
@@ -227,6 +231,72 @@ class StepProgress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class Throughput:
+    """Tokens per second of training since the last reading; time spent elsewhere (a
+    validation pass) is left out with :meth:`pause`."""
+
+    def __init__(self):
+        self.tokens, self.start = 0.0, time.perf_counter()
+
+    def add(self, tokens: float) -> None:
+        self.tokens += tokens
+
+    def read(self) -> float:
+        """Tokens per second since the last reading (or the start); starts a new interval."""
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.start, 1e-9)
+        self.tokens, self.start = 0.0, now
+        return rate
+
+    def pause(self):
+        """A context in which time does not count (tokens/s measures training only)."""
+        return _Paused(self)
+
+
+class _Paused:
+    def __init__(self, throughput: Throughput):
+        self.throughput = throughput
+
+    def __enter__(self) -> None:
+        self.began = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.throughput.start += time.perf_counter() - self.began
+
+
+def step_metrics(*, epoch: int, loss: float, lr: float, grad_norm: float, stepped: bool,
+                 tokens_per_second: float, loss_scaler: Any = None,
+                 device: Any = None) -> dict[str, float]:
+    """The metrics of an optimizer step: what the stdout line, metrics.jsonl, TensorBoard and
+    W&B record (and ``tune plot`` draws).
+
+    Args:
+        epoch: The epoch in progress (0-based; recorded 1-based).
+        loss: The step's loss per target token.
+        lr: Its learning rate.
+        grad_norm: The gradient norm before clipping.
+        stepped: Whether the optimizer stepped (fp16 skips overflowing steps).
+        tokens_per_second: Training throughput since the last logged step.
+        loss_scaler: fp16's loss scaler (its scale and the skip are recorded), or None.
+        device: The model's device: a GPU's peak memory, else the process's peak RSS.
+    """
+    import resource
+
+    import torch
+
+    metrics = {"epoch": float(epoch + 1), "loss": loss, "lr": lr, "grad_norm": grad_norm,
+               "tokens_per_second": tokens_per_second}
+    if loss_scaler is not None:
+        metrics["loss_scale"] = loss_scaler.scale
+        metrics["skipped_step"] = float(not stepped)
+    if device is not None and torch.device(device).type == "cuda":
+        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        # ru_maxrss is in KiB on Linux: the process's peak resident memory.
+        metrics["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return metrics
 
 
 def quiet_library_progress_bars() -> None:

@@ -31,6 +31,26 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: s
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
 
+class LRSchedule:
+    """The learning rate of every step: ``peak * lr_multiplier(step, ...)``.
+
+    Args:
+        peak: The peak learning rate (the config's lr).
+        warmup_steps, total_steps, schedule, min_lr_ratio: As :func:`lr_multiplier`.
+    """
+
+    def __init__(self, peak: float, *, warmup_steps: int, total_steps: int, schedule: str,
+                 min_lr_ratio: float = 0.0):
+        self.peak, self.warmup_steps, self.total_steps = peak, warmup_steps, total_steps
+        self.schedule, self.min_lr_ratio = schedule, min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        """The lr of optimizer step ``step`` (0-based: the number of steps taken before)."""
+        return self.peak * lr_multiplier(step, warmup_steps=self.warmup_steps,
+                                          total_steps=self.total_steps, schedule=self.schedule,
+                                          min_lr_ratio=self.min_lr_ratio)
+
+
 class DynamicLossScaler:
     """Loss scaling for fp16: scale the loss up so small gradients survive fp16, unscale before
     the optimizer step, skip steps whose gradients overflowed and halve the scale; double it
@@ -41,9 +61,10 @@ class DynamicLossScaler:
     """
 
     min_scale = 1.0  # below this, scaling no longer explains an overflow
+    init_scale = 2.0**16
 
-    def __init__(self, init_scale: float = 2.0**16, growth_interval: int = 2000):
-        self.scale = init_scale
+    def __init__(self, init_scale: float | None = None, growth_interval: int = 2000):
+        self.scale = init_scale if init_scale is not None else self.init_scale
         self.growth_interval = growth_interval
         self.good_steps = 0
 

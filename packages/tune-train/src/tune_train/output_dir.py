@@ -6,6 +6,12 @@ whole life; the file names the holder (pid and host) so a second run can say who
 operating system drops the lock when the holder exits, however it exits (``kill -9``
 included), so a crashed run never blocks the next one. Under torchrun only global rank 0
 takes it. ``flock`` works on local disks and on NFS (Linux emulates it with POSIX locks).
+
+output_dir is often under /tmp, where any local user may plant a link at a name tune writes.
+No file there is opened through a link: the lock and the append-only logs open with
+``O_NOFOLLOW`` and must be regular files (:func:`open_regular`); every other file is written
+to a fresh temporary file in the folder and renamed over the name, which replaces a link
+rather than writing through it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -59,10 +66,7 @@ def claim_output_dir(output_dir: str | Path) -> OutputDirLock:
         read_only = os.statvfs(path).f_flag & os.ST_RDONLY
         raise OutputDirError(_not_writable(
             path, "read-only file system" if read_only else "no permission to write there"))
-    try:
-        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise OutputDirError(_not_writable(path, e.strerror or str(e))) from e
+    fd = open_regular(path / LOCK_FILE, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:
@@ -79,6 +83,43 @@ def claim_output_dir(output_dir: str | Path) -> OutputDirLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     return OutputDirLock(path / LOCK_FILE, fd)
+
+
+def open_regular(path: Path, flags: int) -> int:
+    """Open (creating it if needed) a file tune writes in a user's folder, never through a
+    link and never anything but a regular file.
+
+    Args:
+        path: The file.
+        flags: ``os.O_RDWR`` or ``os.O_WRONLY | os.O_APPEND``.
+
+    Returns:
+        The file descriptor (blocking, close-on-exec).
+
+    Raises:
+        OutputDirError: If the name is a link (named, with where it points), a folder, a pipe
+            or device, or cannot be opened.
+    """
+    try:
+        # O_NONBLOCK: a fifo planted at the name must not hang the open.
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                     0o644)
+    except OSError as e:
+        if path.is_symlink():
+            raise OutputDirError(
+                f"{path} is a symbolic link (to {os.readlink(path)}); tune never writes "
+                "through a link in an output folder: remove it (someone else may have put it "
+                "there), or set another output_dir") from e
+        if path.is_dir():
+            raise OutputDirError(f"{path} is a folder; tune writes a file of that name there: "
+                                 "move it away, or set another output_dir") from e
+        raise OutputDirError(_not_writable(path.parent, e.strerror or str(e))) from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputDirError(f"{path} is not a regular file (a pipe or device?); tune writes a "
+                             "file of that name there: remove it, or set another output_dir")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _make_folder(path: Path) -> None:

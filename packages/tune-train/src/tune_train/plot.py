@@ -3,6 +3,8 @@ PNG."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from tune_train.errors import PlotError
@@ -99,12 +101,20 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path | None = None,
         # of a folder, a device or a pipe.
         raise PlotError(f"{png_path} exists and is not a regular file; pass --output "
                         "path/to/loss_curve.png")
-    tmp = png_path.with_name(png_path.name + ".tmp")
+    tmp = None
     try:
-        fig.savefig(tmp, dpi=100, format="png")
+        # A fresh file of our own (O_EXCL), never one a link planted beside the picture names;
+        # the rename then replaces whatever stands at png_path (a link too) whole.
+        fd, name = tempfile.mkstemp(prefix=f".{png_path.name}.", suffix=".tmp",
+                                    dir=png_path.parent)
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=100, format="png")
+        os.chmod(tmp, 0o644)
         tmp.replace(png_path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no half picture behind
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half picture behind
         if isinstance(e, OSError) and e.filename is None:  # matplotlib's writer names no file
             raise OSError(e.errno, e.strerror, str(png_path)) from e
         raise

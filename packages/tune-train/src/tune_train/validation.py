@@ -214,3 +214,48 @@ def validation_loss(model: torch.nn.Module,
     if num_tokens == 0:
         raise RecipeError(NO_TARGETS)
     return ValidationResult(loss=loss_sum / num_tokens, num_tokens=int(num_tokens))
+
+
+def validation_due(*, global_step: int, step_in_epoch: int, steps_per_epoch: int,
+                   every: int | None) -> bool:
+    """Whether to validate after this step: every ``every`` steps and at each epoch's end.
+
+    A pure function of the step, so a resumed run validates where an uninterrupted one did
+    (before the step's checkpoint, which then records the best so far).
+    """
+    return step_in_epoch >= steps_per_epoch or (every is not None and global_step % every == 0)
+
+
+def validate(model: torch.nn.Module,
+             loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+             dataset: Any, run: Any, *, batch_size: int, pad_id: int,
+             max_batches: int | None, step: int) -> ValidationResult:
+    """The validation loss of the model as it is now, each process scoring its share, with a
+    progress bar.
+
+    Args:
+        model: The model (sharded or not).
+        loss_fn: Training's loss (summed token losses).
+        dataset: The validation samples.
+        run: The run (``tune_train.run.Run``): its processes, device and forward context.
+        batch_size: Samples per batch on each process.
+        pad_id: The tokenizer's padding id.
+        max_batches: At most this many batches per process (None: all).
+        step: The step validated after, for the progress bar.
+    """
+    from functools import partial
+
+    from tune_data import collate
+    from tune_train.metrics import StepProgress
+
+    batches = validation_batches(
+        len(dataset), batch_size, rank=run.dist.rank, world_size=run.dist.world_size,
+        max_batches=max_batches, lengths=getattr(dataset, "lengths", None))
+    progress = StepProgress(len(batches), 0, f"validation at step {step}", show=run.is_main,
+                            unit="batch", leave=False)
+    try:
+        return validation_loss(model, loss_fn,
+                               collated(dataset, batches, partial(collate, pad_id=pad_id)),
+                               run.device, run.autocast(), on_batch=progress.update)
+    finally:
+        progress.close()

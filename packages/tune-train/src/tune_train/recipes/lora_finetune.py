@@ -1,25 +1,19 @@
-"""LoRA and QLoRA fine-tuning of a Llama 2, Llama 3.x, Mistral or Qwen2.5 model: one device,
-or FSDP2 shards under torchrun.
+"""LoRA and QLoRA fine-tuning: adapters train on a frozen (optionally NF4) base, on one
+device or sharded with FSDP2.
 
     tune run lora_finetune --config llama3_1_8b_qlora [key=value ...]
     tune --nnodes 1 --nproc_per_node 2 lora_finetune.py --config my.yaml
 
-The training loop is full_finetune's, unchanged (``FullFinetuneRecipe.train``); this recipe
-changes three things, set by the config's lora_* keys and quantize_base:
+The base (``model_checkpoint``) is frozen; adapters of rank ``lora_rank`` go on
+``lora_target_modules`` and, with ``quantize_base: nf4``, the block linears are stored in
+NF4 (QLoRA). B starts at zero, so step 0 is the base model exactly. Checkpoints hold the
+adapter in PEFT's format, the adapters' optimizer state and the progress (MBs); a resumed run
+reloads the base from ``model_checkpoint``. The run ends with the adapter in output_dir
+(adapter_config.json + adapter_model.safetensors), which PEFT and vLLM load; ``tune merge``
+folds it into the base, ``tune generate/eval --adapter`` use it as it is.
 
-* the model: the base (``model_checkpoint``) is loaded and frozen, adapters of rank
-  ``lora_rank`` go on ``lora_target_modules``, and with ``quantize_base: nf4`` the block
-  linears are stored in NF4 (QLoRA). B starts at zero: step 0 is the base model exactly.
-* what trains: the adapters only (the optimizer gets the parameters that require grad).
-* what a checkpoint holds: the adapter in PEFT's format, the adapters' optimizer state and
-  the progress, written atomically like full checkpoints; a resumed run reloads the base
-  from ``model_checkpoint``. At the end the output_dir holds the adapter
-  (adapter_config.json + adapter_model.safetensors) that PEFT and vLLM load; ``tune merge``
-  folds it into the base, ``tune generate/eval --adapter`` use it as it is.
-
-Under torchrun the model is sharded (FSDP2) on the meta device and each process then fills in
-its own shards one weight at a time (the frozen NF4 base included): no process holds the
-whole base. The adapters are made from ``seed``, so N processes train what one does.
+This file is the whole run, top to bottom; the loop is full_finetune's, over the adapters.
+Copy it with ``tune recipe cp lora_finetune .`` to change it.
 """
 
 from __future__ import annotations
@@ -28,73 +22,125 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from tune_train import checkpointing as ckpt
-from tune_train import lora
-from tune_train.errors import RecipeError
-from tune_train.recipes import full_finetune
-from tune_train.recipes.full_finetune import FullFinetuneRecipe
+from tune_train import lora, steps
+from tune_train.config import TrainConfig
+from tune_train.data import training_data
+from tune_train.metrics import StepProgress, Throughput, step_metrics
+from tune_train.optim import DynamicLossScaler, LRSchedule
+from tune_train.registry import LOSSES
+from tune_train.run import recipe_main, start_run
+from tune_train.setup import build_tokenizer, model_config, optimizer_for, training_model
+from tune_train.state import TrainingState
+from tune_train.validation import validate, validation_due
+
+RECIPE = "lora_finetune"
 
 
-class LoRAFinetuneRecipe(FullFinetuneRecipe):
-    """full_finetune's recipe with adapters on a frozen (optionally NF4) base."""
+def main(cfg: TrainConfig) -> None:
+    # Checks (names, files, the model's family, the LoRA keys, output_dir), device, processes.
+    with start_run(cfg, RECIPE, lora=True) as run:
+        # ---- build: tokenizer, the frozen base with adapters, optimizer, data, progress
+        tokenizer = build_tokenizer(cfg)
+        config = model_config(cfg, tokenizer)
+        settings = lora.lora_settings_of(cfg, config)
+        adapter = None
+        if run.resume_from is not None:  # the checkpoint's adapter, once its files check out
+            adapter = lora.resume_adapter(run.resume_from, config, settings)
+        model = training_model(cfg, run, config, cfg.model_checkpoint, lora=settings,
+                               adapter=adapter)
+        params = [p for p in model.parameters() if p.requires_grad]  # the adapters
+        optimizer = optimizer_for(cfg, params, run.device)
+        scaler = DynamicLossScaler() if cfg.dtype == "fp16" else None
+        loss_fn = LOSSES[cfg.loss]
+        data = training_data(cfg, tokenizer, run)
+        schedule = LRSchedule(cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_scheduler,
+                              total_steps=data.steps_per_epoch * cfg.epochs,
+                              min_lr_ratio=cfg.min_lr_ratio)
+        state = TrainingState(RECIPE, world_size=run.dist.world_size, batch_size=cfg.batch_size,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+        if run.resume_from is not None:  # optimizer, progress and RNG; the adapter is in
+            state = ckpt.load_training_state(run.resume_from, model, optimizer, state,
+                                             data.steps_per_epoch, loss_scaler=scaler)
+            run.print(f"resumed from {run.resume_from} (epoch {state.epoch}, step "
+                      f"{state.global_step})")
+        state.note_best(ckpt.read_best_info(cfg.output_dir))
+        run.start_logging()  # config.yaml and the metric loggers
 
-    lora = True
-    description = ("LoRA / QLoRA fine-tuning of a Llama 2, Llama 3.x, Mistral or Qwen2.5 "
-                   "model.")
+        def adapter_files():  # every process: FSDP gathers the adapters on the main one
+            weights = lora.adapter_state(model, keep=run.is_main)
+            return lora.adapter_writer(weights, config, settings, base_model=cfg.model_checkpoint,
+                                       quantize_base=cfg.quantize_base)
 
-    def _check_checkpoint(self, checkpoint: Path) -> str | None:
-        """Read the adapter checkpoint; the weights to load are the base's."""
-        try:
-            self.resume_adapter = lora.check_adapter_checkpoint(checkpoint, self.model_config)
-        except ckpt.DamagedCheckpointError as e:
-            raise RecipeError(ckpt.damaged_message(checkpoint, e)) from e
-        return self.cfg.model_checkpoint
+        def save() -> Path:
+            steps.check_weights_finite(params, run.device, state.global_step)
+            return ckpt.save_checkpoint(
+                cfg.output_dir, state, model, optimizer, adapter_files(), loss_scaler=scaler,
+                keep_last=cfg.keep_last_n_checkpoints, is_main=run.is_main,
+                barrier=run.barrier, warn=run.warn)
 
-    def _build_model(self, weights, param_dtype: torch.dtype) -> torch.nn.Module:
-        cfg = self.cfg
-        problem = lora.nf4_problem(cfg, self.device)
-        if problem:
-            raise RecipeError(problem)
-        self.lora_settings = lora.lora_settings_of(cfg, self.model_config)
-        device = torch.device("cpu") if cfg.fsdp_cpu_offload and self.sharded else self.device
-        model = lora.build_lora_model(
-            self.model_config, self.lora_settings,
-            base=Path(weights) if weights is not None else None,
-            read_weights=lambda path, model: self._read_weights(path, model, cast=False),
-            quantize=cfg.quantize_base, device=device, dtype=param_dtype, seed=cfg.seed,
-            prepare_layers=self._prepare_layers, shard=self._shard if self.sharded else None,
-            adapter=self.resume_adapter if self.resume_from is not None else None,
-            adapter_source=self.resume_from)
-        if self.dist.is_main:
-            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            tqdm.write(f"LoRA rank {self.lora_settings.rank} on "
-                       f"{','.join(self.lora_settings.targets)}: {trained:,} trainable "
-                       "parameters" + (", NF4 base" if cfg.quantize_base else ""))
-        return model
+        # ---- the loop
+        for epoch in range(state.epoch, cfg.epochs):
+            progress = StepProgress(data.steps_per_epoch, state.step_in_epoch,
+                                    f"epoch {epoch + 1}/{cfg.epochs}", show=run.is_main)
+            throughput = Throughput()
+            for micro_batches in data.steps(epoch, start=state.step_in_epoch):
+                # The step's target tokens over every process: each micro-batch's summed loss
+                # is divided by them, so k micro-batches (or processes) make one k-times batch.
+                tokens = steps.count_tokens(micro_batches, run.device)
+                loss_sum = torch.zeros((), device=run.device)
+                for batch in micro_batches:
+                    batch = steps.to_device(batch, run.device)
+                    with run.autocast():
+                        loss = loss_fn(model, batch)  # summed over the batch's target tokens
+                    (loss * tokens.loss_weight(scaler)).backward()
+                    loss_sum += loss.detach()
+                mean_loss = steps.mean_loss(loss_sum, tokens, state.global_step + 1)
+                result = steps.optimizer_step(
+                    optimizer, params, lr=schedule(state.global_step),
+                    max_grad_norm=cfg.max_grad_norm, step=state.global_step + 1,
+                    loss_scaler=scaler)
+                state.step_done()
+                progress.update(mean_loss)
+                throughput.add(tokens.seen)
 
-    def _full_state_dict(self) -> dict[str, torch.Tensor]:
-        return lora.adapter_state(self.model, keep=self.dist.is_main)
+                metrics = {}
+                if state.global_step % cfg.log_every_n_steps == 0:
+                    metrics = step_metrics(
+                        epoch=epoch, loss=mean_loss, lr=optimizer.param_groups[0]["lr"],
+                        grad_norm=result.grad_norm, stepped=result.stepped,
+                        tokens_per_second=throughput.read(), loss_scaler=scaler,
+                        device=run.device)
+                if data.validation is not None and validation_due(
+                        global_step=state.global_step, step_in_epoch=state.step_in_epoch,
+                        steps_per_epoch=data.steps_per_epoch, every=cfg.eval_every_n_steps):
+                    with throughput.pause():  # tokens/s counts training only
+                        val = validate(model, loss_fn, data.validation, run,
+                                       batch_size=cfg.batch_size, pad_id=tokenizer.pad_id,
+                                       max_batches=cfg.validation_max_batches,
+                                       step=state.global_step)
+                    metrics.update(val.metrics())
+                    if cfg.save_best and state.improves(val.loss):
+                        best = ckpt.save_best(cfg.output_dir, state, adapter_files(), val.loss,
+                                              is_main=run.is_main)
+                        run.print(f"best val_loss so far ({val.loss:.4f} at step "
+                                  f"{state.global_step}): {best}")
+                run.log(metrics, state.global_step)
+                if (cfg.save_every_n_steps and state.global_step % cfg.save_every_n_steps == 0
+                        and state.step_in_epoch < data.steps_per_epoch):
+                    save()
+            progress.close()
+            state.epoch_done()
+            run.print(f"epoch {epoch + 1} done: checkpoint {save()}")
 
-    def _write_model(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
-        lora.save_adapter(folder, state, self.model_config, self.lora_settings, self.cfg)
-
-    def train(self) -> None:
-        super().train()
         # The run's result where a user looks first: PEFT's two files in output_dir.
-        state = self._full_state_dict()
-        if self.dist.is_main:
-            out = lora.save_adapter(Path(self.cfg.output_dir), state, self.model_config,
-                                    self.lora_settings, self.cfg)
-            tqdm.write(f"adapter (PEFT format): {out}")
-        self._barrier()
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """``python lora_finetune.py --config X [key=value ...] [--debug]``."""
-    return full_finetune.cli(argv, recipe_class=LoRAFinetuneRecipe)
+        write = adapter_files()
+        if run.is_main:
+            write(Path(cfg.output_dir))
+            run.print(f"adapter (PEFT format): {cfg.output_dir}")
+        run.barrier()
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(recipe_main(main, __doc__))

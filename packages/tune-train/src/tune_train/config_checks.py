@@ -1,5 +1,7 @@
-"""Checks a config can pass before any model is built: names, input files, and whether the
-model's tokenizer and checkpoint belong to its family."""
+"""Checks of a training config before any model is built (``tune config validate`` and every
+recipe's start): names, input files, whether the model's tokenizer and checkpoint belong to
+its family, and whether the config fits the recipe. (The validation *loss* is
+tune_train.validation.)"""
 
 from __future__ import annotations
 
@@ -109,6 +111,24 @@ def model_problems(cfg: TrainConfig) -> list[str]:
     if cfg.tokenizer in registry.TOKENIZERS:  # else unknown_names reports it
         problems.insert(0, registry.tokenizer_problem(cfg))
     return [p for p in problems if p is not None]
+
+
+def recipe_problem(cfg: TrainConfig, recipe: str, lora: bool | None) -> str | None:
+    """Why a config does not fit the recipe it was launched with, or None.
+
+    Args:
+        cfg: The config.
+        recipe: The recipe's name, for messages.
+        lora: True if the recipe trains adapters only, False if every weight, None if either.
+    """
+    if lora and cfg.lora_rank is None:
+        return (f"{recipe} trains LoRA adapters but lora_rank is not set; set lora_rank "
+                "(e.g. 8) and lora_target_modules, or run full_finetune to train every weight")
+    if lora is False and cfg.lora_rank is not None:
+        return (f"lora_rank is {cfg.lora_rank} but {recipe} trains every weight; run "
+                "lora_finetune (tune run lora_finetune --config ...) to train adapters, or "
+                "set lora_rank: null")
+    return None
 
 
 def lora_problem(cfg: TrainConfig, config) -> str | None:
