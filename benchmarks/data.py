@@ -72,9 +72,9 @@ def _worker(side: str, family: str, data: str, tokenizer: str, max_seq_len: int,
                           cache_dir=f"{cache}/warmup")
 
     if family == "chat" and side == "tune":
-        from tune_data import Llama2Tokenizer, chat_dataset
+        from tune_data import SentencePieceTokenizer, chat_dataset
 
-        tok = Llama2Tokenizer(tokenizer)
+        tok = SentencePieceTokenizer(tokenizer)
 
         def build():
             ds = chat_dataset(tok, data_files=data, chat_template="llama2",
@@ -93,9 +93,9 @@ def _worker(side: str, family: str, data: str, tokenizer: str, max_seq_len: int,
                               train_on_input=False, cache_dir=cache)
             return [ds[i] for i in range(len(ds))], list(range(len(ds)))
     elif side == "tune":
-        from tune_data import Llama2Tokenizer, Llama3Tokenizer, alpaca_dataset
+        from tune_data import Llama3Tokenizer, SentencePieceTokenizer, alpaca_dataset
 
-        tok = (Llama3Tokenizer if family == "llama3" else Llama2Tokenizer)(tokenizer)
+        tok = (Llama3Tokenizer if family == "llama3" else SentencePieceTokenizer)(tokenizer)
 
         def build():
             ds = alpaca_dataset(tok, data_files=data, train_on_input=False,

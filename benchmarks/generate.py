@@ -4,7 +4,7 @@
                                          [--clock wall|cpu] [--compile]
 
 A ~20M-parameter Llama 2 (tune_models.llama2_20m, random weights) is built once in
-transformers and mapped into tune_models.Llama2, so both decode with the same weights. For
+transformers and mapped into tune_models.Decoder, so both decode with the same weights. For
 batch 1 and batch 8 (prompts of different lengths, left-padded for both) each round runs
 greedy decoding of --new-tokens tokens with ours, then with transformers' generate
 (sdpa attention, its default dynamic cache), alternating. New tokens per second counts every
@@ -28,12 +28,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tune_ckpt import hf_to_native
-from tune_models import Llama2, Llama2Config, generate, llama2_20m
+from tune_models import Decoder, DecoderConfig, generate, llama2_20m
 
 from _timing import alternate, median, summary
 
 
-def hf_llama(cfg: Llama2Config) -> LlamaForCausalLM:
+def hf_llama(cfg: DecoderConfig) -> LlamaForCausalLM:
     """transformers' LlamaForCausalLM of the same shape, eos disabled (random weights)."""
     hf = LlamaForCausalLM(
         LlamaConfig(
@@ -49,10 +49,10 @@ def hf_llama(cfg: Llama2Config) -> LlamaForCausalLM:
     return hf
 
 
-def same_weights(cfg: Llama2Config) -> tuple[Llama2, LlamaForCausalLM]:
+def same_weights(cfg: DecoderConfig) -> tuple[Decoder, LlamaForCausalLM]:
     hf = hf_llama(cfg)
     with torch.device("meta"):
-        ours = Llama2(cfg)
+        ours = Decoder(cfg)
     # The real converter (tune-ckpt), as a user's HF checkpoint would go through it.
     state = hf_to_native(hf.state_dict(), n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads)
     ours.load_state_dict(state, strict=True, assign=True)
@@ -81,7 +81,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def bench(
-    ours: Llama2, hf: LlamaForCausalLM, batch: int, n: int, rounds: int, clock,
+    ours: Decoder, hf: LlamaForCausalLM, batch: int, n: int, rounds: int, clock,
     compiled: bool = False,
 ) -> tuple[float, float | None]:
     g = torch.Generator().manual_seed(batch)

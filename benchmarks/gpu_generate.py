@@ -4,7 +4,7 @@
 
 Needs only torch and transformers: tune_models is imported from packages/tune-models/src of
 this checkout. Builds a Llama-2-7B-shaped LlamaForCausalLM with random bf16 weights on the
-GPU, maps the same weights into tune_models.Llama2, and decodes --new-tokens tokens at
+GPU, maps the same weights into tune_models.Decoder, and decodes --new-tokens tokens at
 batch 1 from a random prompt with:
 
   transformers   hf.generate(do_sample=False), sdpa attention, its default dynamic cache
@@ -37,7 +37,7 @@ except ImportError:  # a bare torch + transformers environment: use this checkou
 
 from generate import hf_generate, hf_llama, hf_to_native  # noqa: E402 (benchmarks/generate.py)
 
-from tune_models import Llama2, Llama2Config, generate, llama2_7b  # noqa: E402
+from tune_models import Decoder, DecoderConfig, generate, llama2_7b  # noqa: E402
 
 START = time.perf_counter()
 
@@ -46,7 +46,7 @@ def log(message: str) -> None:
     print(f"[{time.perf_counter() - START:6.1f} s] {message}", flush=True)
 
 
-def build(cfg: Llama2Config, device: torch.device, dtype: torch.dtype):
+def build(cfg: DecoderConfig, device: torch.device, dtype: torch.dtype):
     # Construct directly on the device in the target dtype: a 7B fp32 init on the host
     # would take minutes and 27 GB.
     default_dtype = torch.get_default_dtype()
@@ -57,7 +57,7 @@ def build(cfg: Llama2Config, device: torch.device, dtype: torch.dtype):
     finally:
         torch.set_default_dtype(default_dtype)
     with torch.device("meta"):
-        ours = Llama2(cfg)
+        ours = Decoder(cfg)
     # Same tensors where the layouts agree; the fused wqkv is a new tensor.
     ours.load_state_dict(hf_to_native(hf.state_dict(), cfg), strict=True, assign=True)
     return ours.eval(), hf
@@ -108,7 +108,7 @@ def main() -> None:
     if args.preset == "7b":
         cfg = llama2_7b()
     else:
-        cfg = Llama2Config(vocab_size=32000, dim=128, n_layers=2, n_heads=4, multiple_of=32,
+        cfg = DecoderConfig(vocab_size=32000, dim=128, n_layers=2, n_heads=4, multiple_of=32,
                            max_seq_len=512)
     log(f"torch {torch.__version__}, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")  # noqa: E501
     ours, hf = build(cfg, device, dtype)

@@ -34,11 +34,11 @@ TORCHTUNE_VENV = Path(os.environ.get("TORCHTUNE_VENV", HERE / ".venv-torchtune")
 
 def make_checkpoints(work: Path) -> tuple[Path, Path]:
     from tune_ckpt import native_to_meta, save_native
-    from tune_models import Llama2, llama2_20m
+    from tune_models import Decoder, llama2_20m
 
     torch.manual_seed(0)
     config = llama2_20m()
-    model = Llama2(config)
+    model = Decoder(config)
     model.init_weights()
     native = work / "native" / "native_pytorch_model.pt"
     native.parent.mkdir(parents=True)
@@ -122,9 +122,9 @@ def run(argv: list[str], out_dir: Path) -> float:
 
 def real_tokens(data: Path, tokenizer: Path) -> int:
     """Non-padding tokens of the epoch (same data and template on both sides)."""
-    from tune_data import Llama2Tokenizer, alpaca_dataset
+    from tune_data import SentencePieceTokenizer, alpaca_dataset
 
-    ds = alpaca_dataset(Llama2Tokenizer(tokenizer), data_files=str(data), max_seq_len=512)
+    ds = alpaca_dataset(SentencePieceTokenizer(tokenizer), data_files=str(data), max_seq_len=512)
     return int(ds.lengths.sum())
 
 

@@ -82,11 +82,11 @@ def test_demo_learns_its_tasks(demo_run):
 
     # The same model, untrained: the recipe's initial weights (same seed, same shape).
     from tune_ckpt import read_model_args, save_native
-    from tune_models import Llama2, Llama2Config
+    from tune_models import Decoder, DecoderConfig
 
     args = read_model_args(next(run.glob("checkpoints/step_*")) / "native_pytorch_model.pt")
     torch.manual_seed(0)
-    untrained = Llama2(Llama2Config(**args))
+    untrained = Decoder(DecoderConfig(**args))
     untrained.init_weights()
     path = demo_run / "untrained" / "native_pytorch_model.pt"
     path.parent.mkdir()

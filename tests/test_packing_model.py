@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tune_data import Llama2Tokenizer, alpaca_dataset, chat_dataset, collate, pack
-from tune_models import Llama2, llama2_tiny
+from tune_data import SentencePieceTokenizer, alpaca_dataset, chat_dataset, collate, pack
+from tune_models import Decoder, llama2_tiny
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -18,7 +18,7 @@ def one_thread():
 
 @pytest.fixture(scope="module", params=["alpaca", "chat"])
 def setup(request, llama2_tokenizer_path, tmp_path_factory):
-    tokenizer = Llama2Tokenizer(llama2_tokenizer_path)
+    tokenizer = SentencePieceTokenizer(llama2_tokenizer_path)
     cache_dir = tmp_path_factory.mktemp("cache")
     if request.param == "alpaca":
         data = alpaca_dataset(
@@ -32,7 +32,7 @@ def setup(request, llama2_tokenizer_path, tmp_path_factory):
         )
         assert data.turns.counts.max() == 6
     torch.manual_seed(0)
-    model = Llama2(llama2_tiny(vocab_size=tokenizer.vocab_size))
+    model = Decoder(llama2_tiny(vocab_size=tokenizer.vocab_size))
     # Larger weights than a real init: peaked attention makes any leak across documents show.
     model.init_weights(std=0.2)
     model.eval()

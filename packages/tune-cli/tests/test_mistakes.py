@@ -24,17 +24,17 @@ def checkpoint(tmp_path_factory) -> Path:
     import torch
 
     from tune_ckpt import save_native
-    from tune_data import Llama2Tokenizer
-    from tune_models import Llama2, Llama2Config
+    from tune_data import SentencePieceTokenizer
+    from tune_models import Decoder, DecoderConfig
 
     from train_helpers import make_demo_files
 
     folder = tmp_path_factory.mktemp("model")
-    tokenizer = Llama2Tokenizer(make_demo_files(folder, records=10)["tokenizer"])
-    config = Llama2Config(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2,
+    tokenizer = SentencePieceTokenizer(make_demo_files(folder, records=10)["tokenizer"])
+    config = DecoderConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2,
                           n_kv_heads=1, multiple_of=16, max_seq_len=64)
     torch.manual_seed(0)
-    model = Llama2(config)
+    model = Decoder(config)
     model.init_weights(std=0.1)
     return save_native(model.state_dict(), folder / "native_pytorch_model.pt",
                        model_args=dataclasses.asdict(config))

@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import tune_train.eval as tune_eval
-from tune_data import Llama2Tokenizer, load_tokenizer
+from tune_data import SentencePieceTokenizer, load_tokenizer
 from tune_models import (
     Decoder,
-    Llama2,
-    Llama2Config,
+    DecoderConfig,
     generate,
     llama2_tiny,
     llama3_tiny,
@@ -25,13 +24,13 @@ from tune_train.eval import Window, perplexity, rolling_windows, score_windows
 
 @pytest.fixture(scope="module")
 def tokenizer(llama2_tokenizer_path):
-    return Llama2Tokenizer(llama2_tokenizer_path)
+    return SentencePieceTokenizer(llama2_tokenizer_path)
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = Llama2(llama2_tiny())  # vocab 32000, max_seq_len 512
+    m = Decoder(llama2_tiny())  # vocab 32000, max_seq_len 512
     m.init_weights(std=0.1)  # away from uniform: scores differ clearly between choices
     return m.eval()
 
@@ -39,7 +38,7 @@ def model():
 @pytest.fixture(scope="module")
 def small_model():
     torch.manual_seed(1)
-    m = Llama2(Llama2Config(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+    m = Decoder(DecoderConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                             multiple_of=16, max_seq_len=64))
     m.init_weights(std=0.3)
     return m.eval()

@@ -97,13 +97,13 @@ def test_validation_loss_is_the_mean_over_every_target_token(demo_files):
     the loss is the sum over every target token divided by their number, not a mean of
     per-batch means."""
     from tune_data import DATASETS, SentencePieceTokenizer
-    from tune_models import Llama2, llama2_tiny
+    from tune_models import Decoder, llama2_tiny
 
     tokenizer = SentencePieceTokenizer(demo_files["tokenizer"])
     data = DATASETS["demo"](tokenizer, str(demo_files["data"]), max_seq_len=32)
     data = Selection(data, np.arange(11))
     torch.manual_seed(0)
-    model = Llama2(llama2_tiny(vocab_size=64))
+    model = Decoder(llama2_tiny(vocab_size=64))
     model.init_weights()
     batches = validation_batches(len(data), 4, lengths=data.lengths) + [np.arange(0)]
     loss_fn = lambda m, b: m(b["tokens"], labels=b["labels"])  # noqa: E731 - training's loss

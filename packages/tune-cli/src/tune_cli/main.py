@@ -24,7 +24,7 @@ _TOKEN_FLAGS = ("--hf-token", "--hf_token")
 @click.version_option(package_name="tune-cli", prog_name="tune")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def cli(debug: bool) -> None:
-    """tune: fine-tune Llama-2-class models with PyTorch.
+    """tune: fine-tune and post-train LLMs (Llama, Mistral, Qwen, ...) with PyTorch.
 
     \b
     The tutorial, start to end:

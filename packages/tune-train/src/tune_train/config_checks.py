@@ -14,7 +14,7 @@ from tune_train.config import VALIDATION_KEYS, ConfigError, TrainConfig, validat
 def missing_files(cfg: TrainConfig) -> list[str]:
     """One message per input file the run needs that is not there."""
     problems = []
-    if not Path(cfg.tokenizer_checkpoint).is_file() and not _tokenizer_creates_file(cfg):
+    if not Path(cfg.tokenizer_checkpoint).is_file() and not _tokenizer_creates_file(cfg.tokenizer):
         problems.append(
             f"tokenizer_checkpoint {cfg.tokenizer_checkpoint} does not exist; point it at the "
             "tokenizer file (tokenizer.model or tokenizer.json) that came with the model"
@@ -45,10 +45,10 @@ def _chat_template_problems(value: str) -> list[str]:
     return []
 
 
-def _tokenizer_creates_file(cfg: TrainConfig) -> bool:
+def _tokenizer_creates_file(kind: str) -> bool:
     # The demo tokenizer is trained into tokenizer_checkpoint at first use. Only its name is
     # checked here, so `tune config validate` on other configs never needs the registry.
-    return cfg.tokenizer == "demo_tokenizer"
+    return kind == "demo_tokenizer"
 
 
 def unknown_names(cfg: TrainConfig) -> list[str]:
@@ -113,19 +113,19 @@ def model_problems(cfg: TrainConfig) -> list[str]:
     return [p for p in problems if p is not None]
 
 
-def recipe_problem(cfg: TrainConfig, recipe: str, lora: bool | None) -> str | None:
+def recipe_problem(recipe: str, lora: bool | None, lora_rank: int | None) -> str | None:
     """Why a config does not fit the recipe it was launched with, or None.
 
     Args:
-        cfg: The config.
         recipe: The recipe's name, for messages.
         lora: True if the recipe trains adapters only, False if every weight, None if either.
+        lora_rank: The config's lora_rank.
     """
-    if lora and cfg.lora_rank is None:
+    if lora and lora_rank is None:
         return (f"{recipe} trains LoRA adapters but lora_rank is not set; set lora_rank "
                 "(e.g. 8) and lora_target_modules, or run full_finetune to train every weight")
-    if lora is False and cfg.lora_rank is not None:
-        return (f"lora_rank is {cfg.lora_rank} but {recipe} trains every weight; run "
+    if lora is False and lora_rank is not None:
+        return (f"lora_rank is {lora_rank} but {recipe} trains every weight; run "
                 "lora_finetune (tune run lora_finetune --config ...) to train adapters, or "
                 "set lora_rank: null")
     return None

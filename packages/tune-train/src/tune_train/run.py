@@ -216,7 +216,7 @@ def start_run(cfg: TrainConfig, recipe: str, *, lora: bool | None) -> Run:
     problems = missing_files(cfg)
     if problems:
         raise RecipeError(problems[0])
-    problem = recipe_problem(cfg, recipe, lora)
+    problem = recipe_problem(recipe, lora, cfg.lora_rank)
     if problem:
         raise ConfigError(problem)
     problems = model_problems(cfg)  # model_args, tokenizer and checkpoint vs the family

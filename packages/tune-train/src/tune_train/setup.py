@@ -90,7 +90,8 @@ def training_model(cfg: TrainConfig, run: Any, config: Any, weights: str | Path 
         source = lambda model: SequentialInit(model, device)  # noqa: E731
     model = build_model(
         config, source, device=device, dtype=run.param_dtype, lora=lora, adapter=adapter,
-        quantize=cfg.quantize_base, prepare=lambda m: _prepare_layers(m, cfg),
+        quantize=cfg.quantize_base,
+        prepare=lambda m: _prepare_layers(m, cfg.enable_activation_checkpointing, cfg.compile),
         shard=run.shard if run.sharded else None, seed=cfg.seed,
         adapter_source=run.resume_from)
     if lora is not None:
@@ -100,10 +101,11 @@ def training_model(cfg: TrainConfig, run: Any, config: Any, weights: str | Path 
     return model
 
 
-def _prepare_layers(model: torch.nn.Module, cfg: TrainConfig) -> None:
+def _prepare_layers(model: torch.nn.Module, activation_checkpointing: bool,
+                    compile_blocks: bool) -> None:
     for layer in model.layers:
-        layer.use_checkpoint = cfg.enable_activation_checkpointing
-    if cfg.compile:
+        layer.use_checkpoint = activation_checkpointing
+    if compile_blocks:
         for layer in model.layers:
             layer.compile()
 
