@@ -15,6 +15,16 @@ def test_ci_runs_the_readme_test_command():
     assert commands[1] in ci_lines
 
 
+def test_readme_says_how_to_get_uv_before_the_two_commands():
+    """The two commands need uv; a fresh machine with only Python must learn how to get it
+    before the first command fails with "uv: command not found"."""
+    readme = (REPO / "README.md").read_text()
+    before = readme[:readme.index("```bash")]
+    intro = before[before.rindex("\n\n"):]  # the paragraph right above the commands
+    assert "pip install uv" in intro
+    assert (REPO / ".ci" / "run").read_text().count("pip install --quiet uv") == 1
+
+
 def test_ruff_finds_nothing():
     import subprocess
     import sys
