@@ -19,7 +19,7 @@ def test_readme_says_how_to_get_uv_before_the_two_commands():
     """The two commands need uv; a fresh machine with only Python must learn how to get it
     before the first command fails with "uv: command not found"."""
     readme = (REPO / "README.md").read_text()
-    before = readme[:readme.index("```bash")]
+    before = readme[:readme.index("```bash")].rstrip()
     intro = before[before.rindex("\n\n"):]  # the paragraph right above the commands
     assert "pip install uv" in intro
     assert (REPO / ".ci" / "run").read_text().count("pip install --quiet uv") == 1
