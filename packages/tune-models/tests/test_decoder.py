@@ -282,7 +282,7 @@ def test_llama2_names_still_work():
         (dict(sliding_window=0), "sliding_window must be positive or None"),
         (dict(qkv_bias="yes"), "qkv_bias must be true or false"),
         (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
-         "rope_scaling type 'yarn' is not supported (supported: llama3)"),
+         "rope_scaling type 'yarn' is not supported (supported: llama3, linear)"),
         (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                             "high_freq_factor": 4.0}),
          "rope_scaling of type 'llama3' lacks 'original_max_position_embeddings'"),

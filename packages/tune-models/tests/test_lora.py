@@ -38,6 +38,8 @@ def _model(config, seed: int = 0) -> Decoder:
         for name, p in model.named_parameters():
             if name.endswith(".bias") or "norm" in name:
                 p.uniform_(0.5, 1.5)  # zero biases and unit gains would hide mistakes
+            if "norm" in name and config.norm_unit_offset:
+                p.sub_(1.0)  # Gemma stores a gain minus one: gains of 0.5 to 1.5 again
     return model.eval()
 
 
