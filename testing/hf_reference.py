@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-
 # transformers' per-layer norm names -> native ones. Gemma 2/3 name four norms and call the
 # norm on attention's output "post_attention" (in Llama that is the one before the MLP).
 _LLAMA_NORMS = {"input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}

@@ -8,7 +8,6 @@ from hf_reference import family_twins, hf_model
 
 from tune_models import (
     FAMILIES,
-    HF_KEYS,
     META_KEYS,
     MODELS,
     Decoder,

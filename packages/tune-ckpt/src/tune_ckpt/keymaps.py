@@ -387,8 +387,9 @@ def infer_config(
     """The model a state dict holds, as far as tensor shapes tell.
 
     vocab_size, dim, n_layers, hidden_dim, head_dim, q/k/v biases, QK-norm and tied
-    embeddings (no output matrix) are read off the tensors. n_heads (and n_kv_heads) cannot be: a (4096,
-    4096) projection fits 32 heads of 128 as well as 64 of 64, so the caller supplies them.
+    embeddings (no output matrix) are read off the tensors. n_heads (and n_kv_heads) cannot
+    be: a (4096, 4096) projection fits 32 heads of 128 as well as 64 of 64, so the caller
+    supplies them.
     Nothing else (norm_eps, RoPE) changes a tensor, so the rest keeps its defaults.
     """
     keys = [k for k in source.keys() if not IGNORED_KEYS.match(k)]

@@ -239,10 +239,11 @@ def rope_frequencies(
     """Angular frequency of each rotated pair of a head, a RoPE scaling applied if given.
 
     "linear" divides every frequency by ``factor`` (positions are compressed; Gemma 3's
-    global layers: 8). "llama3": Llama 3.1 stretches the context from original_max_position_embeddings to factor times
-    that: pairs that turn slowly (wavelength above original / low_freq_factor) are slowed down
-    by ``factor``, pairs that turn fast (below original / high_freq_factor) keep their speed,
-    and those in between blend the two linearly in original / wavelength.
+    global layers: 8). "llama3": Llama 3.1 stretches the context from
+    original_max_position_embeddings to factor times that: pairs that turn slowly (wavelength
+    above original / low_freq_factor) are slowed down by ``factor``, pairs that turn fast
+    (below original / high_freq_factor) keep their speed, and those in between blend the two
+    linearly in original / wavelength.
 
     Args:
         head_dim: Size of one attention head (even).
