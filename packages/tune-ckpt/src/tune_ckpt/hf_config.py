@@ -331,6 +331,10 @@ def _window(config: dict, n_layers: int, where: str) -> tuple[int | None, int | 
     layer_types = config.get("layer_types")
     if layer_types is None:
         return window, config.get("sliding_window_pattern") if window else None
+    if not isinstance(layer_types, list) or len(layer_types) != n_layers:
+        size = len(layer_types) if isinstance(layer_types, list) else "no"
+        raise CheckpointError(f"{where}: layer_types lists {size} layers and "
+                              f"num_hidden_layers is {n_layers}")
     kinds = set(layer_types)
     if "sliding_attention" not in kinds or window is None:
         return None, None
