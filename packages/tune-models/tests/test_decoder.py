@@ -393,3 +393,25 @@ def test_bad_values_of_the_new_fields_are_one_line(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
         DecoderConfig(**kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_gemma_scales_embeddings_by_sqrt_dim_rounded_to_the_weights_dtype():
+    """In bf16 the first layer sees exactly what transformers' scaled embedding gives:
+    sqrt(48) = 6.93 is rounded to bf16's 6.9375 before it multiplies."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    cfg = dataclasses.replace(family_twins()["gemma3"][0], dim=48, hidden_dim=96)
+    torch.manual_seed(0)
+    model = Decoder(cfg).to(torch.bfloat16).eval()
+    model.init_weights()
+    reference = Gemma3TextScaledWordEmbedding(cfg.vocab_size, cfg.dim, 0, cfg.dim ** 0.5)
+    reference.load_state_dict({"weight": model.tok_embeddings.weight}, strict=False)
+    tokens = torch.randint(1, cfg.vocab_size, (2, 16))
+    seen = []
+    model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(tokens)
+        expected = reference.to(torch.bfloat16)(tokens)
+    assert torch.equal(seen[0], expected)
+    unrounded = (model.tok_embeddings.weight[tokens].float() * cfg.dim ** 0.5).bfloat16()
+    assert not torch.equal(seen[0], unrounded)
