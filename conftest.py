@@ -85,6 +85,12 @@ def qwen2_tokenizer_path() -> Path:
     return _shared_file("qwen2-tokenizer/tokenizer.json")
 
 
+@pytest.fixture(scope="session")
+def qwen3_8b_config_path() -> Path:
+    """Qwen3-8B's config.json (re-saved by transformers 4.57: layer_types, dtype)."""
+    return _shared_file("configs/qwen3-8b/config.json")
+
+
 def _vocab_vectors(folder: str) -> list[tuple[str, list[int]]]:
     # llama.cpp's format: strings separated by "__ggml_vocab_test__" lines (the last one
     # empty), and line N of the .out file the ids of string N.

@@ -1,13 +1,16 @@
 """Training-step throughput and peak memory of tune_models.Decoder vs transformers, CPU fp32.
 
-    uv run python benchmarks/model.py [--rounds 3] [--steps 3] [--models llama3_30m,qwen2_30m]
+    uv run python benchmarks/model.py [--rounds 3] [--steps 3] [--models qwen3_30m,gemma3_30m]
 
 One training step is forward, the summed next-token loss, backward, AdamW and zero_grad. The
 models: llama2_tiny (batch 4 x 256) and llama2_20m (4 x 512) as before, and two ~30M models
 at batch 2 x 1024 whose real vocabularies make the output projection and the loss most of the
-work: a Llama-3.1-shaped one (vocab 128256, llama3 RoPE scaling, separate output matrix) and a
-Qwen2.5-shaped one (vocab 151936, q/k/v biases, tied embeddings). The peer is transformers'
-LlamaForCausalLM / Qwen2ForCausalLM (sdpa) of the same shape.
+work: a Llama-3.1-shaped one (vocab 128256, llama3 RoPE scaling, separate output matrix), a
+Qwen2.5-shaped one (vocab 151936, q/k/v biases, tied embeddings), a Qwen3-shaped one (QK-norm,
+heads twice as wide as dim / n_heads, tied) and a Gemma-3-shaped one (vocab 262144, five
+local layers with a 512-position window to one global, both RoPE bases, GeGLU, four norms per
+layer, tied). The peer is transformers' LlamaForCausalLM / Qwen2ForCausalLM /
+Qwen3ForCausalLM / Gemma3ForCausalLM (sdpa) of the same shape.
 
 Every measurement is its own process, alternating tune and transformers each round, so
 neither side's run can leave anything behind for the other's. "Peak memory" is the peak of
@@ -40,11 +43,15 @@ MODELS = {
     "llama2_20m": ("llama2_20m", "llama", 4, 512),
     "llama3_30m": ("llama3_30m", "llama", 2, 1024),
     "qwen2_30m": ("qwen2_30m", "qwen2", 2, 1024),
+    "qwen3_30m": ("qwen3_30m", "qwen3", 2, 1024),
+    "gemma3_30m": ("gemma3_30m", "gemma3", 2, 1024),
 }
 
 
 def config(name: str):
-    from tune_models import DecoderConfig, llama2_20m, llama2_tiny
+    import dataclasses
+
+    from tune_models import DecoderConfig, gemma3_1b, llama2_20m, llama2_tiny, qwen3_tiny
 
     if name == "llama2_tiny":
         return llama2_tiny()
@@ -65,6 +72,17 @@ def config(name: str):
             max_seq_len=1024, norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True,
             tie_embeddings=True,
         )
+    if name == "qwen3_30m":
+        # Qwen3 0.6B's proportions (2:1 grouped-query, q width 2x dim, FFN 3x, QK-norm, tied)
+        # at width 192.
+        return dataclasses.replace(qwen3_tiny(), dim=192, n_layers=4, n_heads=6, n_kv_heads=3,
+                                   head_dim=64, hidden_dim=576, max_seq_len=1024)
+    if name == "gemma3_30m":
+        # Gemma 3 1B's proportions (4:1 grouped-query, q width 2x dim, FFN 6x) at width 128:
+        # six layers, the last global, the window half the sequence.
+        return dataclasses.replace(gemma3_1b(), dim=128, n_layers=6, n_heads=4, n_kv_heads=1,
+                                   head_dim=64, hidden_dim=768, query_pre_attn_scalar=64,
+                                   max_seq_len=1024)
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 

@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import torch
 
+# transformers' per-layer norm names -> native ones. Gemma 2/3 name four norms and call the
+# norm on attention's output "post_attention" (in Llama that is the one before the MLP).
+_LLAMA_NORMS = {"input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+_GEMMA_NORMS = {"input_layernorm": "attention_norm",
+                "post_attention_layernorm": "attention_post_norm",
+                "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "ffn_post_norm"}
+
 
 def hf_to_native_reference(sd: dict[str, torch.Tensor], n_layers: int, n_heads: int,
                            n_kv_heads: int, tied: bool = False) -> dict[str, torch.Tensor]:
-    """transformers Llama/Mistral/Qwen2 names -> the native schema (q/k rows un-permuted).
+    """transformers Llama/Mistral/Qwen2/Qwen3/Gemma names -> the native schema (q/k rows
+    un-permuted).
 
-    q/k/v biases (Qwen2) become ``wqkv.bias``, permuted like the weight rows; with ``tied``
-    there is no ``output.weight`` (the model projects with ``tok_embeddings.weight``).
+    q/k/v biases (Qwen2) become ``wqkv.bias``, permuted like the weight rows; QK-norm gains
+    (Qwen3, Gemma) are one head's rows, permuted as a head; a model with
+    ``pre_feedforward_layernorm`` has Gemma's four norms. With ``tied`` there is no
+    ``output.weight`` (the model projects with ``tok_embeddings.weight``).
     """
 
     def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -31,6 +42,7 @@ def hf_to_native_reference(sd: dict[str, torch.Tensor], n_layers: int, n_heads: 
     }
     if not tied:
         out["output.weight"] = sd["lm_head.weight"]
+    gemma = "model.layers.0.pre_feedforward_layernorm.weight" in sd
     for i in range(n_layers):
         p = f"model.layers.{i}."
         for kind in ("weight", "bias"):
@@ -41,28 +53,56 @@ def hf_to_native_reference(sd: dict[str, torch.Tensor], n_layers: int, n_heads: 
             out[f"layers.{i}.attention.wqkv.{kind}"] = torch.cat(
                 [q, k, sd[p + f"self_attn.v_proj.{kind}"]]
             )
+        for norm in ("q_norm", "k_norm"):
+            if p + f"self_attn.{norm}.weight" in sd:
+                out[f"layers.{i}.attention.{norm}.weight"] = unpermute(
+                    sd[p + f"self_attn.{norm}.weight"], 1)
         out[f"layers.{i}.attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
         out[f"layers.{i}.feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
         out[f"layers.{i}.feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
         out[f"layers.{i}.feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
-        out[f"layers.{i}.attention_norm.weight"] = sd[p + "input_layernorm.weight"]
-        out[f"layers.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        for hf_name, native in (_GEMMA_NORMS if gemma else _LLAMA_NORMS).items():
+            out[f"layers.{i}.{native}.weight"] = sd[p + f"{hf_name}.weight"]
     return out
 
 
+# What each reference architecture fixes: DecoderConfig field -> the value it always has.
+_PLAIN = {"qkv_bias": False, "qk_norm": False, "norm_unit_offset": False, "post_norms": False,
+          "activation": "silu", "scale_embeddings": False}
+_GEMMA = {"qkv_bias": False, "norm_unit_offset": True, "post_norms": True,
+          "activation": "gelu_tanh", "scale_embeddings": True}
+_FIXED = {"llama": _PLAIN, "mistral": _PLAIN, "qwen2": {**_PLAIN, "qkv_bias": True},
+          "qwen3": {**_PLAIN, "qk_norm": True}, "gemma2": {**_GEMMA, "qk_norm": False},
+          "gemma3": {**_GEMMA, "qk_norm": True}}
+
+
+def _layer_types(cfg) -> list[str]:
+    from tune_models import uses_sliding_window
+
+    return ["sliding_attention" if uses_sliding_window(cfg, i) else "full_attention"
+            for i in range(cfg.n_layers)]
+
+
 def hf_config(cfg, architecture: str = "llama", **extra):
-    """transformers' config of cfg's shape for ``architecture`` ("llama", "mistral", "qwen2").
+    """transformers' config of cfg's shape for ``architecture`` ("llama", "mistral", "qwen2",
+    "qwen3", "gemma2", "gemma3"; Gemma 3 as its text decoder, Gemma3TextConfig).
 
     Raises:
         ValueError: If that architecture cannot express cfg (q/k/v biases are Qwen2's, a
-            sliding window is Mistral's).
+            sliding window is Mistral's or Gemma's, ...).
     """
     import transformers
 
-    if cfg.qkv_bias != (architecture == "qwen2"):
-        raise ValueError(f"{architecture} cannot express qkv_bias={cfg.qkv_bias}")
-    if cfg.sliding_window is not None and architecture != "mistral":
+    for name, value in _FIXED[architecture].items():
+        if getattr(cfg, name) != value:
+            raise ValueError(f"{architecture} cannot express {name}={getattr(cfg, name)!r}")
+    gemma = architecture.startswith("gemma")
+    if cfg.sliding_window is not None and architecture not in ("mistral", "gemma2", "gemma3"):
         raise ValueError(f"{architecture} reference has no sliding window here")
+    if not gemma and (cfg.sliding_window_pattern or cfg.rope_local_theta or
+                      cfg.query_pre_attn_scalar or cfg.attn_logit_softcap or
+                      cfg.final_logit_softcap):
+        raise ValueError(f"{architecture} has no local/global layers, query scale or softcaps")
     kwargs = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
@@ -74,8 +114,27 @@ def hf_config(cfg, architecture: str = "llama", **extra):
         kwargs["rope_scaling"] = dict(cfg.rope_scaling)
     if architecture == "mistral":
         kwargs["sliding_window"] = cfg.sliding_window
+    if gemma:
+        del kwargs["rope_theta"]
+        kwargs.pop("rope_scaling", None)
+        full = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}
+        local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+        if cfg.rope_local_theta is None:
+            local = full
+        kwargs.update(
+            hidden_activation="gelu_pytorch_tanh", sliding_window=cfg.sliding_window,
+            layer_types=_layer_types(cfg), final_logit_softcapping=cfg.final_logit_softcap,
+            attn_logit_softcapping=cfg.attn_logit_softcap,
+            query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+            rope_parameters=({"full_attention": full, "sliding_attention": local}
+                             if architecture == "gemma3" else full),
+        )
+        if architecture == "gemma2":
+            kwargs["attn_implementation"] = "eager"  # transformers soft-caps in eager only
     config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                    "qwen2": transformers.Qwen2Config}[architecture]
+                    "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+                    "gemma2": transformers.Gemma2Config,
+                    "gemma3": transformers.Gemma3TextConfig}[architecture]
     return config_class(**kwargs, **extra)
 
 
@@ -85,7 +144,10 @@ def hf_model(cfg, architecture: str = "llama", **extra):
 
     model_class = {"llama": transformers.LlamaForCausalLM,
                    "mistral": transformers.MistralForCausalLM,
-                   "qwen2": transformers.Qwen2ForCausalLM}[architecture]
+                   "qwen2": transformers.Qwen2ForCausalLM,
+                   "qwen3": transformers.Qwen3ForCausalLM,
+                   "gemma2": transformers.Gemma2ForCausalLM,
+                   "gemma3": transformers.Gemma3ForCausalLM}[architecture]
     return model_class(hf_config(cfg, architecture, **extra)).eval()
 
 
@@ -93,8 +155,9 @@ def hf_and_native(cfg, seed: int = 0, architecture: str = "llama", **hf_config_e
     """transformers' model of cfg's shape with random weights, and a tune_models.Decoder
     holding the same weights (through the map above); both in eval mode.
 
-    RMSNorm gains and biases are randomised too (HF starts them at ones and zeros), so they
-    are compared as well. Extra keyword arguments go to the transformers config.
+    RMSNorm gains and biases are randomised too (HF starts them at ones and zeros; Gemma's
+    gains, stored minus one, at zeros), so they are compared as well. Extra keyword arguments
+    go to the transformers config.
     """
     from tune_models import Decoder
 
@@ -103,7 +166,7 @@ def hf_and_native(cfg, seed: int = 0, architecture: str = "llama", **hf_config_e
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name:
-                p.uniform_(0.5, 1.5)
+                p.uniform_(-0.5, 0.5) if cfg.norm_unit_offset else p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.uniform_(-0.5, 0.5)
     with torch.device("meta"):
@@ -119,12 +182,21 @@ def family_twins(vocab_size: int = 256) -> dict[str, tuple]:
     is its reference: name -> (DecoderConfig, architecture).
 
     llama3_1 has Llama 3.1's RoPE scaling with separate output weights, llama3_2 adds tied
-    embeddings; mistral's window (16) and llama3's original context (48) are shorter than the
-    sequences the tests use, so both matter.
+    embeddings; mistral's window (16), gemma3's (8) and llama3's original context (48) are
+    shorter than the sequences the tests use, so they matter. qwen3 has QK-norm and heads
+    wider than dim / n_heads; gemma3 every Gemma 3 feature (six layers: five local ones with
+    RoPE base 10k, one global with base 1M scaled by 8).
     """
     import dataclasses
 
-    from tune_models import DecoderConfig, llama3_tiny, mistral_tiny, qwen2_tiny
+    from tune_models import (
+        DecoderConfig,
+        gemma3_tiny,
+        llama3_tiny,
+        mistral_tiny,
+        qwen2_tiny,
+        qwen3_tiny,
+    )
 
     return {
         "llama2": (DecoderConfig(vocab_size=vocab_size, dim=96, n_layers=3, n_heads=6,
@@ -135,14 +207,17 @@ def family_twins(vocab_size: int = 256) -> dict[str, tuple]:
         "llama3_2": (llama3_tiny(vocab_size), "llama"),
         "mistral": (mistral_tiny(vocab_size), "mistral"),
         "qwen2": (qwen2_tiny(vocab_size), "qwen2"),
+        "qwen3": (qwen3_tiny(vocab_size), "qwen3"),
+        "gemma3": (gemma3_tiny(vocab_size), "gemma3"),
     }
 
 
 def native_to_hf_reference(sd: dict[str, torch.Tensor], n_layers: int, n_heads: int,
                            n_kv_heads: int, tied: bool = False) -> dict[str, torch.Tensor]:
     """The inverse of :func:`hf_to_native_reference`: native -> transformers names, q/k rows
-    (and biases) permuted back to HF's rotate-half order; ``lm_head.weight`` is the embedding
-    when ``tied``."""
+    (and biases, and QK-norm gains) permuted back to HF's rotate-half order; Gemma's four
+    norms where the state dict has ``ffn_post_norm``; ``lm_head.weight`` is the embedding when
+    ``tied``."""
 
     def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
         rows = w.shape[0]
@@ -152,6 +227,7 @@ def native_to_hf_reference(sd: dict[str, torch.Tensor], n_layers: int, n_heads: 
     out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"],
            "model.norm.weight": sd["norm.weight"],
            "lm_head.weight": sd["tok_embeddings.weight" if tied else "output.weight"]}
+    gemma = "layers.0.ffn_post_norm.weight" in sd
     for i in range(n_layers):
         p = f"model.layers.{i}."
         for kind in ("weight", "bias"):
@@ -164,10 +240,14 @@ def native_to_hf_reference(sd: dict[str, torch.Tensor], n_layers: int, n_heads: 
             out[p + f"self_attn.q_proj.{kind}"] = permute(q, n_heads)
             out[p + f"self_attn.k_proj.{kind}"] = permute(k, n_kv_heads)
             out[p + f"self_attn.v_proj.{kind}"] = v
+        for norm in ("q_norm", "k_norm"):
+            if f"layers.{i}.attention.{norm}.weight" in sd:
+                out[p + f"self_attn.{norm}.weight"] = permute(
+                    sd[f"layers.{i}.attention.{norm}.weight"], 1)
         out[p + "self_attn.o_proj.weight"] = sd[f"layers.{i}.attention.wo.weight"]
         out[p + "mlp.gate_proj.weight"] = sd[f"layers.{i}.feed_forward.w1.weight"]
         out[p + "mlp.down_proj.weight"] = sd[f"layers.{i}.feed_forward.w2.weight"]
         out[p + "mlp.up_proj.weight"] = sd[f"layers.{i}.feed_forward.w3.weight"]
-        out[p + "input_layernorm.weight"] = sd[f"layers.{i}.attention_norm.weight"]
-        out[p + "post_attention_layernorm.weight"] = sd[f"layers.{i}.ffn_norm.weight"]
+        for hf_name, native in (_GEMMA_NORMS if gemma else _LLAMA_NORMS).items():
+            out[p + f"{hf_name}.weight"] = sd[f"layers.{i}.{native}.weight"]
     return out

@@ -139,6 +139,6 @@ def test_family_mistakes_are_one_line_through_tune(tmp_path, llama2_tokenizer_pa
                cwd=tmp_path)
     assert run.returncode == 1
     assert run.stderr.splitlines() == [
-        "error: model_args: rope_scaling type 'yarn' is not supported (supported: llama3); set "
-        "rope_type to one of them or rope_scaling to None"]
+        "error: model_args: rope_scaling type 'yarn' is not supported (supported: llama3, linear); "
+        "set rope_type to one of them or rope_scaling to None"]
     assert not out.exists()  # stopped at the config, before the run touched anything

@@ -81,9 +81,10 @@ def test_merged_native_checkpoint_gives_base_plus_adapter_logits(family, tmp_pat
     assert base.read_bytes() == before  # the base is read, never written
 
 
-def test_merged_hf_export_loads_in_transformers_with_equal_logits(tmp_path):
+@pytest.mark.parametrize("family", ["llama2", "qwen3", "gemma3"])
+def test_merged_hf_export_loads_in_transformers_with_equal_logits(tmp_path, family):
     transformers = pytest.importorskip("transformers")
-    base, adapter, adapted = _base_and_adapter(tmp_path, "llama2")
+    base, adapter, adapted = _base_and_adapter(tmp_path, family)
     out = merge_adapter(base, adapter, tmp_path / "hf", target_format="hf", progress=False)
     assert {"config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
@@ -93,7 +94,7 @@ def test_merged_hf_export_loads_in_transformers_with_equal_logits(tmp_path):
         torch.testing.assert_close(hf(tokens).logits, adapted(tokens), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama2", "qwen2"])
+@pytest.mark.parametrize("family", ["llama2", "qwen2", "gemma3"])
 def test_a_qlora_adapter_merges_into_the_dequantised_base(family, tmp_path):
     base, adapter, qlora = _base_and_adapter(tmp_path, family, quantize=True)
     merged = _load(merge_adapter(base, adapter, tmp_path / "merged", progress=False))

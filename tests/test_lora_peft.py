@@ -89,6 +89,7 @@ def test_peft_loads_tunes_adapter_with_tunes_logits(family, tmp_path):
     assert keys["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape == (
         config.n_kv_heads * config.head_dim, 4)
     assert len(keys) == len(lora_state_dict(ours))  # one PEFT tensor per native one
+    assert not any("norm" in k for k in keys)  # QK-norm and the other norms are not adapted
 
 
 @pytest.mark.parametrize("family", list(TWINS))
@@ -152,7 +153,8 @@ def test_through_tune_ckpts_hf_export_of_the_base(family, tmp_path):
 
 
 @pytest.mark.parametrize("family, rslora", [("llama2", False), ("llama3_1", True),
-                                            ("mistral", False), ("qwen2", True)])
+                                            ("mistral", False), ("qwen2", True),
+                                            ("qwen3", False), ("gemma3", True)])
 def test_an_adapter_peft_made_loads_into_tune_with_equal_logits(family, rslora, tmp_path):
     config, architecture = TWINS[family]
     hf, ours = hf_and_native(config, 0, architecture)

@@ -19,6 +19,10 @@ def test_every_preset_round_trips_through_tune_model_json(tmp_path, name):
         ("tie_embeddings", "yes", "'tie_embeddings' must be true or false"),
         ("head_dim", 0, "'head_dim' must be a positive integer"),
         ("rope_scaling", 8.0, "'rope_scaling' must be an object"),
+        ("qk_norm", 1, "'qk_norm' must be true or false"),
+        ("sliding_window_pattern", "6", "'sliding_window_pattern' must be a positive integer"),
+        ("query_pre_attn_scalar", -1.0, "'query_pre_attn_scalar' must be a positive number"),
+        ("activation", "relu", "activation must be one of silu, gelu_tanh, got 'relu'"),
     ],
 )
 def test_bad_new_fields_are_refused(tmp_path, field, value, message):

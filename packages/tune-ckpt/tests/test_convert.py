@@ -455,7 +455,9 @@ def test_family_mistakes_are_one_line_and_write_nothing(tmp_path, case):
     if case == "architecture":
         _edit_json(hf / "config.json", architectures=["GPT2LMHeadModel"], model_type="gpt2")
         expected = (f"{hf / 'config.json'}: architecture 'GPT2LMHeadModel' is not supported; "
-                    "tune converts LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")
+                    "tune converts LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+                    "Qwen3ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration (its "
+                    "text decoder)")
     elif case == "another family's config":  # Llama weights, Qwen2's config.json
         _edit_json(hf / "config.json", architectures=["Qwen2ForCausalLM"], model_type="qwen2")
         expected = (f"{hf / 'model.safetensors'}: missing key "
@@ -465,7 +467,7 @@ def test_family_mistakes_are_one_line_and_write_nothing(tmp_path, case):
     elif case == "rope_scaling":
         _edit_json(hf / "config.json", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
         expected = (f"{hf / 'config.json'}: rope_scaling type 'dynamic' is not supported (tune "
-                    "implements llama3); this model cannot be converted")
+                    "implements llama3, linear); this model cannot be converted")
     elif case == "native sidecar":  # tune_model.json of a Qwen2 beside Llama weights
         native = convert(hf, progress=False)
         _edit_json(native.parent / "tune_model.json", qkv_bias=True, family="qwen2")

@@ -169,10 +169,10 @@ def test_llama_config_json_family_is_told_by_vocabulary_or_rope_scaling():
          "MistralForCausalLM, Qwen2ForCausalLM"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                            "original_max_position_embeddings": 32768}},
-         "rope_scaling type 'yarn' is not supported (tune implements llama3); this model "
-         "cannot be converted"),
-        ({"rope_scaling": {"type": "linear", "factor": 2.0}},
-         "rope_scaling type 'linear' is not supported"),
+         "rope_scaling type 'yarn' is not supported (tune implements llama3, linear); this "
+         "model cannot be converted"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+         "rope_scaling type 'dynamic' is not supported"),
         ({"attention_bias": True}, "attention_bias is true (a bias on o_proj too)"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not silu"),
         ({"num_attention_heads": 7}, "n_heads (7) must be divisible by n_kv_heads (8)"),

@@ -1,5 +1,6 @@
-"""The decoder against transformers (Llama, Mistral, Qwen2), the KV cache against the full
-forward, presets against the published parameter counts."""
+"""The decoder against transformers (Llama, Mistral, Qwen2, Qwen3, Gemma 3, and Gemma 2 for the
+soft-caps), the KV cache against the full forward, presets against the published parameter
+counts."""
 
 import dataclasses
 
@@ -14,6 +15,10 @@ from tune_models import (
     Llama2,
     Llama2Config,
     TiedOutput,
+    gemma3_1b,
+    gemma3_4b,
+    gemma3_12b,
+    gemma3_27b,
     linear_cross_entropy,
     llama2_7b,
     llama2_13b,
@@ -28,19 +33,35 @@ from tune_models import (
     qwen2_5_0_5b,
     qwen2_5_1_5b,
     qwen2_5_7b,
+    qwen3_0_6b,
+    qwen3_1_7b,
+    qwen3_4b,
+    qwen3_8b,
+    qwen3_14b,
+    qwen3_32b,
     rope_frequencies,
+    uses_sliding_window,
 )
 
 transformers = pytest.importorskip("transformers")
 
+# Gemma 2's layers (as Gemma 3's less QK-norm, one local layer to one global, one RoPE base)
+# with its two soft-caps, small enough to bend the scores and logits of a tiny model.
+GEMMA2 = DecoderConfig(
+    vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
+    norm_eps=1e-6, max_seq_len=128, sliding_window=8, sliding_window_pattern=2,
+    norm_unit_offset=True, post_norms=True, activation="gelu_tanh", scale_embeddings=True,
+    query_pre_attn_scalar=24, attn_logit_softcap=0.05, final_logit_softcap=1.5,
+)
 # name -> (config, transformers architecture): one tiny twin per family, plus multi-head
-# attention and a head_dim that is not dim / n_heads.
+# attention, a head_dim that is not dim / n_heads, and Gemma 2's soft-capping.
 CASES = {
     **family_twins(),
     "mha": (DecoderConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, multiple_of=32,
                           max_seq_len=128), "llama"),
     "head_dim": (DecoderConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                head_dim=24, hidden_dim=96, max_seq_len=128), "llama"),
+    "gemma2": (GEMMA2, "gemma2"),
 }
 # Longer than llama3's original context (48) and mistral's window (16).
 SEQ_LEN = 70
@@ -68,7 +89,9 @@ def test_loss_and_grads_match_transformers(name):
     """labels= gives HF's loss (as a sum) and the same parameter gradients."""
     cfg = CASES[name][0]
     hf, ours = _hf_pair(name)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 40))
+    # Gemma's HF embedding has padding_idx 0 (<pad>): no gradient reaches that row from the
+    # input. Real text never holds id 0, so the inputs here do not either.
+    tokens = torch.randint(1, cfg.vocab_size, (2, 40))
     labels = tokens.clone()
     labels[0, :7] = -100  # a masked prompt
     # HF shifts labels inside; ours takes already-shifted next-token targets.
@@ -92,7 +115,7 @@ def test_loss_and_grads_match_transformers(name):
         torch.testing.assert_close(p.grad, hf_grads[key], atol=1e-6, rtol=1e-4, msg=key)
 
 
-@pytest.mark.parametrize("name", list(family_twins()))
+@pytest.mark.parametrize("name", [*family_twins(), "gemma2"])
 def test_kv_cache_decode_equals_full_forward(name):
     cfg = CASES[name][0]
     _, model = _hf_pair(name)
@@ -234,6 +257,10 @@ def test_packed_mask_isolates_documents(name):
         (llama3_2_1b, 1_235_814_400), (llama3_2_3b, 3_212_749_824),
         (mistral_7b, 7_241_732_096),
         (qwen2_5_0_5b, 494_032_768), (qwen2_5_1_5b, 1_543_714_304), (qwen2_5_7b, 7_615_616_512),
+        (qwen3_0_6b, 596_049_920), (qwen3_1_7b, 1_720_574_976), (qwen3_4b, 4_022_468_096),
+        (qwen3_8b, 8_190_735_360), (qwen3_14b, 14_768_307_200), (qwen3_32b, 32_762_123_264),
+        (gemma3_1b, 999_885_952), (gemma3_4b, 3_880_263_168), (gemma3_12b, 11_766_034_176),
+        (gemma3_27b, 27_009_346_304),
     ],
     ids=lambda x: getattr(x, "__name__", ""),
 )
@@ -252,6 +279,9 @@ def test_tiny_presets_train_from_scratch(name):
     biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
     assert len(biases) == (cfg.n_layers if cfg.qkv_bias else 0)
     assert all(not b.any() for b in biases)  # biases start at zero
+    # Norm gains start at one: Gemma stores them minus one.
+    gain = 0.0 if cfg.norm_unit_offset else 1.0
+    assert all((p == gain).all() for n, p in model.named_parameters() if "norm" in n)
     tokens, labels = torch.randint(0, 100, (2, 2, 12))
     loss = model(tokens, labels=labels) / labels.numel()
     loss.backward()
@@ -282,7 +312,7 @@ def test_llama2_names_still_work():
         (dict(sliding_window=0), "sliding_window must be positive or None"),
         (dict(qkv_bias="yes"), "qkv_bias must be true or false"),
         (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
-         "rope_scaling type 'yarn' is not supported (supported: llama3)"),
+         "rope_scaling type 'yarn' is not supported (supported: llama3, linear)"),
         (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                             "high_freq_factor": 4.0}),
          "rope_scaling of type 'llama3' lacks 'original_max_position_embeddings'"),
@@ -309,3 +339,79 @@ def test_too_long_sequence_is_refused():
         model(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="KV cache length 9 exceeds max_seq_len 8"):
         model.setup_caches(1, 9)
+
+
+def test_gemma3s_local_and_global_layers_and_rope_bases():
+    """Five local layers to one global: Gemma-3-1B's 26 layers have global layers 5, 11, 17,
+    23; a Mistral has only local ones; a model without a window only global ones."""
+    cfg = gemma3_1b()
+    assert [i for i in range(26) if not uses_sliding_window(cfg, i)] == [5, 11, 17, 23]
+    assert all(uses_sliding_window(mistral_7b(), i) for i in range(32))
+    assert not any(uses_sliding_window(llama2_7b(), i) for i in range(32))
+    # Local layers turn at base 10k, unscaled; global ones at 1M, slowed down by 8 (4B+).
+    big = gemma3_4b()
+    torch.testing.assert_close(rope_frequencies(256, big.rope_theta, big.rope_scaling),
+                               rope_frequencies(256, 1e6) / 8)
+    assert big.rope_local_theta == 10000.0 and cfg.rope_scaling is None
+
+
+def test_final_softcap_is_in_the_chunked_loss_and_its_gradients():
+    """linear_cross_entropy(softcap=c) is the loss of c * tanh(logits / c), and so are its
+    gradients (the full-logit path as reference)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 30, 16, requires_grad=True)
+    weight = torch.randn(500, 16, requires_grad=True)
+    labels = torch.randint(0, 500, (2, 30))
+    labels[:, :5] = -100
+    capped = 3.0 * torch.tanh((hidden @ weight.T) / 3.0)
+    ref = F.cross_entropy(capped.flatten(0, 1), labels.flatten(), reduction="sum")
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    got = linear_cross_entropy(hidden, weight, labels, softcap=3.0)
+    grads = torch.autograd.grad(got, (hidden, weight))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    assert (got - linear_cross_entropy(hidden, weight, labels)).abs() > 1.0  # it does cap
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(qk_norm="yes"), "qk_norm must be true or false"),
+        (dict(activation="gelu"), "activation must be one of silu, gelu_tanh, got 'gelu'"),
+        (dict(sliding_window_pattern=6), "sliding_window_pattern needs a sliding_window"),
+        (dict(sliding_window=8, sliding_window_pattern=1),
+         "sliding_window_pattern must be a whole number >= 2 or None, got 1"),
+        (dict(rope_local_theta=1e4), "rope_local_theta is the RoPE base of sliding-window"),
+        (dict(attn_logit_softcap=0.0), "attn_logit_softcap must be a positive number or None"),
+        (dict(query_pre_attn_scalar=-1), "query_pre_attn_scalar must be a positive number"),
+        (dict(rope_scaling={"rope_type": "linear"}),
+         "rope_scaling of type 'linear' lacks 'factor'"),
+    ],
+)
+def test_bad_values_of_the_new_fields_are_one_line(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        DecoderConfig(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_gemma_scales_embeddings_by_sqrt_dim_rounded_to_the_weights_dtype():
+    """In bf16 the first layer sees exactly what transformers' scaled embedding gives:
+    sqrt(48) = 6.93 is rounded to bf16's 6.9375 before it multiplies."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    cfg = dataclasses.replace(family_twins()["gemma3"][0], dim=48, hidden_dim=96)
+    torch.manual_seed(0)
+    model = Decoder(cfg).to(torch.bfloat16).eval()
+    model.init_weights()
+    reference = Gemma3TextScaledWordEmbedding(cfg.vocab_size, cfg.dim, 0, cfg.dim ** 0.5)
+    reference.load_state_dict({"weight": model.tok_embeddings.weight}, strict=False)
+    tokens = torch.randint(1, cfg.vocab_size, (2, 16))
+    seen = []
+    model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(tokens)
+        expected = reference.to(torch.bfloat16)(tokens)
+    assert torch.equal(seen[0], expected)
+    unrounded = (model.tok_embeddings.weight[tokens].float() * cfg.dim ** 0.5).bfloat16()
+    assert not torch.equal(seen[0], unrounded)

@@ -8,7 +8,6 @@ from hf_reference import family_twins, hf_model
 
 from tune_models import (
     FAMILIES,
-    HF_KEYS,
     META_KEYS,
     MODELS,
     Decoder,
@@ -76,7 +75,10 @@ def test_hf_key_map_names_every_tensor_of_the_transformers_model(name):
     hf_keys = set(hf_model(config, architecture).state_dict())
     if config.tie_embeddings:
         hf_keys.discard("lm_head.weight")  # transformers lists the tied matrix twice
-    mapped = [k for sources in checkpoint_key_map(config, HF_KEYS).values() for k in sources]
+    family = next(f for f in FAMILIES.values()
+                  if f.hf_architecture.lower().startswith(architecture))
+    templates = family.checkpoint_keys["hf"]
+    mapped = [k for sources in checkpoint_key_map(config, templates).values() for k in sources]
     assert len(mapped) == len(set(mapped))
     assert set(mapped) == hf_keys
 

@@ -38,6 +38,8 @@ def _model(config, seed: int = 0) -> Decoder:
         for name, p in model.named_parameters():
             if name.endswith(".bias") or "norm" in name:
                 p.uniform_(0.5, 1.5)  # zero biases and unit gains would hide mistakes
+            if "norm" in name and config.norm_unit_offset:
+                p.sub_(1.0)  # Gemma stores a gain minus one: gains of 0.5 to 1.5 again
     return model.eval()
 
 
@@ -274,3 +276,19 @@ def test_output_adapter_with_tied_embeddings_and_applying_twice_are_refused():
     model = apply_lora(_model(llama2_tiny(vocab_size=64)), rank=2, alpha=2, targets=["q"])
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         apply_lora(model, rank=2, alpha=2, targets=["v"])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_qk_and_gemma_norms_are_neither_adapted_nor_quantised(family):
+    from tune_models import RMSNorm, quantize_base
+
+    config = TWINS[family][0]
+    model = apply_lora(_model(config), rank=4, alpha=8, targets=_targets(config))
+    quantize_base(model, "nf4")
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, RMSNorm)}
+    per_layer = 4 + 2 * config.post_norms  # attention_norm, ffn_norm, q_norm, k_norm (+2)
+    assert len(norms) == config.n_layers * per_layer + 1
+    assert "layers.0.attention.q_norm" in norms and "layers.0.attention.k_norm" in norms
+    for module in norms.values():
+        assert module.weight.dtype == torch.float32 and not module.weight.requires_grad
+    assert not any("norm" in key for key in lora_state_dict(model))

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,12 @@ from pathlib import Path
 import torch
 
 from tune_ckpt.errors import CheckpointError
-from tune_ckpt.hf_config import config_from_hf, generation_config_for, hf_config_for
+from tune_ckpt.hf_config import (
+    config_from_hf,
+    generation_config_for,
+    hf_config_for,
+    multimodal_of,
+)
 from tune_ckpt.keymaps import (
     FORMATS,
     LAYOUTS,
@@ -48,7 +54,7 @@ from tune_ckpt.names import (
     NATIVE_FILE,
     NATIVE_FILES,
 )
-from tune_ckpt.plan import PlanSource, TensorPlan, TensorSource, cast_plans
+from tune_ckpt.plan import PlanSource, RenamedSource, TensorPlan, TensorSource, cast_plans
 from tune_ckpt.reading import (
     dtype_name,
     find_native_file,
@@ -86,6 +92,8 @@ class Checkpoint:
         family: The model's family (a key of ``tune_models.FAMILIES``).
         origin: The file the model was read from (params.json, config.json,
             tune_model.json).
+        note: One line to tell the user while converting (what of a multimodal checkpoint
+            is converted), or None.
     """
 
     fmt: str
@@ -95,6 +103,7 @@ class Checkpoint:
     config: DecoderConfig
     family: str
     origin: str
+    note: str | None = None
 
     def templates(self, layout: str) -> dict:
         """The family's key templates for ``layout`` (native: the native keys)."""
@@ -123,7 +132,7 @@ def _classify_keys(keys: list[str], path: Path) -> str:
         return "native"
     if "layers.0.attention.wq.weight" in keys:
         return "meta"
-    if any(k.startswith("model.") or k == "lm_head.weight" for k in keys):
+    if any(k.startswith(("model.", "language_model.")) or k == "lm_head.weight" for k in keys):
         return "hf"
     example = f" (keys like '{keys[0]}')" if keys else " (no tensors)"
     raise CheckpointError(
@@ -205,9 +214,18 @@ def _open_hf(path: Path) -> Checkpoint:
     if not config.is_file():
         raise CheckpointError(f"{HF_CONFIG_FILE} not found beside {files[0]}: a Hugging Face "
                               "checkpoint needs it for the model's shape")
-    model, family = config_from_hf(read_json(config), str(config))
-    return Checkpoint("hf", folder, files, open_tensor_files(files), model, family,
-                      str(config))
+    data = read_json(config)
+    model, family = config_from_hf(data, str(config))
+    source, note = open_tensor_files(files), None
+    wrapper = multimodal_of(data)
+    if wrapper is not None:
+        # A text decoder with a vision tower: its language model, named as the text model's.
+        names, left_out = wrapper.text_keys(source.keys())
+        source = RenamedSource(source, names)
+        note = (f"{config} describes {data['architectures'][0]}: converting its text decoder "
+                f"({wrapper.text_architecture}) and leaving out the vision tower and projector "
+                f"({left_out} tensors)")
+    return Checkpoint("hf", folder, files, source, model, family, str(config), note)
 
 
 def _open_native(path: Path) -> Checkpoint:
@@ -420,6 +438,8 @@ def convert(
     cast = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     ckpt = open_checkpoint(checkpoint_path, source_format)
+    if ckpt.note is not None:
+        print(f"tune-ckpt: {ckpt.note}", file=sys.stderr)
     if target_format != "native":
         ckpt.templates(target_format)  # a family without that layout: refused before anything
     native = cast_plans(ckpt.to_native(), cast)

@@ -6,7 +6,8 @@ templates (``tune_models.FAMILIES[name].checkpoint_keys``). This module adds onl
 templates do not say about a layout:
 
 * whether it stores each head's q/k rows in Hugging Face's rotate-half order (native and Meta
-  pair rows (2j, 2j+1); see tune-models' README);
+  pair rows (2j, 2j+1); see tune-models' README), and with them the QK-norm gains, which are
+  one head's rows (``tune_models.HEAD_ROW_KEYS``);
 * where a model with tied embeddings keeps its output matrix: stored (Meta's reference code
   has a separate ``output.weight`` and its Llama 3.2 files hold a copy), optional
   (transformers' ``save_pretrained`` writes none, but older saves list the shared matrix
@@ -42,7 +43,15 @@ from tune_ckpt.plan import (
     materialize,
     slice_ranges,
 )
-from tune_models import HF_KEYS, META_KEYS, DecoderConfig, checkpoint_key_map, qkv_rows
+from tune_models import (
+    HEAD_ROW_KEYS,
+    HF_KEYS,
+    META_KEYS,
+    NATIVE_KEYS,
+    DecoderConfig,
+    checkpoint_key_map,
+    qkv_rows,
+)
 from tune_models import native_shapes as _native_shapes
 
 FORMATS = ("meta", "hf", "native")
@@ -83,9 +92,6 @@ LAYOUTS = {
     "native": Layout("native", rotate_half=False, tied_output="absent"),
 }
 
-# The native layout in template form: every key is its own source.
-NATIVE_KEYS: KeyTemplates = {k: k for k in HF_KEYS}
-
 
 def native_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
     """Every native key with its shape, in ``Decoder.state_dict()`` order (tune-models' rule)."""
@@ -104,6 +110,11 @@ def key_map(config: DecoderConfig, templates: KeyTemplates,
 
 def _output_key(templates: KeyTemplates) -> str:
     return templates["output.weight"]
+
+
+def _one_head(key: str) -> bool:
+    """Whether a native key holds one head's dimensions (a QK-norm gain)."""
+    return key.startswith("layers.") and "layers.{i}." + key.split(".", 2)[2] in HEAD_ROW_KEYS
 
 
 def layout_shapes(config: DecoderConfig, layout: Layout,
@@ -289,7 +300,10 @@ def plan_to_native(
     plans = []
     for key, sources in key_map(config, templates).items():
         shape = shapes[key]
-        if len(sources) == 1:
+        if len(sources) == 1 and layout.rotate_half and _one_head(key):
+            plans.append(_plan(source, key, shape, sources,
+                               lambda w: hf_to_native_rows(w, 1), _no_ranges))
+        elif len(sources) == 1:
             plans.append(_plan(source, key, shape, sources))
         elif layout.rotate_half:
             def fuse(q, k, v, heads=heads):
@@ -327,6 +341,10 @@ def plan_from_native(
     permute = (config.n_heads, config.n_kv_heads, None) if layout.rotate_half else (None,) * 3
     plans = []
     for key, targets in mapping.items():
+        if len(targets) == 1 and layout.rotate_half and _one_head(key):
+            plans.append(_plan(source, targets[0], target_shapes[targets[0]], (key,),
+                               lambda w: native_to_hf_rows(w, 1), _no_ranges))
+            continue
         if len(targets) == 1:
             plans.append(_plan(source, targets[0], target_shapes[targets[0]], (key,)))
             continue
@@ -368,9 +386,10 @@ def infer_config(
 ) -> DecoderConfig:
     """The model a state dict holds, as far as tensor shapes tell.
 
-    vocab_size, dim, n_layers, hidden_dim, head_dim, q/k/v biases and tied embeddings (no
-    output matrix) are read off the tensors. n_heads (and n_kv_heads) cannot be: a (4096,
-    4096) projection fits 32 heads of 128 as well as 64 of 64, so the caller supplies them.
+    vocab_size, dim, n_layers, hidden_dim, head_dim, q/k/v biases, QK-norm and tied
+    embeddings (no output matrix) are read off the tensors. n_heads (and n_kv_heads) cannot
+    be: a (4096, 4096) projection fits 32 heads of 128 as well as 64 of 64, so the caller
+    supplies them.
     Nothing else (norm_eps, RoPE) changes a tensor, so the rest keeps its defaults.
     """
     keys = [k for k in source.keys() if not IGNORED_KEYS.match(k)]
@@ -391,11 +410,13 @@ def infer_config(
     layers = {int(m.group(1)) for k in keys if (m := _LAYER.match(k))}
     bias = "layers.{i}.attention.wqkv.bias" in templates and \
         name("layers.0.attention.wqkv.bias") in keys
+    qk_norm = "layers.{i}.attention.q_norm.weight" in templates and \
+        name("layers.0.attention.q_norm.weight") in keys
     try:
         return DecoderConfig(
             vocab_size=vocab_size, dim=dim, n_layers=max(layers) + 1, n_heads=n_heads,
             n_kv_heads=n_kv_heads or n_heads, hidden_dim=source.shape(w1)[0],
-            head_dim=source.shape(wo)[1] // n_heads, qkv_bias=bias,
+            head_dim=source.shape(wo)[1] // n_heads, qkv_bias=bias, qk_norm=qk_norm,
             tie_embeddings=name("output.weight") not in keys,
         )
     except ValueError as e:
@@ -464,7 +485,7 @@ def native_to_meta(
 def hf_to_native(
     sd: dict[str, torch.Tensor], *, n_heads: int, n_kv_heads: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Map a transformers Llama / Mistral / Qwen2 state dict to the native key schema.
+    """Map a transformers Llama / Mistral / Qwen2 / Qwen3 state dict to the native key schema.
 
     Args:
         sd: HF keys (``model.layers.0.self_attn.q_proj.weight``...); q/k/v biases (Qwen2)
@@ -484,7 +505,7 @@ def hf_to_native(
 def native_to_hf(
     sd: dict[str, torch.Tensor], *, n_heads: int, n_kv_heads: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Map a native state dict to transformers' Llama / Mistral / Qwen2 keys.
+    """Map a native state dict to transformers' Llama / Mistral / Qwen2 / Qwen3 keys.
 
     Args:
         sd: Native keys; with tied embeddings (no ``output.weight``) there is no

@@ -214,6 +214,41 @@ class PlanSource(TensorSource):
         return self._plans[key].file_ranges()
 
 
+class RenamedSource(TensorSource):
+    """Some tensors of another source under new names (a multimodal checkpoint's language
+    model seen as the text model's checkpoint).
+
+    Args:
+        source: The tensors.
+        names: New name -> the source's name, for the tensors to show; the others are hidden.
+    """
+
+    def __init__(self, source: TensorSource, names: Mapping[str, str]):
+        self._source = source
+        self._names = dict(names)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._source.shape(self._names[key])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._source.dtype(self._names[key])
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._source.get(self._names[key])
+
+    def where(self, key: str) -> str:
+        return self._source.where(self._names[key])
+
+    def release(self, *keys: str) -> None:
+        self._source.release(*(self._names[k] for k in keys))
+
+    def file_ranges(self, key: str) -> list[FileRange] | None:
+        return self._source.file_ranges(self._names[key])
+
+
 def materialize(plans: Iterable[TensorPlan]) -> dict[str, torch.Tensor]:
     """Make every planned tensor: the in-memory form of a conversion."""
     return {plan.key: plan.make() for plan in plans}

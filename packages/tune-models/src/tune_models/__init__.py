@@ -1,4 +1,5 @@
-"""tune-models: one decoder for Llama 2, Llama 3.x, Mistral and Qwen2.5 (torch only).
+"""tune-models: one decoder for Llama 2, Llama 3.x, Mistral, Qwen2.5, Qwen3 and Gemma 3 (torch
+only).
 
 Importable by any project: it pulls in nothing but torch.
 """
@@ -13,18 +14,29 @@ from tune_models.decoder import (
     TransformerBlock,
     apply_rope,
     init_parameter_,
+    rms_norm,
     rope_cache,
     rope_frequencies,
+    softcap,
+    uses_sliding_window,
 )
 from tune_models.families import (
     FAMILIES,
     FAMILY_OF_PRESET,
+    GEMMA_HF_KEYS,
+    HEAD_ROW_KEYS,
     HF_KEYS,
     META_KEYS,
     MODELS,
+    NATIVE_KEYS,
     ModelFamily,
     checkpoint_key_map,
     family_of,
+    gemma3_1b,
+    gemma3_4b,
+    gemma3_12b,
+    gemma3_27b,
+    gemma3_tiny,
     llama2_7b,
     llama2_13b,
     llama2_20m,
@@ -43,6 +55,13 @@ from tune_models.families import (
     qwen2_5_1_5b,
     qwen2_5_7b,
     qwen2_tiny,
+    qwen3_0_6b,
+    qwen3_1_7b,
+    qwen3_4b,
+    qwen3_8b,
+    qwen3_14b,
+    qwen3_32b,
+    qwen3_tiny,
 )
 from tune_models.generation import check_sampling, generate, generate_stream, sample_token
 from tune_models.kv_cache import KVCache
@@ -71,10 +90,13 @@ Llama2Config = DecoderConfig
 __all__ = [
     "FAMILIES",
     "FAMILY_OF_PRESET",
+    "GEMMA_HF_KEYS",
+    "HEAD_ROW_KEYS",
     "HF_KEYS",
     "LORA_TARGETS",
     "META_KEYS",
     "MODELS",
+    "NATIVE_KEYS",
     "Attention",
     "Decoder",
     "DecoderConfig",
@@ -96,6 +118,11 @@ __all__ = [
     "checkpoint_key_map",
     "dequantize_nf4",
     "family_of",
+    "gemma3_1b",
+    "gemma3_4b",
+    "gemma3_12b",
+    "gemma3_27b",
+    "gemma3_tiny",
     "generate",
     "generate_stream",
     "init_lora_",
@@ -127,8 +154,18 @@ __all__ = [
     "quantize_base",
     "quantize_nf4",
     "qwen2_tiny",
+    "qwen3_0_6b",
+    "qwen3_1_7b",
+    "qwen3_4b",
+    "qwen3_8b",
+    "qwen3_14b",
+    "qwen3_32b",
+    "qwen3_tiny",
     "reset_lora_parameters",
+    "rms_norm",
     "rope_cache",
     "rope_frequencies",
     "sample_token",
+    "softcap",
+    "uses_sliding_window",
 ]

@@ -1,10 +1,15 @@
 """One decoder for every family tune fine-tunes: config, modules and numerics (torch only).
 
-Llama 2, Llama 3.x, Mistral and Qwen2.5 are the same pre-norm transformer with SwiGLU and
-rotary embeddings; they differ in sizes and in a few switches, all of them fields of
-:class:`DecoderConfig`: grouped-query attention with an explicit ``head_dim``, biases on the
-q/k/v projection (Qwen2), one matrix for the input and output embeddings (Llama 3.2 1B/3B,
-Qwen2.5 up to 3B), Llama 3.1's RoPE frequency scaling, and Mistral's sliding-window attention.
+Llama 2, Llama 3.x, Mistral, Qwen2.5, Qwen3 and Gemma 3 are the same pre-norm transformer with
+a gated feed-forward and rotary embeddings; they differ in sizes and in switches, all of them
+fields of :class:`DecoderConfig`: grouped-query attention with an explicit ``head_dim``, biases
+on the q/k/v projection (Qwen2), RMSNorm on each query and key head (QK-norm: Qwen3, Gemma 3),
+one matrix for the input and output embeddings, RoPE frequency scaling (Llama 3.1's, linear),
+sliding-window attention on every layer (Mistral) or on most of them with their own RoPE base
+(Gemma 3: five local layers to one global), and Gemma's details: GELU-tanh, RMSNorm gains of
+(1 + weight) in fp32, norms after attention and feed-forward too, embeddings scaled by
+sqrt(dim), a query scale of its own and tanh soft-capping of scores and logits (Gemma 2).
+A switch that is off costs nothing: its modules are not built and its ops never run.
 The presets of each family and what else tune knows about it live in ``families.py``.
 
 The parameter names below are the *native key schema* that tune-ckpt converts to and from; see
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -37,6 +43,7 @@ from tune_models.loss import linear_cross_entropy
 ROPE_SCALING_FIELDS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                "original_max_position_embeddings"),
+    "linear": ("factor",),
 }
 
 
@@ -63,10 +70,32 @@ class DecoderConfig:
         qkv_bias: Whether the q/k/v projection has a bias (Qwen2).
         tie_embeddings: Whether the output projection is the input embedding matrix (then the
             model has no ``output.weight`` parameter).
-        rope_scaling: None, or a dict with ``rope_type`` "llama3" and the fields in
-            ``ROPE_SCALING_FIELDS["llama3"]`` (Llama 3.1's long-context frequency scaling).
+        rope_scaling: None, or a dict with a ``rope_type`` and the fields
+            ``ROPE_SCALING_FIELDS`` lists for it: "llama3" (Llama 3.1's long-context
+            frequency scaling) or "linear" (every frequency divided by ``factor``).
         sliding_window: If set, a query attends to at most this many positions: itself and
-            the sliding_window - 1 before it (Mistral v0.1: 4096).
+            the sliding_window - 1 before it (Mistral v0.1: 4096), on every layer unless
+            sliding_window_pattern says otherwise.
+        sliding_window_pattern: With a sliding window, every n-th layer (index n-1, 2n-1,
+            ...) attends to the whole sequence instead (Gemma 3: 6, five local layers to one
+            global; Gemma 2: 2). None: every layer has the window.
+        rope_local_theta: RoPE base of the sliding-window layers, which then take no
+            rope_scaling (Gemma 3: 10000, while its global layers use rope_theta and the
+            scaling). None: every layer uses rope_theta and rope_scaling.
+        qk_norm: RMSNorm over head_dim on every query and key head, before RoPE (Qwen3,
+            Gemma 3); its gains are ``attention.q_norm`` and ``attention.k_norm``.
+        norm_unit_offset: Every RMSNorm scales by (1 + weight), in fp32, before casting back;
+            its weights start at zero (Gemma). False: by weight, after the cast (Llama).
+        post_norms: An RMSNorm also on the output of attention and of the feed-forward,
+            before each residual add (Gemma 2 and 3).
+        activation: The feed-forward's gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma).
+        scale_embeddings: Multiply the embeddings by sqrt(dim), rounded to the weights'
+            dtype (Gemma).
+        query_pre_attn_scalar: Attention scores are scaled by its inverse square root
+            instead of head_dim's (Gemma 3 27B: 168 with head_dim 128). None: head_dim.
+        attn_logit_softcap: If set, attention scores become cap * tanh(score / cap) before
+            the softmax (Gemma 2: 50). Costs SDPA's fused kernels: scores are formed whole.
+        final_logit_softcap: If set, logits become cap * tanh(logit / cap) (Gemma 2: 30).
 
     Raises:
         ValueError: When the sizes do not fit together or a field has a bad value.
@@ -88,6 +117,16 @@ class DecoderConfig:
     tie_embeddings: bool = False
     rope_scaling: dict[str, Any] | None = None
     sliding_window: int | None = None
+    sliding_window_pattern: int | None = None
+    rope_local_theta: float | None = None
+    qk_norm: bool = False
+    norm_unit_offset: bool = False
+    post_norms: bool = False
+    activation: str = "silu"
+    scale_embeddings: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -115,6 +154,7 @@ class DecoderConfig:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
+        _check_layer_fields(self)
         if self.hidden_dim is None:
             # Meta's rule: 2/3 of 4*dim (SwiGLU has three matrices), optionally scaled, then
             # rounded up to multiple_of. 7B: 4096 -> 11008.
@@ -122,6 +162,45 @@ class DecoderConfig:
             if self.ffn_dim_multiplier is not None:
                 hidden = int(self.ffn_dim_multiplier * hidden)
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+# The feed-forward's gate activation by DecoderConfig.activation.
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
+
+
+def _check_layer_fields(config: DecoderConfig) -> None:
+    # The checks of the fields that QK-norm, Gemma's layers and local/global attention added.
+    for name in ("qk_norm", "norm_unit_offset", "post_norms", "scale_embeddings"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(config, name)!r}")
+    if config.activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got "
+                         f"{config.activation!r}")
+    for name in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcap",
+                 "final_logit_softcap"):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value > 0):
+            raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+    pattern = config.sliding_window_pattern
+    if pattern is not None:
+        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 2:
+            raise ValueError(f"sliding_window_pattern must be a whole number >= 2 or None, got "
+                             f"{pattern!r}")
+        if config.sliding_window is None:
+            raise ValueError("sliding_window_pattern needs a sliding_window: set both or "
+                             "neither")
+    if config.rope_local_theta is not None and config.sliding_window is None:
+        raise ValueError("rope_local_theta is the RoPE base of sliding-window layers, and the "
+                         "model has none: set sliding_window or drop rope_local_theta")
+
+
+def uses_sliding_window(config: DecoderConfig, layer: int) -> bool:
+    """Whether layer ``layer`` (from 0) attends through the sliding window (a local layer)."""
+    if config.sliding_window is None:
+        return False
+    pattern = config.sliding_window_pattern
+    return pattern is None or (layer + 1) % pattern != 0
 
 
 def _check_rope_scaling(scaling: dict[str, Any]) -> None:
@@ -146,7 +225,7 @@ def _check_rope_scaling(scaling: dict[str, Any]) -> None:
         value = scaling[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"rope_scaling['{name}'] must be a positive number, got {value!r}")
-    if scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
+    if kind == "llama3" and scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
         raise ValueError(
             f"rope_scaling: low_freq_factor ({scaling['low_freq_factor']}) must be below "
             f"high_freq_factor ({scaling['high_freq_factor']})"
@@ -157,17 +236,19 @@ def rope_frequencies(
     head_dim: int, theta: float = 10000.0, scaling: dict[str, Any] | None = None,
     device: torch.device | None = None,
 ) -> torch.Tensor:
-    """Angular frequency of each rotated pair of a head, Llama 3.1's scaling applied if given.
+    """Angular frequency of each rotated pair of a head, a RoPE scaling applied if given.
 
-    Llama 3.1 stretches the context from original_max_position_embeddings to factor times
-    that: pairs that turn slowly (wavelength above original / low_freq_factor) are slowed down
-    by ``factor``, pairs that turn fast (below original / high_freq_factor) keep their speed,
-    and those in between blend the two linearly in original / wavelength.
+    "linear" divides every frequency by ``factor`` (positions are compressed; Gemma 3's
+    global layers: 8). "llama3": Llama 3.1 stretches the context from
+    original_max_position_embeddings to factor times that: pairs that turn slowly (wavelength
+    above original / low_freq_factor) are slowed down by ``factor``, pairs that turn fast
+    (below original / high_freq_factor) keep their speed, and those in between blend the two
+    linearly in original / wavelength.
 
     Args:
         head_dim: Size of one attention head (even).
         theta: Frequency base.
-        scaling: None, or a "llama3" rope_scaling dict (see :class:`DecoderConfig`).
+        scaling: None, or a rope_scaling dict (see :class:`DecoderConfig`).
         device: Where to make the tensor.
 
     Returns:
@@ -178,6 +259,8 @@ def rope_frequencies(
     )  # (D/2,)
     if scaling is None:
         return freqs
+    if scaling["rope_type"] == "linear":
+        return freqs / scaling["factor"]
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     original = scaling["original_max_position_embeddings"]
     wavelength = 2 * math.pi / freqs
@@ -200,7 +283,7 @@ def rope_cache(
         positions: Integer positions, any shape P.
         head_dim: Size of one attention head (even).
         theta: Frequency base.
-        scaling: None, or a "llama3" rope_scaling dict (see :func:`rope_frequencies`).
+        scaling: None, or a rope_scaling dict (see :func:`rope_frequencies`).
 
     Returns:
         float32 tensor of shape (*P, head_dim // 2, 2) holding (cos, sin).
@@ -227,20 +310,79 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)  # (B, T, H, D)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             unit_offset: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dimension of x, computed in fp32.
+
+    Args:
+        x: (..., D) input.
+        weight: Gains broadcasting against x, (D,) or e.g. (H, D) for one per head.
+        eps: Added to the mean square.
+        unit_offset: Gemma's variant: scale by (1 + weight) in fp32, then cast back. Else
+            Llama's: cast back, then scale by weight (in x's dtype).
+
+    Returns:
+        Tensor shaped and typed like x.
+    """
+    normed = F.rms_norm(x.float(), x.shape[-1:], eps=eps)
+    if unit_offset:
+        return (normed * (1.0 + weight.float())).type_as(x)
+    return normed.type_as(x) * weight
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(x / cap)``: x squashed smoothly into (-cap, cap); x itself if cap is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, unit_offset: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.unit_offset = unit_offset
+        # Gemma stores the gain minus one: zero is the identity.
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the gain, as the reference does.
-        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
-        return normed.type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps, self.unit_offset)
+
+
+def _norm(config: DecoderConfig, dim: int) -> RMSNorm:
+    return RMSNorm(dim, config.norm_eps, config.norm_unit_offset)
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         mask: torch.Tensor | None, scale: float | None,
+                         cap: float) -> torch.Tensor:
+    """Attention whose scores are soft-capped before the softmax (Gemma 2).
+
+    SDPA has no hook between the scores and the softmax, so the (B, H, T, S) scores are formed
+    whole; only models that set attn_logit_softcap pay for it.
+
+    Args:
+        q: (B, H, T, D) queries.
+        k: (B, H, S, D) keys.
+        v: (B, H, S, D) values.
+        mask: Boolean, broadcasting to (B, H, T, S), True = may attend; None: causal (the
+            last T of S positions).
+        scale: Score scale; None: 1 / sqrt(D).
+        cap: The soft cap.
+
+    Returns:
+        (B, H, T, D).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = softcap((q @ k.transpose(-2, -1)) * scale, cap)  # (B, H, T, S)
+    if mask is None:
+        t, s = scores.shape[-2:]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)  # (T, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).type_as(q) @ v
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with a fused QKV projection and rotary embeddings."""
+    """Grouped-query self-attention with a fused QKV projection and rotary embeddings,
+    optionally QK-norm, its own score scale and soft-capped scores."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -249,7 +391,12 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         qkv_out = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
         self.wqkv = nn.Linear(config.dim, qkv_out, bias=config.qkv_bias)
+        self.q_norm = _norm(config, config.head_dim) if config.qk_norm else None
+        self.k_norm = _norm(config, config.head_dim) if config.qk_norm else None
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        scalar = config.query_pre_attn_scalar
+        self.scale = None if scalar is None else scalar ** -0.5  # None: SDPA's 1/sqrt(D)
+        self.softcap = config.attn_logit_softcap
         self.kv_cache: KVCache | None = None
 
     def forward(
@@ -264,6 +411,12 @@ class Attention(nn.Module):
         qkv = self.wqkv(x).view(b, t, h + 2 * kv, self.head_dim)  # (B, T, H+2KV, D)
         # split, not two slices: its backward is one cat, a slice's a zero-filled full tensor.
         qk, v = qkv.split([h + kv, kv], dim=2)  # (B, T, H+KV, D), (B, T, KV, D)
+        if self.q_norm is not None:
+            # Every q and k head normalised in one pass: each head's row of gains is its
+            # projection's (both in the native RoPE order of its dimensions).
+            gain = torch.cat([self.q_norm.weight.expand(h, -1),
+                              self.k_norm.weight.expand(kv, -1)])  # (H+KV, D)
+            qk = rms_norm(qk, gain, self.q_norm.eps, self.q_norm.unit_offset)
         # Queries and keys are rotated together: one set of kernels instead of two.
         q, k = apply_rope(qk, rope).split([h, kv], dim=2)  # (B, T, H, D), (B, T, KV, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T, D)
@@ -275,41 +428,57 @@ class Attention(nn.Module):
             rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)  # (B, H, S, D)
             v = v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is not None:
+            mask = mask.unsqueeze(1)  # (B, 1, T, S): one mask for every head
+        if self.softcap is not None:
+            y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
+        elif mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         y = y.transpose(1, 2).reshape(b, t, h * self.head_dim)  # (B, T, H*D)
         return self.wo(y)
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """A gated feed-forward: w2(act(w1 x) * w3 x); SwiGLU with silu, GeGLU with gelu_tanh."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "silu"):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm attention and feed-forward, each with a residual connection.
+    """Pre-norm attention and feed-forward, each with a residual connection (and with
+    ``post_norms`` a norm on each output before its residual add: Gemma's sandwich).
+
+    ``sliding`` says whether this layer attends through the sliding window (a local layer);
+    the decoder hands each layer the mask and RoPE angles of its kind.
 
     ``use_checkpoint`` is the activation-checkpointing hook point: tune-train sets it, and the
     model then recomputes this block's activations in backward instead of storing them. The
     parameter names do not change, so checkpoints and FSDP wrapping are unaffected.
+
+    Args:
+        config: Model shape.
+        layer: The block's index (from 0), which decides whether it is local or global.
     """
 
-    def __init__(self, config: DecoderConfig):
+    def __init__(self, config: DecoderConfig, layer: int):
         super().__init__()
-        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.sliding = uses_sliding_window(config, layer)
+        self.attention_norm = _norm(config, config.dim)
         self.attention = Attention(config)
-        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+        self.attention_post_norm = _norm(config, config.dim) if config.post_norms else None
+        self.ffn_norm = _norm(config, config.dim)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim, config.activation)
+        self.ffn_post_norm = _norm(config, config.dim) if config.post_norms else None
         self.use_checkpoint = False
 
     def forward(
@@ -319,8 +488,14 @@ class TransformerBlock(nn.Module):
         mask: torch.Tensor | None = None,
         cache_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask, cache_pos)
-        return h + self.feed_forward(self.ffn_norm(h))
+        a = self.attention(self.attention_norm(x), rope, mask, cache_pos)
+        if self.attention_post_norm is not None:
+            a = self.attention_post_norm(a)
+        h = x + a
+        f = self.feed_forward(self.ffn_norm(h))
+        if self.ffn_post_norm is not None:
+            f = self.ffn_post_norm(f)
+        return h + f
 
 
 class TiedOutput(nn.Module):
@@ -347,12 +522,14 @@ class TiedOutput(nn.Module):
 
 
 def init_parameter_(param: torch.Tensor, name: str, n_layers: int, std: float = 0.02,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, *,
+                    norm_unit_offset: bool = False) -> torch.Tensor:
     """Fill one Decoder parameter, named by its state-dict key, as ``Decoder.init_weights``
     does; ``generator`` draws it from a stream of its own (one weight at a time, in any order).
+    With ``norm_unit_offset`` (the config's) norm gains start at zero: a gain of one.
     """
     if name.endswith("norm.weight"):
-        return nn.init.ones_(param)
+        return nn.init.zeros_(param) if norm_unit_offset else nn.init.ones_(param)
     if name.endswith(".bias"):
         return nn.init.zeros_(param)
     if name.endswith(("wo.weight", "w2.weight")):
@@ -361,7 +538,8 @@ def init_parameter_(param: torch.Tensor, name: str, n_layers: int, std: float = 
 
 
 class Decoder(nn.Module):
-    """The decoder of every supported family (Llama 2, Llama 3.x, Mistral, Qwen2.5).
+    """The decoder of every supported family (Llama 2, Llama 3.x, Mistral, Qwen2.5, Qwen3,
+    Gemma 3).
 
     ``model.output`` is the output projection in every family: an ``nn.Linear`` or, with tied
     embeddings, a :class:`TiedOutput`; ``model.output(h)`` and ``model.output.weight`` work
@@ -375,8 +553,8 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = _norm(config, config.dim)
         if config.tie_embeddings:
             self.output = TiedOutput(self.tok_embeddings)
         else:
@@ -387,10 +565,11 @@ class Decoder(nn.Module):
 
         Normal(0, std) everywhere, with the projections that write into the residual stream
         (wo, w2) scaled by 1/sqrt(2 * n_layers) so its variance does not grow with depth;
-        biases start at zero.
+        biases start at zero, norm gains at one.
         """
         for name, param in self.named_parameters():
-            init_parameter_(param, name, self.config.n_layers, std)
+            init_parameter_(param, name, self.config.n_layers, std,
+                            norm_unit_offset=self.config.norm_unit_offset)
 
     def setup_caches(
         self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None
@@ -443,7 +622,8 @@ class Decoder(nn.Module):
                 chunks so the fp32 logits of the whole batch never exist.
 
         Returns:
-            (B, T, vocab_size) logits, or the fp32 scalar sum of token losses if labels given.
+            (B, T, vocab_size) logits (soft-capped with final_logit_softcap), or the fp32
+            scalar sum of token losses if labels given.
 
         Raises:
             ValueError: If the sequence is longer than max_seq_len or arguments do not fit.
@@ -453,8 +633,14 @@ class Decoder(nn.Module):
             # A LoRA adapter on the output (tune_models.lora) adds its low-rank term inside
             # the chunked loss, which never runs the output layer itself.
             low_rank = self.output.low_rank(h) if hasattr(self.output, "low_rank") else None
-            return linear_cross_entropy(h, self.output.weight, labels, low_rank=low_rank)
-        return self.output(h)
+            return linear_cross_entropy(h, self.output.weight, labels, low_rank=low_rank,
+                                        softcap=self.config.final_logit_softcap)
+        return self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., dim) -> logits (..., vocab_size): the output projection, then
+        final_logit_softcap if the model has one."""
+        return softcap(self.output(h), self.config.final_logit_softcap)
 
     def hidden_states(
         self,
@@ -465,7 +651,7 @@ class Decoder(nn.Module):
         """The final, normalised hidden states: ``forward`` without the output projection.
 
         For callers that need logits at a few positions only (the last prompt position when
-        decoding, the continuation tokens when scoring): ``model.output(h[:, -1])`` costs one
+        decoding, the continuation tokens when scoring): ``model.logits(h[:, -1])`` costs one
         row of the (dim x vocab_size) projection instead of T.
 
         Args:
@@ -500,23 +686,36 @@ class Decoder(nn.Module):
             # Without a cache, keys are the tokens themselves: the window runs over indices
             # (within a packed document those differ exactly as its positions do).
             query_slots = key_slots = torch.arange(t, device=tokens.device)  # (T,)
-        window = self.config.sliding_window
+        config = self.config
+        # Local (sliding-window) layers get a banded mask and, with rope_local_theta, their
+        # own angles; global layers the plain mask and angles. A model without a window
+        # computes only the latter.
+        window = config.sliding_window
+        local_mask = mask
         if window is not None and key_slots.numel() > window:
             # Key slot s is visible from query slot q only if q - window < s.
             band = key_slots[None, :] > query_slots[:, None] - window  # (T, S)
             if mask is None:
-                mask = band & (key_slots[None, :] <= query_slots[:, None])  # causal too
+                local_mask = band & (key_slots[None, :] <= query_slots[:, None])  # causal too
             else:
-                mask = mask & band
+                local_mask = mask & band
         if mask is not None and mask.dim() == 2:
             mask = mask.unsqueeze(0)  # (1, T, S)
-        rope = rope_cache(input_pos, self.config.head_dim, self.config.rope_theta,
-                          self.config.rope_scaling)
+        if local_mask is not None and local_mask.dim() == 2:
+            local_mask = local_mask.unsqueeze(0)  # (1, T, S)
+        rope = rope_cache(input_pos, config.head_dim, config.rope_theta, config.rope_scaling)
+        local_rope = rope
+        if config.rope_local_theta is not None:
+            local_rope = rope_cache(input_pos, config.head_dim, config.rope_local_theta)
 
         h = self.tok_embeddings(tokens)  # (B, T, dim)
+        if config.scale_embeddings:
+            # Gemma multiplies by sqrt(dim) rounded to the weights' dtype (33.94 -> 34.0 in bf16).
+            h = h * torch.tensor(config.dim ** 0.5, dtype=h.dtype)
         for layer in self.layers:
+            args = (local_rope, local_mask) if layer.sliding else (rope, mask)
             if layer.use_checkpoint and torch.is_grad_enabled():
-                h = checkpoint(layer, h, rope, mask, cache_pos, use_reentrant=False)
+                h = checkpoint(layer, h, *args, cache_pos, use_reentrant=False)
             else:
-                h = layer(h, rope, mask, cache_pos)
+                h = layer(h, *args, cache_pos)
         return self.norm(h)

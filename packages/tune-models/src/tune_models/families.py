@@ -155,6 +155,100 @@ def qwen2_tiny(vocab_size: int = 151936) -> DecoderConfig:
                   hidden_dim=160, max_seq_len=512, tie_embeddings=True)
 
 
+# --- Qwen3 -----------------------------------------------------------------------------------
+
+
+def _qwen3(**sizes) -> DecoderConfig:
+    # Qwen2.5 less the q/k/v biases, plus QK-norm; every size has 128-wide heads.
+    fields = dict(vocab_size=151936, head_dim=128, n_kv_heads=8, norm_eps=1e-6,
+                  max_seq_len=40960, rope_theta=1000000.0, qk_norm=True)
+    return DecoderConfig(**{**fields, **sizes})
+
+
+def qwen3_0_6b() -> DecoderConfig:
+    """Qwen3-0.6B (tied embeddings): 596,049,920 parameters."""
+    return _qwen3(dim=1024, n_layers=28, n_heads=16, hidden_dim=3072, tie_embeddings=True)
+
+
+def qwen3_1_7b() -> DecoderConfig:
+    """Qwen3-1.7B (tied embeddings): 1,720,574,976 parameters."""
+    return _qwen3(dim=2048, n_layers=28, n_heads=16, hidden_dim=6144, tie_embeddings=True)
+
+
+def qwen3_4b() -> DecoderConfig:
+    """Qwen3-4B (tied embeddings): 4,022,468,096 parameters."""
+    return _qwen3(dim=2560, n_layers=36, n_heads=32, hidden_dim=9728, tie_embeddings=True)
+
+
+def qwen3_8b() -> DecoderConfig:
+    """Qwen3-8B: 8,190,735,360 parameters."""
+    return _qwen3(dim=4096, n_layers=36, n_heads=32, hidden_dim=12288)
+
+
+def qwen3_14b() -> DecoderConfig:
+    """Qwen3-14B: 14,768,307,200 parameters."""
+    return _qwen3(dim=5120, n_layers=40, n_heads=40, hidden_dim=17408)
+
+
+def qwen3_32b() -> DecoderConfig:
+    """Qwen3-32B: 32,762,123,264 parameters."""
+    return _qwen3(dim=5120, n_layers=64, n_heads=64, hidden_dim=25600)
+
+
+def qwen3_tiny(vocab_size: int = 151936) -> DecoderConfig:
+    """A tiny Qwen3 for tests and demos: QK-norm, heads wider than dim / n_heads, tied."""
+    return _qwen3(vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                  head_dim=32, hidden_dim=160, max_seq_len=512, tie_embeddings=True)
+
+
+# --- Gemma 3 ---------------------------------------------------------------------------------
+
+
+def _gemma3(**sizes) -> DecoderConfig:
+    # Five sliding-window layers (RoPE base 10k) to one global layer (base 1M), GeGLU, QK-norm,
+    # (1 + w) norms before and after attention and the feed-forward, embeddings times
+    # sqrt(dim), tied. The text decoder of the multimodal 4B-27B checkpoints has 64 more
+    # token ids (262,208: image tokens) than the 1B's 262,144.
+    fields = dict(vocab_size=262208, head_dim=256, norm_eps=1e-6, max_seq_len=131072,
+                  rope_theta=1000000.0, rope_local_theta=10000.0, sliding_window=1024,
+                  sliding_window_pattern=6, qk_norm=True, norm_unit_offset=True,
+                  post_norms=True, activation="gelu_tanh", scale_embeddings=True,
+                  query_pre_attn_scalar=256, tie_embeddings=True,
+                  rope_scaling={"rope_type": "linear", "factor": 8.0})
+    return DecoderConfig(**{**fields, **sizes})
+
+
+def gemma3_1b() -> DecoderConfig:
+    """Gemma-3-1B (text only, 32k context, unscaled RoPE): 999,885,952 parameters."""
+    return _gemma3(vocab_size=262144, dim=1152, n_layers=26, n_heads=4, n_kv_heads=1,
+                   hidden_dim=6912, max_seq_len=32768, sliding_window=512, rope_scaling=None)
+
+
+def gemma3_4b() -> DecoderConfig:
+    """Gemma-3-4B's text decoder: 3,880,263,168 parameters."""
+    return _gemma3(dim=2560, n_layers=34, n_heads=8, n_kv_heads=4, hidden_dim=10240)
+
+
+def gemma3_12b() -> DecoderConfig:
+    """Gemma-3-12B's text decoder: 11,766,034,176 parameters."""
+    return _gemma3(dim=3840, n_layers=48, n_heads=16, n_kv_heads=8, hidden_dim=15360)
+
+
+def gemma3_27b() -> DecoderConfig:
+    """Gemma-3-27B's text decoder (128-wide heads, query scale 1/sqrt(168)): 27,009,346,304
+    parameters."""
+    return _gemma3(dim=5376, n_layers=62, n_heads=32, n_kv_heads=16, head_dim=128,
+                   hidden_dim=21504, query_pre_attn_scalar=168)
+
+
+def gemma3_tiny(vocab_size: int = 262144) -> DecoderConfig:
+    """A tiny Gemma 3 for tests and demos: six layers (five local with an 8-position window,
+    one global), both RoPE bases, the global one linearly scaled, and every Gemma detail."""
+    return _gemma3(vocab_size=vocab_size, dim=64, n_layers=6, n_heads=4, n_kv_heads=2,
+                   head_dim=32, hidden_dim=128, max_seq_len=512, sliding_window=8,
+                   query_pre_attn_scalar=24)
+
+
 # --- checkpoint key maps ---------------------------------------------------------------------
 
 # Native key -> the key(s) it is made of in another layout, as templates over the layer index
@@ -172,6 +266,8 @@ HF_KEYS: dict[str, str | tuple[str, ...]] = {
     "layers.{i}.attention.wqkv.bias": ("model.layers.{i}.self_attn.q_proj.bias",
                                        "model.layers.{i}.self_attn.k_proj.bias",
                                        "model.layers.{i}.self_attn.v_proj.bias"),
+    "layers.{i}.attention.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "layers.{i}.attention.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
     "layers.{i}.attention.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
     "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
     "layers.{i}.feed_forward.w1.weight": "model.layers.{i}.mlp.gate_proj.weight",
@@ -180,6 +276,20 @@ HF_KEYS: dict[str, str | tuple[str, ...]] = {
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+
+# Gemma 2 and 3 name four norms per layer, and "post_attention" is the norm on attention's
+# output (native attention_post_norm), not the one before the feed-forward as in Llama.
+GEMMA_HF_KEYS: dict[str, str | tuple[str, ...]] = {
+    **HF_KEYS,
+    "layers.{i}.attention_post_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "layers.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "layers.{i}.ffn_post_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
+
+# Native key templates whose rows are the dimensions of ONE head, in the native RoPE order:
+# the QK-norm gains act on q and k before RoPE, so a layout that stores q/k rows in
+# rotate-half order (HF) stores these in that order too, and they are permuted as a head is.
+HEAD_ROW_KEYS = ("layers.{i}.attention.q_norm.weight", "layers.{i}.attention.k_norm.weight")
 
 # Meta's consolidated.*.pth (Llama 2 and 3; Mistral's consolidated files use the same names).
 META_KEYS: dict[str, str | tuple[str, ...]] = {
@@ -220,11 +330,18 @@ def native_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
         out[p + "attention.wqkv.weight"] = (q + 2 * kv, d)
         if config.qkv_bias:
             out[p + "attention.wqkv.bias"] = (q + 2 * kv,)
+        if config.qk_norm:
+            out[p + "attention.q_norm.weight"] = (config.head_dim,)
+            out[p + "attention.k_norm.weight"] = (config.head_dim,)
         out[p + "attention.wo.weight"] = (d, q)
+        if config.post_norms:
+            out[p + "attention_post_norm.weight"] = (d,)
         out[p + "ffn_norm.weight"] = (d,)
         out[p + "feed_forward.w1.weight"] = (f, d)
         out[p + "feed_forward.w2.weight"] = (d, f)
         out[p + "feed_forward.w3.weight"] = (f, d)
+        if config.post_norms:
+            out[p + "ffn_post_norm.weight"] = (d,)
     out["norm.weight"] = (d,)
     if not config.tie_embeddings:
         out["output.weight"] = (v, d)
@@ -283,7 +400,7 @@ class ModelFamily:
             (tokenizer.model), "tiktoken_llama3" (Meta's tokenizer.model for Llama 3) or
             "hf_tokenizer_json" (tokenizer.json).
         chat_template: Name of the default chat template: "llama2", "llama3", "mistral",
-            "chatml".
+            "chatml", "gemma" (the fallback when the model ships no template of its own).
         hf_architecture: ``architectures[0]`` of the family's Hugging Face config.json.
         hf_model_type: ``model_type`` of that config.json.
         checkpoint_keys: Layout ("hf", "meta") -> key templates (see
@@ -339,6 +456,33 @@ FAMILIES: dict[str, ModelFamily] = {
         checkpoint_keys={"hf": HF_KEYS},
         hf_token_ids={"bos_token_id": 151643, "eos_token_id": 151643},
     ),
+    "qwen3": ModelFamily(
+        name="qwen3",
+        presets={"qwen3_0_6b": qwen3_0_6b, "qwen3_1_7b": qwen3_1_7b, "qwen3_4b": qwen3_4b,
+                 "qwen3_8b": qwen3_8b, "qwen3_14b": qwen3_14b, "qwen3_32b": qwen3_32b,
+                 "qwen3_tiny": qwen3_tiny},
+        tokenizer="hf_tokenizer_json", chat_template="chatml",
+        hf_architecture="Qwen3ForCausalLM", hf_model_type="qwen3",
+        checkpoint_keys={"hf": HF_KEYS},
+        # Qwen3-*-Base's ids; the post-trained Qwen3-8B etc. end turns with 151645 instead.
+        hf_token_ids={"bos_token_id": 151643, "eos_token_id": 151643},
+    ),
+    "gemma3": ModelFamily(
+        name="gemma3",
+        presets={"gemma3_1b": gemma3_1b, "gemma3_4b": gemma3_4b, "gemma3_12b": gemma3_12b,
+                 "gemma3_27b": gemma3_27b, "gemma3_tiny": gemma3_tiny},
+        tokenizer="hf_tokenizer_json", chat_template="gemma",
+        hf_architecture="Gemma3ForCausalLM", hf_model_type="gemma3_text",
+        checkpoint_keys={"hf": GEMMA_HF_KEYS},
+        hf_token_ids={"bos_token_id": 2, "eos_token_id": 1},
+    ),
+}
+
+# The native layout in template form, every key its own source: every template any family
+# maps (the native key schema of the README).
+NATIVE_KEYS: dict[str, str] = {
+    key: key for family in FAMILIES.values() for templates in family.checkpoint_keys.values()
+    for key in templates
 }
 
 # Every preset by name: the flat registry that configs (``model: llama3_2_1b``) look up.

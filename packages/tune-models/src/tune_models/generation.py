@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from tune_models.decoder import Decoder
+from tune_models.decoder import Decoder, softcap
 
 # How often (in steps) generate() asks whether every row has stopped. Asking is a
 # device-to-host sync; doing it every step would stall a GPU pipeline for nothing.
@@ -89,17 +89,19 @@ def sample_token(
 
 
 def _logits(model: Decoder, hidden: torch.Tensor) -> torch.Tensor:
-    """(B, D) final hidden states -> (B, V) logits."""
+    """(B, D) final hidden states -> (B, V) logits (soft-capped as ``model.logits`` caps)."""
     if hidden.device.type != "cpu":
-        return model.output(hidden)
+        return model.logits(hidden)
     # On CPU, MKL computes (V, D) @ (D, B) 2-4x faster than the same product as
     # (B, D) @ (D, V) (F.linear's order), and a single column falls into its slow
     # matrix-vector path, so a lone row is paired with itself. For llama2_20m's 32000 x 256
     # output matrix on 2 cores: 1.6 ms instead of 4.6 ms at batch 1, 3.8 instead of 8.5 at 8.
     weight = model.output.weight  # (V, D)
     if hidden.shape[0] == 1:
-        return (weight @ hidden.repeat(2, 1).t())[:, :1].t()  # (1, V)
-    return (weight @ hidden.t()).t()  # (B, V)
+        logits = (weight @ hidden.repeat(2, 1).t())[:, :1].t()  # (1, V)
+    else:
+        logits = (weight @ hidden.t()).t()  # (B, V)
+    return softcap(logits, model.config.final_logit_softcap)
 
 
 def _decode_step(

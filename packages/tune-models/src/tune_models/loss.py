@@ -18,12 +18,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     are saved for backward and none are recomputed; backward only scales by grad_output.
     Only the gradients that are needed are formed: with a frozen output projection (LoRA)
     that skips the (V x D) weight gradient, a third of the loss's matmuls. The optional
-    low-rank term is a LoRA adapter on the output projection: (N, r) @ (V, r).T.
+    low-rank term is a LoRA adapter on the output projection: (N, r) @ (V, r).T. With
+    ``softcap`` the loss is taken of cap * tanh(logits / cap), and the logits' gradient is
+    the capped one's times 1 - tanh^2.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, low_in, low_out, labels, ignore_index, compute_dtype,
-                grad_enabled):
+                grad_enabled, softcap):
         inputs = (hidden, weight, low_in, low_out)
         # needs_input_grad says which inputs require grad, even under no_grad: hence the flag.
         needed = [grad_enabled and t is not None and ctx.needs_input_grad[i]
@@ -52,20 +54,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_rows = min(chunk, len(targets))
         logits_buf = torch.empty(n_rows, vocab, dtype=compute_dtype, device=hidden.device)
         logp_buf = torch.empty(n_rows, vocab, dtype=torch.float32, device=hidden.device)
+        tanh_buf = None if softcap is None else torch.empty_like(logp_buf)
         for start in range(0, len(targets), chunk):
             yc = targets[start : start + chunk]
             ins = [None if t is None else t[start : start + chunk] for t in rows_in]
             logits = torch.mm(ins[0], mats[1].T, out=logits_buf[: len(yc)])  # (C, V)
             if low_in is not None:
                 logits.addmm_(ins[2], mats[3].T)  # + the adapter's (C, r) @ (r, V)
+            scores = logits.float()
+            if softcap is not None:
+                tanh = torch.tanh(scores / softcap, out=tanh_buf[: len(yc)])  # (C, V)
+                scores = tanh * softcap
             # One fused log_softmax pass, then one exp for the gradient: cheaper than
             # logsumexp followed by a separate softmax.
-            logp = torch.log_softmax(logits.float(), dim=-1, out=logp_buf[: len(yc)])  # (C, V)
+            logp = torch.log_softmax(scores, dim=-1, out=logp_buf[: len(yc)])  # (C, V)
             loss -= logp.gather(1, yc[:, None]).sum()
             if not any(needed):
                 continue
             probs = logp.exp_()  # softmax, in place: (C, V)
             probs[torch.arange(len(yc), device=yc.device), yc] -= 1.0
+            if softcap is not None:  # through the cap: d(cap tanh(x / cap))/dx = 1 - tanh^2
+                probs *= 1.0 - tanh.square_()
             g = probs.to(compute_dtype)
             for row_input, matrix in ((0, 1), (2, 3)):
                 if needed[row_input]:  # d(loss)/d(rows) = g @ matrix
@@ -86,12 +95,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         return (*(None if g is None else g * grad_output for g in ctx.saved_tensors),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None, softcap: float | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of ``hidden @ weight.T`` against ``labels``.
 
@@ -107,6 +116,8 @@ def linear_cross_entropy(
         low_rank: Optional ``(u, b)`` with u (..., r) and b (V, r): the logits get
             ``u @ b.T`` added (a LoRA adapter on the output projection, u its scaled rank-r
             activations), still chunk by chunk.
+        softcap: If set, the loss is of ``cap * tanh(logits / cap)`` (Gemma 2's final logit
+            soft-capping), still chunk by chunk.
 
     Returns:
         fp32 scalar: the sum of the token losses.
@@ -121,5 +132,5 @@ def linear_cross_entropy(
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(
             hidden.flatten(0, -2), weight, low_in, low_out, labels.flatten(), ignore_index,
-            compute_dtype, torch.is_grad_enabled(),
+            compute_dtype, torch.is_grad_enabled(), softcap,
         )
