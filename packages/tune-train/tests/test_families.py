@@ -94,7 +94,7 @@ def test_a_vocabulary_larger_than_the_model_names_both_sizes(qwen2_tokenizer_pat
 
 @pytest.mark.parametrize("override, message", [
     ("model_args.rope_scaling.rope_type=yarn",
-     "model_args: rope_scaling type 'yarn' is not supported (supported: llama3); set "
+     "model_args: rope_scaling type 'yarn' is not supported (supported: llama3, linear); set "
      "rope_type to one of them or rope_scaling to None"),
     ("model_args={rope_scaling: {rope_type: dynamic, factor: 2.0}}",
      "model_args: rope_scaling type 'dynamic' is not supported"),

@@ -48,7 +48,7 @@ def test_an_unknown_rope_scaling_type_in_tune_model_json_is_one_line(tmp_path):
         load_model(path, device="cpu")
     assert str(e.value) == (
         f"{tmp_path / 'tune_model.json'}: rope_scaling type 'yarn' is not supported "
-        "(supported: llama3); set rope_type to one of them or rope_scaling to None")
+        "(supported: llama3, linear); set rope_type to one of them or rope_scaling to None")
 
 
 def test_the_tokenizer_is_found_where_each_family_ships_it(

@@ -94,6 +94,7 @@ class SequentialInit(Mapping):
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.shapes = {k: (tuple(p.shape), p.dtype) for k, p in model.named_parameters()}
         self.n_layers, self.device = len(model.layers), device
+        self.norm_unit_offset = model.config.norm_unit_offset  # Gemma's gains start at 0
 
     def __getitem__(self, key: str) -> torch.Tensor:
         from tune_models import init_parameter_
@@ -101,7 +102,7 @@ class SequentialInit(Mapping):
         shape, dtype = self.shapes[key]
         with torch.no_grad():
             return init_parameter_(torch.empty(shape, dtype=dtype, device=self.device), key,
-                                   self.n_layers)
+                                   self.n_layers, norm_unit_offset=self.norm_unit_offset)
 
     def __iter__(self):
         return iter(self.shapes)
@@ -127,7 +128,8 @@ class RandomBase(SequentialInit):
         generator = torch.Generator(self.device).manual_seed(self.seed * 100_003 + self.index[key])
         tensor = torch.empty(shape, dtype=dtype, device=self.device)
         with torch.no_grad():
-            return init_parameter_(tensor, key, self.n_layers, generator=generator)
+            return init_parameter_(tensor, key, self.n_layers, generator=generator,
+                                   norm_unit_offset=self.norm_unit_offset)
 
 
 def build_model(

@@ -92,7 +92,7 @@ def dataset_argument_problems(cfg: TrainConfig) -> list[str]:
 # The DecoderConfig fields that decide which parameters a model has and their shapes: two
 # models agreeing on these load each other's weights.
 SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                "hidden_dim", "qkv_bias", "tie_embeddings")
+                "hidden_dim", "qkv_bias", "tie_embeddings", "qk_norm", "post_norms")
 
 
 def model_problems(cfg: TrainConfig) -> list[str]:

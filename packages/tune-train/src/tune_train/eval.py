@@ -181,7 +181,7 @@ def score_windows(
         token_logp, greedy = [], []
         chunk = max(1, _LOGIT_ELEMENTS // model.config.vocab_size)
         for c in range(0, len(targets), chunk):
-            logits = model.output(picked[c : c + chunk]).float()  # (C, V)
+            logits = model.logits(picked[c : c + chunk]).float()  # (C, V), soft-capped
             y = targets_t[c : c + chunk]
             token_logp.append(logits.log_softmax(-1).gather(1, y[:, None]).squeeze(1))
             greedy.append(logits.argmax(-1) == y)
