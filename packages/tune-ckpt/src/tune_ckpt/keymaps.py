@@ -346,15 +346,6 @@ def plan_from_native(
     return plans
 
 
-def plan_native_to_native(
-    source: TensorSource, config: DecoderConfig, *, family: str | None = None,
-    origin: str = "",
-) -> list[TensorPlan]:
-    """native -> native (to change dtype or file type): checked, in canonical order."""
-    return plan_to_native(source, config, LAYOUTS["native"], NATIVE_KEYS, family=family,
-                          origin=origin)
-
-
 def _cat(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat(tensors, dim=0)
 

@@ -20,6 +20,7 @@ import torch
 from tune_ckpt.errors import CheckpointError
 from tune_ckpt.names import HF_CONFIG_FILE, HF_SAFETENSORS_FILE, MODEL_ARGS_FILE, NATIVE_FILES
 from tune_ckpt.plan import DictSource, FileRange, TensorSource
+from tune_models import dtype_of
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -28,25 +29,21 @@ _SAFETENSORS_DTYPES = {
 }
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
 
-_DTYPE_NAMES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
-
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``"bf16"``, ``"float16"``, ``torch.float32``... -> a torch dtype (None stays None).
+
+    The names are tune-models' one table (``tune_models.DTYPES``, torch's spellings too).
 
     Raises:
         CheckpointError: For a name that is not a floating-point dtype tune-ckpt writes.
     """
     if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPE_NAMES:
-        raise CheckpointError(f"unknown dtype '{dtype}': use one of bf16, fp16, fp32")
-    return _DTYPE_NAMES[key]
+        return dtype  # from Python: taken as given
+    try:
+        return dtype_of(dtype)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -243,12 +240,6 @@ def read_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     if _sniff(path) == "safetensors":
         return read_safetensors(path), True
     return read_torch_file(path)
-
-
-def read_tensor_meta(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Names, shapes and dtypes in a tensor file, without reading any weights."""
-    tensors, _ = read_tensor_file(path)
-    return {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
 
 
 def find_native_file(folder: Path) -> Path:

@@ -16,6 +16,7 @@ from tune_models.decoder import (
     rope_cache,
     rope_frequencies,
 )
+from tune_models.dtypes import DTYPES, dtype_of
 from tune_models.families import (
     FAMILIES,
     FAMILY_OF_PRESET,
@@ -69,6 +70,7 @@ Llama2 = Decoder
 Llama2Config = DecoderConfig
 
 __all__ = [
+    "DTYPES",
     "FAMILIES",
     "FAMILY_OF_PRESET",
     "HF_KEYS",
@@ -95,6 +97,7 @@ __all__ = [
     "check_sampling",
     "checkpoint_key_map",
     "dequantize_nf4",
+    "dtype_of",
     "family_of",
     "generate",
     "generate_stream",
