@@ -35,6 +35,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a concurrent write is not detected there
+    fcntl = None
+
 import torch
 
 from tune_ckpt.errors import CheckpointError
@@ -76,18 +81,53 @@ def remove_stale_temps(target: Path) -> None:
     """Delete what a killed write of ``target`` left beside it (temporary files or folders).
 
     They carry the target's name and a random part (see :func:`atomic_write` and
-    :func:`staged_folder`), so only leftovers of this very output are touched.
+    :func:`staged_folder`), so only leftovers of this very output are touched. A writer holds
+    a lock on its temporary for as long as it lives (the kernel drops it when the process
+    ends, however it ends), so a temporary that is still locked belongs to a live write.
+
+    Raises:
+        CheckpointError: If another process is writing ``target`` right now.
     """
     target = Path(target)
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.[0-9a-f]{{8}}\.tmp$")
     if not target.parent.is_dir():
         return
     for p in target.parent.iterdir():
-        if pattern.match(p.name):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+        if not pattern.match(p.name):
+            continue
+        if _in_use(p):
+            raise CheckpointError(
+                f"another tune command (a merge or a conversion) is writing {target} right now "
+                f"(its temporary {p.name} is in use): wait for it to finish, or write to "
+                "another path"
+            )
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _lock(fd: int) -> None:
+    """Mark an open temporary (file or folder) as being written by this process."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _in_use(path: Path) -> bool:
+    """Whether a live process holds :func:`_lock` on ``path`` (never through a link)."""
+    if fcntl is None or path.is_symlink():
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's own lock
+    return False
 
 
 @contextlib.contextmanager
@@ -107,7 +147,8 @@ def atomic_write(path: Path, force: bool = False) -> Iterator[BinaryIO]:
     tmp = _temp_name(path)
     f = None
     try:
-        f = open(tmp, "xb", buffering=0)
+        f = open(tmp, "xb", buffering=0)  # exclusive create: never opens an existing link
+        _lock(f.fileno())
         yield f
         os.fsync(f.fileno())
         f.close()
@@ -142,7 +183,9 @@ def staged_folder(out: Path, superseded: Callable[[str], bool] = lambda name: Fa
     remove_stale_temps(out)
     staging = _temp_name(out)
     staging.mkdir()
+    held = os.open(staging, os.O_RDONLY)
     try:
+        _lock(held)
         yield staging
         names = {p.name for p in staging.iterdir()}
         if not out.exists():
@@ -158,6 +201,7 @@ def staged_folder(out: Path, superseded: Callable[[str], bool] = lambda name: Fa
     except OSError as e:
         raise _disk_error(e, out) from e
     finally:
+        os.close(held)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
 

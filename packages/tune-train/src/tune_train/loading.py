@@ -160,6 +160,26 @@ def checkpoint_config(checkpoint: str | Path):
                           f"tune builds: {e}") from e
 
 
+def check_weights(state: dict[str, torch.Tensor], config, path: Path) -> None:
+    """Refuse weights that are not the model the shape file declares, or not finite.
+
+    Names and shapes come from the file's header (tune_ckpt.check_model_fits), so a shape
+    file declaring the wrong model is one line before memory is spent; the finiteness
+    check reads the mapped weights once (generation and evaluation read them all anyway).
+
+    Raises:
+        RecipeError: Naming the file, the first tensor that does not fit, and why.
+    """
+    from tune_ckpt import check_finite, check_model_fits, model_args_file
+
+    origin = model_args_file(path)
+    try:
+        check_model_fits(state, config, origin=str(origin or ""), where=str(path))
+        check_finite(state, path)
+    except CheckpointError as e:
+        raise RecipeError(str(e)) from e
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -194,6 +214,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto",
         state = load_native(path)
     except CheckpointError as e:
         raise RecipeError(str(e)) from e
+    check_weights(state, config, path)  # before anything is built or allocated
     with torch.device("meta"):
         model = Decoder(config)
     try:
