@@ -110,7 +110,8 @@ def remove_stale_temps(target: Path) -> None:
 def _lock(fd: int) -> None:
     """Mark an open temporary (file or folder) as being written by this process."""
     if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with contextlib.suppress(OSError):  # a file system without locks: written all the same
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _in_use(path: Path) -> bool:
@@ -123,8 +124,10 @@ def _in_use(path: Path) -> bool:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         return True
+    except OSError:  # no locks on this file system: nothing to tell a live write by
+        return False
     finally:
         os.close(fd)  # closing drops the probe's own lock
     return False

@@ -1,6 +1,7 @@
 """A shape file (tune_model.json, config.json) or a training config that declares a model the
 weights or the machine cannot hold, and weights holding NaN or infinity, end in one line
-naming the file and the value, before memory is spent: `tune generate`, `tune merge`,
+naming the file and the value, before memory is spent; a merge into the base's folder or
+into an output another merge is writing is one line too: `tune generate`, `tune merge`,
 `tune config validate`, as a user types them."""
 
 from __future__ import annotations
@@ -138,3 +139,25 @@ def test_config_validate_refuses_a_model_no_machine_holds(made, tmp_path, model_
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     line = _one_line(_tune("config", "validate", tmp_path / "run.yaml"))
     assert line.startswith(message), line
+
+
+def test_merge_refuses_the_bases_folder_and_an_output_another_merge_is_writing(copy):
+    from tune_ckpt.writing import atomic_write
+
+    base = copy / "start"
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    line = _one_line(_tune("merge", "--checkpoint", base, "--adapter", copy / "adapter",
+                           "--to", "hf", "--force", "-o", base))
+    assert line == (f"error: {base} is the base checkpoint's folder: write the merged model to "
+                    "another folder (-o), or tune generate on it would load the base")
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+    out = copy / "merged" / "native_pytorch_model.pt"
+    with atomic_write(out) as first:  # another merge, still writing (tune's own writer)
+        line = _one_line(_tune("merge", "--checkpoint", base, "--adapter", copy / "adapter",
+                               "-o", out.parent))
+        first.write(b"the first merge")
+    # (it used to run, deleting the first one's temporary: that one failed, "No such file")
+    assert line.startswith(f"error: another tune command (a merge or a conversion) is writing "
+                           f"{out} right now"), line
+    assert out.read_bytes() == b"the first merge"
