@@ -127,6 +127,8 @@ def test_generate_refuses_a_non_finite_base(copy):
 @pytest.mark.parametrize("model_args, message", [
     ({"n_layers": 1_000_000_000}, "error: model_args: n_layers 1,000,000,000 is larger than "
                                   "any model's (at most 65,536): check the value"),
+    ({"n_layers": "1e9"}, "error: model_args: n_layers must be a positive integer, got "
+                          "'1e9'"),  # YAML reads 1e9 as text: this was a TypeError's words
     ({"dim": 1048576}, "error: model 'llama2_tiny' with these model_args has 24,256.5 B "
                        "parameters: 97.0 TB in fp32 for the weights alone, more than this "
                        "machine's memory ("),
