@@ -101,8 +101,8 @@ def test_convert_compares_config_json_layers_with_the_weights_before_planning(tm
         convert(hf, output_path=tmp_path / "out.pt", progress=False)
     assert str(caught.value) == (
         f"{hf / 'model.safetensors'}: the weights hold 2 layers, but {hf / 'config.json'} "
-        "declares n_layers 60000: that file describes another model (correct it, or use the "
-        "one that came with these weights)")
+        "declares num_hidden_layers 60000: that file describes another model (correct it, or "
+        "use the one that came with these weights)")
     _edit_sidecar(hf, "config.json", num_hidden_layers=1_000_000_000)
     with pytest.raises(CheckpointError, match="n_layers 1,000,000,000 is larger than any "
                                               "model's"):

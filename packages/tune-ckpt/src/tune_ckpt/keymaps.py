@@ -217,13 +217,15 @@ def check_model_fits(
     found = {int(m.group(1)) for k in keys if (m := _LAYER.match(k))}
     layers = max(found) + 1 if found else 0
     if layers != config.n_layers:
-        declared = f"{origin} declares" if origin else "the model has"
+        # config.json spells the field as transformers does
+        field = "num_hidden_layers" if origin.endswith("config.json") else "n_layers"
+        declared = f"{origin} declares {field}" if origin else "the model has n_layers"
         first = next((k for k in keys if _LAYER.match(k)), None)
         at = source.where(first) if first is not None else \
             (source.where(keys[0]) if keys else where or "the state dict")
         raise CheckpointError(
             f"{at}: the weights hold {layers} layer{'s' if layers != 1 else ''}, but "
-            f"{declared} n_layers {config.n_layers}: "
+            f"{declared} {config.n_layers}: "
             + ("that file describes another model (correct it, or use the one that came with "
                "these weights)" if origin else "they are another model's")
         )
