@@ -13,7 +13,9 @@ Access rules follow the Hub: an unknown token is refused everywhere (401 "Invali
 credentials"); a missing or private repo is 401 without a token, 404 with one (RepoNotFound);
 a gated repo lists its files to anyone but serves them only to its accepted tokens (401
 GatedRepo without a token, 403 GatedRepo with another); an unknown branch or commit is 404
-RevisionNotFound; an unknown file 404 EntryNotFound.
+RevisionNotFound; an unknown file 404 EntryNotFound. Faults for tests: ``tamper`` serves other
+bytes than a file's listing announces (or announces another size), ``fail`` answers every
+request for a file with an error status.
 
 Example::
 
@@ -54,6 +56,12 @@ class HubRepo:
     private: bool = False
     tokens: set[str] = field(default_factory=set)
     branches: tuple[str, ...] = ("main",)
+    # Faults (see HubServer.tamper and HubServer.fail): bytes served instead of a file's own
+    # (its listing, ETag and sha256 stay those of the file), a size the listing announces
+    # instead of the file's, and a status every request for a file is answered with.
+    served: dict[str, bytes] = field(default_factory=dict)
+    listed_sizes: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         digest = hashlib.sha1()
@@ -70,9 +78,10 @@ class HubRepo:
 
     def entry(self, path: str) -> dict:
         data = self.files[path]
-        out = {"type": "file", "oid": _git_blob_sha(data), "size": len(data), "path": path}
+        size = self.listed_sizes.get(path, len(data))
+        out = {"type": "file", "oid": _git_blob_sha(data), "size": size, "path": path}
         if self.is_lfs(path):
-            out["lfs"] = {"oid": self.etag(path), "size": len(data), "pointerSize": 134}
+            out["lfs"] = {"oid": self.etag(path), "size": size, "pointerSize": 134}
         return out
 
     def info(self) -> dict:
@@ -227,6 +236,23 @@ class HubServer:
         with self._lock:
             self._stalls[(repo_type, repo_id, path)] = stall
         return stall
+
+    def tamper(self, repo_id: str, path: str, *, serve: bytes | None = None,
+               listed_size: int | None = None, repo_type: str = "model") -> None:
+        """Serve other bytes for ``path`` than the listing announces (its sha256, ETag and
+        size stay the file's own), or announce another size in the listing."""
+        repo = self.repos[(repo_type, repo_id)]
+        with self._lock:
+            if serve is not None:
+                repo.served[path] = serve
+            if listed_size is not None:
+                repo.listed_sizes[path] = listed_size
+
+    def fail(self, repo_id: str, path: str, status: int, message: str = "Service Unavailable",
+             repo_type: str = "model") -> None:
+        """Answer every request for the file ``path`` (HEAD and GET) with ``status``."""
+        with self._lock:
+            self.repos[(repo_type, repo_id)].failures[path] = (status, message)
 
     def downloads(self, repo_id: str | None = None) -> list[str]:
         """Paths whose bytes were requested with GET (``repo/path``), in order."""
@@ -407,7 +433,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "EntryNotFound", f"{path} does not exist on \"{revision}\"",
                         {"X-Repo-Commit": repo.sha})
             return
-        data = repo.files[path]
+        if path in repo.failures:
+            status, message = repo.failures[path]
+            self._error(status, None, message)
+            return
+        data = repo.served.get(path, repo.files[path])
         headers = {"X-Repo-Commit": repo.sha, "ETag": f'"{repo.etag(path)}"',
                    "Accept-Ranges": "bytes"}
         start, end = 0, len(data)

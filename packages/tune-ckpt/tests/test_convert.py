@@ -494,3 +494,53 @@ def test_family_mistakes_are_one_line_and_write_nothing(tmp_path, case):
     assert result.stderr == f"tune-ckpt: error: {expected}\n"
     assert not target.exists()
     assert sorted(p.name for p in hf.iterdir()) == before
+
+
+def test_private_torch_names_the_pt_writer_uses():
+    # STYLE 18: the streaming .pt writer pickles tensors with these two private torch names.
+    # If a torch release moves one, this test says which; the writer then falls back to
+    # torch.save (test_pt_writer_falls_back_to_torch_save_without_them).
+    import importlib
+
+    from tune_ckpt.writing import PRIVATE_TORCH_NAMES
+
+    for name in PRIVATE_TORCH_NAMES:
+        module, _, attr = name.rpartition(".")
+        found = getattr(importlib.import_module(module), attr, None)
+        assert callable(found), (
+            f"torch {torch.__version__} has no {name}: tune_ckpt/writing.py's streaming .pt "
+            "writer uses it to pickle tensors as torch.save does; update _private_torch_api "
+            "(until then .pt files are written by torch.save, the whole state in memory)")
+    storage_types = torch.storage._dtype_to_storage_type_map()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int64):
+        assert isinstance(getattr(torch, storage_types[dtype]), type), dtype
+
+
+def test_pt_writer_falls_back_to_torch_save_without_them(meta_dir, monkeypatch, tmp_path):
+    from tune_ckpt import writing
+
+    folder, reference = meta_dir
+    with monkeypatch.context() as m:
+        m.delattr(torch._utils, "_rebuild_tensor_v2")
+        assert writing._private_torch_api() is None
+    with monkeypatch.context() as m:
+        m.delattr(torch.storage, "_dtype_to_storage_type_map")
+        assert writing._private_torch_api() is None
+    # Reading the source needs torch.load, and so the names: take them from the writer only.
+    monkeypatch.setattr(writing, "_private_torch_api", lambda: None)
+    out = convert(folder, output_path=tmp_path / "out" / "native_pytorch_model.pt",
+                  progress=False)
+    _equal(load_native(out), meta_to_native(reference, n_heads=8, n_kv_heads=2))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["native_pytorch_model.pt",
+                                                            "tune_model.json"]
+
+
+def test_casts_read_tune_models_one_dtype_map():
+    from tune_ckpt.reading import parse_dtype
+    from tune_models import DTYPES
+
+    assert {name: parse_dtype(name) for name in DTYPES} == DTYPES
+    assert parse_dtype("bfloat16") is torch.bfloat16  # config.json's spelling
+    with pytest.raises(CheckpointError, match="^unknown dtype 'fp8': use one of fp32, bf16, "
+                                              "fp16$"):
+        parse_dtype("fp8")

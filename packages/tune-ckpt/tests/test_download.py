@@ -221,3 +221,107 @@ def test_qwen2_and_llama2_repos_come_whole(tiny_qwen2_repo, tiny_meta_repo, tmp_
 def _cli_convert(folder):
     return subprocess.run([*CLI, "convert", "--checkpoint-path", str(folder), "--quiet"],
                           capture_output=True, text=True, timeout=120)
+
+
+# ---------------------------------------------------- what arrives is what the Hub lists
+WEIGHTS = bytes(range(256)) * 800  # 200 KB: an LFS file (sha256 in the listing)
+
+
+def _tiny_repo(server):
+    return server.add_repo("me/tiny", {"config.json": '{"a": 1}', "model.safetensors": WEIGHTS,
+                                       "sub/notes.txt": "notes"})
+
+
+def _hub_record(out, name):
+    return out / ".cache" / "huggingface" / "download" / f"{name}.metadata"
+
+
+@pytest.mark.parametrize("tamper, message", [
+    ({"serve": b"\0" * len(WEIGHTS)},
+     "model.safetensors from me/tiny does not match the sha256 the Hub lists ("),
+    ({"serve": WEIGHTS[:1000]},
+     "model.safetensors from me/tiny: 1,000 bytes arrived where the Hub lists 204,800; "),
+    ({"listed_size": len(WEIGHTS) + 1},
+     "model.safetensors from me/tiny: 204,800 bytes arrived where the Hub lists 204,801; "),
+])
+def test_bytes_that_do_not_match_the_listing_are_named_and_deleted(hub_server, tmp_path,
+                                                                   tamper, message):
+    repo = _tiny_repo(hub_server)
+    hub_server.tamper("me/tiny", "model.safetensors", **tamper)
+    out = tmp_path / "out"
+    args = ["download", "me/tiny", "--output-dir", str(out)]
+    result = _cli(args, hub_server.env())
+    assert result.returncode == 1
+    [line] = _error_lines(result.stderr)
+    assert line.startswith(f"tune-ckpt: error: {message}"), line
+    assert line.endswith("; deleted: run the same command again to fetch it again (if it fails "
+                         "again, the Hub or a proxy on the way serves damaged bytes)"), line
+    assert not (out / "model.safetensors").exists(), "a later command would trust it"
+    assert not _hub_record(out, "model.safetensors").exists()
+    assert (out / "config.json").read_bytes() == repo.files["config.json"]
+    repo.served.clear()  # the Hub serves the right bytes again: a plain re-run completes
+    repo.listed_sizes.clear()
+    assert _cli(args, hub_server.env()).returncode == 0
+    assert (out / "model.safetensors").read_bytes() == WEIGHTS
+
+
+def test_a_small_file_is_checked_against_its_git_blob_id(hub_server, tmp_path):
+    _tiny_repo(hub_server)
+    hub_server.tamper("me/tiny", "config.json", serve=b'{"a": 2}')  # same size
+    with pytest.raises(CheckpointError, match=r"^config.json from me/tiny does not match the "
+                                              r"git blob id the Hub lists"):
+        download("me/tiny", tmp_path / "out")
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.parametrize("status, reason, fix", [
+    (403, "Forbidden", "check the repository id, your token's access and HF_ENDPOINT / proxy "
+                       "settings"),
+    pytest.param(503, "Service Unavailable", "the Hub failed on its side: run the same command "
+                 "again later (finished files are kept)", marks=pytest.mark.slow),  # ~25 s of
+])                                                                         # the client's retries
+def test_an_error_the_hub_answers_is_named_not_called_a_network_problem(hub_server, tmp_path,
+                                                                        status, reason, fix):
+    _tiny_repo(hub_server)
+    hub_server.fail("me/tiny", "model.safetensors", status, reason)
+    with pytest.raises(CheckpointError) as caught:
+        download("me/tiny", tmp_path / "out")
+    assert str(caught.value) == (
+        f"the Hugging Face Hub at {hub_server.url} answered {status} {reason} when asked for "
+        f"model.safetensors of me/tiny: {fix}")
+
+
+def test_a_file_name_outside_the_output_folder_is_its_own_line(hub_server, tmp_path):
+    hub_server.add_repo("me/evil", {"config.json": "{}", "../escaped.txt": "x"})
+    result = _cli(["download", "me/evil", "--output-dir", str(tmp_path / "out")],
+                  hub_server.env())
+    assert result.returncode == 1
+    assert _error_lines(result.stderr) == [
+        f"tune-ckpt: error: me/evil lists a file named '../escaped.txt', which would be written "
+        f"outside {tmp_path / 'out'}: refusing to download the repository (ask its owner to "
+        "rename the file)"]
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "out").exists()
+
+
+def test_links_planted_in_the_download_folder_are_replaced_not_written_through(hub_server,
+                                                                               tmp_path):
+    import os
+
+    repo = _tiny_repo(hub_server)
+    victim = tmp_path / "elsewhere"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("the user's own file\n")
+    out = tmp_path / "out"
+    (out / ".cache").mkdir(parents=True)
+    os.symlink(victim / "precious.txt", out / "config.json")
+    os.symlink(victim / "precious.txt", out / "model.safetensors")
+    os.symlink(victim, out / "sub")
+    os.symlink(victim, out / ".cache" / "huggingface")
+    download("me/tiny", out)
+    assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"]
+    assert (victim / "precious.txt").read_text() == "the user's own file\n"
+    for name in repo.files:
+        assert (out / name).read_bytes() == repo.files[name], name
+    for path in (out / "config.json", out / "model.safetensors", out / "sub",
+                 out / ".cache" / "huggingface"):
+        assert not path.is_symlink(), path

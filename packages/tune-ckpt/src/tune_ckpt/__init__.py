@@ -32,6 +32,9 @@ _EXPORTS = {
     "hf_to_native_rows": "tune_ckpt.keymaps",
     "native_to_hf_rows": "tune_ckpt.keymaps",
     "native_shapes": "tune_ckpt.keymaps",
+    "check_model_fits": "tune_ckpt.keymaps",
+    "check_finite": "tune_ckpt.reading",
+    "model_args_file": "tune_ckpt.model_args",
     "merge_meta_shards": "tune_ckpt.shards",
     "meta_shard_dim": "tune_ckpt.shards",
     "Adapter": "tune_ckpt.adapters",
@@ -45,6 +48,8 @@ _EXPORTS = {
 __all__ = [
     "Adapter",
     "CheckpointError",
+    "check_finite",
+    "check_model_fits",
     "convert",
     "detect_format",
     "download",
@@ -57,6 +62,7 @@ __all__ = [
     "merge_meta_shards",
     "meta_shard_dim",
     "meta_to_native",
+    "model_args_file",
     "native_shapes",
     "native_to_hf",
     "native_to_hf_rows",
@@ -83,6 +89,7 @@ if TYPE_CHECKING:
     from tune_ckpt.conversion import convert, detect_format, open_checkpoint
     from tune_ckpt.hub import download
     from tune_ckpt.keymaps import (
+        check_model_fits,
         hf_to_native,
         hf_to_native_rows,
         meta_to_native,
@@ -92,9 +99,14 @@ if TYPE_CHECKING:
         native_to_meta,
     )
     from tune_ckpt.merge import merge_adapter
-    from tune_ckpt.model_args import read_model_args, read_model_family, write_model_args
+    from tune_ckpt.model_args import (
+        model_args_file,
+        read_model_args,
+        read_model_family,
+        write_model_args,
+    )
     from tune_ckpt.native import save_native
-    from tune_ckpt.reading import find_native_file, load_native
+    from tune_ckpt.reading import check_finite, find_native_file, load_native
     from tune_ckpt.shards import merge_meta_shards, meta_shard_dim
 
 

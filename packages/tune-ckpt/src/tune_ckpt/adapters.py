@@ -34,7 +34,7 @@ from tune_ckpt.errors import CheckpointError
 from tune_ckpt.keymaps import hf_to_native_rows, native_to_hf_rows
 from tune_ckpt.names import ADAPTER_CONFIG_FILE, ADAPTER_FILES, ADAPTER_SIDECAR_FILE
 from tune_ckpt.native import save_native
-from tune_ckpt.reading import load_native
+from tune_ckpt.reading import check_finite, load_native
 from tune_ckpt.writing import staged_folder, write_text_atomic
 from tune_models import HF_KEYS, LORA_TARGETS, DecoderConfig, LoRASettings, lora_parameter_shapes
 from tune_models.lora import QKV_PARTS
@@ -351,6 +351,10 @@ def load_peft_adapter(folder: str | os.PathLike, config: DecoderConfig) -> Adapt
     # PEFT files may carry the base layer of an adapted lm_head (save_embedding_layers):
     # weights tune's adapters do not hold and the base model already has.
     peft = {k: v for k, v in load_native(weights_file).items() if ".base_layer." not in k}
+    # An adapter is small: every value is checked. NaN or infinity would make every output
+    # of the merged model NaN (an empty generation, a merged file of NaN).
+    check_finite(peft, weights_file, fix="its training diverged or the file is damaged; use "
+                                         "an earlier checkpoint of the adapter")
     settings = _settings_from_peft(peft_cfg, peft, config_file)
     try:
         lora_parameter_shapes(config, settings)

@@ -30,8 +30,8 @@ import torch
 from tune_ckpt.errors import CheckpointError
 from tune_models import Decoder, DecoderConfig, LoRASettings, native_shapes
 
-__all__ = ["RandomBase", "SequentialInit", "build_model", "checkpoint_weights",
-           "check_native_weights"]
+__all__ = ["RandomBase", "SequentialInit", "build_model", "check_native_weights",
+           "checkpoint_weights", "inference_model"]
 
 
 def check_native_weights(shapes: Mapping[str, tuple[int, ...]], config: DecoderConfig,
@@ -146,6 +146,7 @@ def build_model(
     shard: Callable[[torch.nn.Module], None] | None = None,
     seed: int | None = None,
     adapter_source: str | Path | None = None,
+    on_quantized: Callable[[str], None] | None = None,
 ) -> Decoder:
     """A Decoder of ``config`` holding ``weights``, with adapters and an NF4 base if asked.
 
@@ -168,6 +169,8 @@ def build_model(
             adapters and :class:`SequentialInit` weights are the seed's (the same on every
             process); None leaves the generator alone.
         adapter_source: Where ``adapter`` was read, for messages.
+        on_quantized: Called with each module's name as its weight is stored in NF4 (for a
+            progress bar: quantising an 8B base takes a while).
 
     Returns:
         The model, in training mode; with ``lora`` only its adapters require grad.
@@ -223,6 +226,8 @@ def build_model(
                 q = quantize_nf4(weights[f"{path}.weight"].to(device))
                 for name, value in zip(NF4_PARAMETERS, q):
                     put(module, name, value)
+                if on_quantized is not None:
+                    on_quantized(path)
         for key, param in list(model.named_parameters()):
             path, _, name = key.rpartition(".")
             if name in NF4_PARAMETERS:
@@ -236,6 +241,41 @@ def build_model(
                 put(module, name, init_lora_(
                     torch.empty(param.shape, dtype=param.dtype, device=device), key))
     return model
+
+
+def inference_model(config: DecoderConfig, weights: Mapping[str, torch.Tensor],
+                    adapter=None, *, adapter_source: str | Path | None = None,
+                    on_quantized: Callable[[str], None] | None = None) -> Decoder:
+    """A plain Decoder holding checked base weights, with a LoRA adapter merged in if given:
+    what ``tune generate``, ``tune eval`` and ``tune merge`` run or write.
+
+    The model keeps the base's dtype and takes its tensors as they are (no copy, on CPU).
+    The adapters are held in fp32 (an fp32 adapter on a bf16 base keeps its precision) and
+    merged once (``tune_models.merge_lora``), so the result runs at the base model's speed.
+    A QLoRA adapter (``quantize_base: nf4``) was trained against the NF4 version of the base:
+    it is merged into the base quantised to NF4 exactly as training quantised it, then
+    dequantised, which is the model that was trained.
+
+    Args:
+        config: The base model's shape.
+        weights: Its weights, checked against ``config`` (``tune_ckpt.check_model_fits``).
+        adapter: A ``tune_ckpt.Adapter`` (``load_peft_adapter``), or None.
+        adapter_source: Where the adapter was read, for messages.
+        on_quantized: See :func:`build_model`.
+
+    Raises:
+        CheckpointError: The adapter does not fit the model.
+    """
+    from tune_models import merge_lora
+
+    dtype = weights["tok_embeddings.weight"].dtype
+    if adapter is None:
+        return build_model(config, weights, dtype=dtype).eval()
+    model = build_model(config, weights, dtype=dtype, lora=adapter.settings,
+                        adapter=adapter.weights, adapter_dtype=torch.float32,
+                        quantize=adapter.quantize_base, adapter_source=adapter_source,
+                        on_quantized=on_quantized)
+    return merge_lora(model, dtype=dtype).eval()
 
 
 def _copy_shard(param: torch.nn.Parameter, whole: torch.Tensor) -> None:

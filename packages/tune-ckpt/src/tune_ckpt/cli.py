@@ -62,7 +62,8 @@ def run_download(
         disable_progress_bars()
     with _exit_on_ctrl_c(Path(output_dir).expanduser()):
         path = download(repo_id, output_dir, token=hf_token, ignore_patterns=ignore_patterns,
-                        revision=revision, include_original=include_original, notify=print)
+                        revision=revision, include_original=include_original, notify=print,
+                        progress=not quiet)
     print(f"Downloaded {repo_id} to {path}")
     return path
 

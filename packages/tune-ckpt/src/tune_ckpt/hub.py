@@ -21,7 +21,7 @@ import fnmatch
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tune_ckpt.errors import CheckpointError
 
@@ -191,6 +191,9 @@ def _explain(e: BaseException, repo_id: str, revision: str | None, token_given: 
         return CheckpointError(f"the Hugging Face Hub answered an error for {repo_id}: {first}")
     if isinstance(e, hf_errors.HFValidationError):
         return CheckpointError(f"'{repo_id}' is not a valid repository id: write it as owner/name")
+    answered = _http_answer(e)
+    if answered is not None:
+        return _answer_error(answered, repo_id)
     names = {cls.__name__ for cls in type(e).__mro__}
     if names & _CONNECTION_ERRORS or isinstance(e, hf_errors.LocalEntryNotFoundError):
         return CheckpointError(
@@ -201,6 +204,174 @@ def _explain(e: BaseException, repo_id: str, revision: str | None, token_given: 
         where = e.filename or output_dir
         return CheckpointError(f"could not write to {where}: {e.strerror}")
     return None
+
+
+def _http_answer(e: BaseException):
+    """The HTTP response behind an error, if the server answered at all.
+
+    huggingface_hub retries a file whose request fails and then raises "cannot find the
+    file on the Hub or in the cache" (LocalEntryNotFoundError) from the last HTTP error: the
+    server's answer is in the chain of causes, and it, not the network, is what to report.
+    """
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        response = getattr(e, "response", None)
+        if getattr(response, "status_code", None) is not None:
+            return response
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _answer_error(response, repo_id: str) -> CheckpointError:
+    status = response.status_code
+    reason = getattr(response, "reason_phrase", "") or ""
+    path = str(getattr(getattr(response, "request", None), "url", "") or "")
+    what = f"{path.split('/resolve/', 1)[1].split('/', 1)[-1]} of {repo_id}" \
+        if "/resolve/" in path else repo_id
+    said = (response.headers.get("X-Error-Message") or "").strip()
+    said = f" ({said})" if said and said.lower() != reason.lower() else ""
+    if status >= 500:
+        fix = ("the Hub failed on its side: run the same command again later (finished files "
+               "are kept)")
+    elif status == 429:
+        fix = "too many requests: wait a few minutes, then run the same command again"
+    else:
+        fix = "check the repository id, your token's access and HF_ENDPOINT / proxy settings"
+    return CheckpointError(f"the Hugging Face Hub at {_endpoint()} answered {status} {reason}"
+                           f"{said} when asked for {what}: {fix}".replace("  ", " "))
+
+
+# --- what the Hub lists, and checking what arrived against it ---------------------------------
+
+
+def _listing(repo_id: str, commit: str, token: str | None, patterns: list[str] | None,
+             output_dir: Path) -> list:
+    """The repository's files (huggingface_hub ``RepoFile``: path, size, blob_id, lfs) that
+    the download fetches, with their sizes and checksums; a path that would land outside
+    ``output_dir`` is refused here, before any file is fetched."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = [f for f in HfApi().list_repo_tree(repo_id, recursive=True, revision=commit,
+                                               token=token) if isinstance(f, RepoFile)]
+    for f in files:
+        parts = PurePosixPath(f.path.replace("\\", "/")).parts
+        if PurePosixPath(f.path).is_absolute() or ".." in parts or ":" in f.path:
+            raise CheckpointError(
+                f"{repo_id} lists a file named '{f.path}', which would be written outside "
+                f"{output_dir}: refusing to download the repository (ask its owner to rename "
+                "the file)"
+            )
+    return list(filter_repo_objects(files, ignore_patterns=patterns, key=lambda f: f.path))
+
+
+# huggingface_hub's bookkeeping inside a download folder (per-file metadata, partial files).
+_HUB_STATE = Path(".cache") / "huggingface"
+_VERIFIED = _HUB_STATE / "tune_verified.json"
+
+
+def _remove_planted_links(output_dir: Path, files: list) -> None:
+    """Unlink every symbolic link where the download writes, so nothing is written through
+    one: a download makes only plain files and folders, so a link there was planted (it is
+    removed, never followed; what it points at is left alone)."""
+    for f in files:
+        here = output_dir
+        for part in PurePosixPath(f.path).parts:
+            here = here / part
+            if here.is_symlink():
+                here.unlink()
+                break
+    here = output_dir
+    for part in _HUB_STATE.parts:
+        here = here / part
+        if here.is_symlink():
+            here.unlink()
+            return
+    if here.is_dir():
+        for root, folders, names in os.walk(here):
+            for name in folders + names:
+                if (Path(root) / name).is_symlink():
+                    (Path(root) / name).unlink()
+
+
+def _verify(output_dir: Path, repo_id: str, files: list, progress: bool) -> None:
+    """Check every fetched file against the size and checksum the Hub lists for it.
+
+    LFS files (the weights) against their sha256, others against their git blob id. A file
+    that does not match is deleted (with huggingface_hub's record of it, so that a re-run
+    fetches it again) and the first is named. Files already checked are recorded in
+    ``.cache/huggingface/tune_verified.json`` by size and modification time, so a re-run
+    does not hash a finished download again.
+    """
+    import json
+
+    from tqdm.auto import tqdm
+
+    from tune_ckpt.writing import write_text_atomic
+
+    record_path = output_dir / _VERIFIED
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    bad: list[str] = []
+    todo = []
+    for f in files:
+        local = output_dir / f.path
+        expected = f.lfs.sha256 if f.lfs is not None else f.blob_id
+        size = f.lfs.size if f.lfs is not None else f.size
+        stat = local.lstat() if local.exists() else None
+        if stat is None:
+            continue  # huggingface_hub raised already if a file did not arrive
+        if stat.st_size != size:
+            bad.append(f"{f.path} from {repo_id}: {stat.st_size:,} bytes arrived where the "
+                       f"Hub lists {size:,}")
+            _discard(output_dir, f.path)
+            continue
+        if record.get(f.path) == [expected, size, stat.st_mtime_ns] or expected is None:
+            continue
+        todo.append((f, local, expected, size, stat.st_mtime_ns))
+    with tqdm(total=sum(t[3] for t in todo), unit="B", unit_scale=True, unit_divisor=1024,
+              desc="Checking checksums", disable=None if progress else True, leave=False) as bar:
+        for f, local, expected, size, mtime in todo:
+            found = _checksum(local, size, lfs=f.lfs is not None, bar=bar)
+            if found != expected:
+                kind = "sha256" if f.lfs is not None else "git blob id"
+                bad.append(f"{f.path} from {repo_id} does not match the {kind} the Hub lists "
+                           f"({expected[:12]}..., the bytes that arrived give {found[:12]}...)")
+                _discard(output_dir, f.path)
+                record.pop(f.path, None)
+            else:
+                record[f.path] = [expected, size, mtime]
+    if todo:
+        write_text_atomic(record_path, json.dumps(record, indent=1) + "\n")
+    if bad:
+        more = f" (and {len(bad) - 1} more file{'s' if len(bad) > 2 else ''})" if len(bad) > 1 \
+            else ""
+        raise CheckpointError(f"{bad[0]}{more}; deleted: run the same command again to fetch "
+                              "it again (if it fails again, the Hub or a proxy on the way serves "
+                              "damaged bytes)")
+
+
+def _checksum(path: Path, size: int, *, lfs: bool, bar) -> str:
+    import hashlib
+
+    digest = hashlib.sha256() if lfs else hashlib.sha1(b"blob %d\0" % size)
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _discard(output_dir: Path, path: str) -> None:
+    # The file and huggingface_hub's record that it is complete: a re-run fetches it anew.
+    (output_dir / path).unlink(missing_ok=True)
+    (output_dir / _HUB_STATE / "download" / f"{path}.metadata").unlink(missing_ok=True)
 
 
 # Meta's Llama 3 repositories hold the weights twice: safetensors at the top (what tune
@@ -227,6 +398,7 @@ def download(
     revision: str | None = None,
     include_original: bool = False,
     notify: Callable[[str], None] | None = None,
+    progress: bool = True,
 ) -> Path:
     """Download the files of a model repository tune needs into ``output_dir``, resumably.
 
@@ -246,14 +418,20 @@ def download(
         revision: Branch, tag or commit (default: the default branch).
         include_original: Fetch ``original/*.pth`` too when the safetensors are there.
         notify: Called with one line when they are skipped (``print`` in the CLI).
+        progress: Show a progress bar while checksums are checked.
 
     Returns:
         The output folder.
 
+    Every file fetched is checked against the size and checksum (sha256 for LFS files)
+    the Hub lists for it; one that does not match is deleted and named. A symbolic link
+    where the download writes is removed first, never written through.
+
     Raises:
         CheckpointError: A token with a character no token has (given or in HF_TOKEN), gated
             repository without access, rejected token, repository or revision not found, hub
-            unreachable, or no disk space left.
+            unreachable or answering an error, a file that does not match its checksum or
+            size, a file name that would land outside output_dir, or no disk space left.
     """
     if token is not None:
         token = clean_token(token)
@@ -277,11 +455,16 @@ def download(
                 notify(f"Skipping {ORIGINAL_WEIGHTS} ({len(skipped)} file"
                        f"{'s' if len(skipped) > 1 else ''}: Meta's copy of the weights the "
                        "safetensors hold); pass --include-original to fetch it too")
+        files = _listing(repo_id, info.sha, token, patterns, output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        _remove_planted_links(output_dir, files)
         path = snapshot_download(
             repo_id, revision=info.sha, local_dir=output_dir, token=token,
             ignore_patterns=patterns,
         )
+        _verify(output_dir, repo_id, files, progress)
+    except CheckpointError:
+        raise
     except Exception as e:
         explained = _stored_token_problem() if token is None else None
         if explained is None:

@@ -29,7 +29,7 @@ and the found shape.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -189,6 +189,65 @@ def check_source(
             raise CheckpointError(f"{source.where(k)}: '{k}' is {source.dtype(k)}, not a float")
 
 
+def check_model_fits(
+    checkpoint: TensorSource | Mapping[str, torch.Tensor],
+    config: DecoderConfig,
+    layout: str = "native",
+    templates: KeyTemplates | None = None,
+    *,
+    family: str | None = None,
+    origin: str = "",
+    where: str | None = None,
+) -> None:
+    """Raise unless a checkpoint holds exactly the tensors of ``config`` in ``layout``.
+
+    Only names and shapes are read (file headers; a mapped file's data stays on disk), so
+    call it before building or allocating anything: the layer count is compared first, off
+    the names, so that a shape file declaring a million layers costs nothing.
+
+    Args:
+        checkpoint: Its tensors: a lazily read source or a state dict (e.g. ``load_native``'s).
+        config: The model the shape file declares.
+        layout: "native", "hf" or "meta".
+        templates: The layout's key templates (default: the native keys, or tune-models'
+            HF_KEYS / META_KEYS; pass the family's for another family's names).
+        family: The family's name, for messages.
+        origin: The shape file ``config`` came from (tune_model.json, config.json,
+            params.json), which a message names.
+        where: The weights file, for messages, when ``checkpoint`` is a state dict.
+
+    Raises:
+        CheckpointError: Naming the file, the first missing, unexpected or misshapen key (or
+            the layer count) and what the shape file declares.
+    """
+    source = checkpoint if isinstance(checkpoint, TensorSource) else \
+        DictSource(checkpoint, dict.fromkeys(checkpoint, where) if where else None)
+    lay = LAYOUTS[layout]
+    templates = templates or {"native": NATIVE_KEYS, "hf": HF_KEYS, "meta": META_KEYS}[layout]
+    keys = [k for k in source.keys() if not IGNORED_KEYS.match(k)]
+    found = {int(m.group(1)) for k in keys if (m := _LAYER.match(k))}
+    layers = max(found) + 1 if found else 0
+    if layers != config.n_layers:
+        # config.json spells the field as transformers does
+        field = "num_hidden_layers" if origin.endswith("config.json") else "n_layers"
+        declared = f"{origin} declares {field}" if origin else "the model has n_layers"
+        first = next((k for k in keys if _LAYER.match(k)), None)
+        at = source.where(first) if first is not None else \
+            (source.where(keys[0]) if keys else where or "the state dict")
+        raise CheckpointError(
+            f"{at}: the weights hold {layers} layer{'s' if layers != 1 else ''}, but "
+            f"{declared} {config.n_layers}: "
+            + ("that file describes another model (correct it, or use the one that came with "
+               "these weights)" if origin else "they are another model's")
+        )
+    expected = layout_shapes(config, lay, templates)
+    optional = {}
+    if config.tie_embeddings and lay.tied_output == "optional":
+        # The tied matrix listed under the output's name too: it maps to nothing.
+        optional[_output_key(templates)] = native_shapes(config)["tok_embeddings.weight"]
+    check_source(source, expected, describe(config, lay, family), origin, optional)
+
+
 def describe(config: DecoderConfig, layout: Layout, family: str | None = None) -> str:
     """E.g. "Hugging Face qwen2 checkpoint with 24 layers", for messages."""
     family = f" {family}" if family else ""
@@ -289,13 +348,8 @@ def plan_to_native(
         family: The family's name, for messages.
         origin: Where ``config`` came from, for messages.
     """
-    expected = layout_shapes(config, layout, templates)
+    check_model_fits(source, config, layout.name, templates, family=family, origin=origin)
     shapes = native_shapes(config)
-    optional = {}
-    if config.tie_embeddings and layout.tied_output == "optional":
-        # The tied matrix listed under the output's name too: it maps to nothing.
-        optional[_output_key(templates)] = shapes["tok_embeddings.weight"]
-    check_source(source, expected, describe(config, layout, family), origin, optional)
     heads = (config.n_heads, config.n_kv_heads)
     plans = []
     for key, sources in key_map(config, templates).items():
@@ -332,8 +386,7 @@ def plan_from_native(
         family: The family's name, for messages.
         origin: Where ``config`` came from, for messages.
     """
-    check_source(source, native_shapes(config), describe(config, LAYOUTS["native"], family),
-                 origin)
+    check_model_fits(source, config, family=family, origin=origin)
     mapping = key_map(config, templates, f"the {layout.title} layout")
     target_shapes = layout_shapes(config, layout, templates)
     q, kv, _ = qkv_rows(config)
@@ -362,15 +415,6 @@ def plan_from_native(
         output = _output_key(templates)
         plans.append(_plan(source, output, target_shapes[output], ("tok_embeddings.weight",)))
     return plans
-
-
-def plan_native_to_native(
-    source: TensorSource, config: DecoderConfig, *, family: str | None = None,
-    origin: str = "",
-) -> list[TensorPlan]:
-    """native -> native (to change dtype or file type): checked, in canonical order."""
-    return plan_to_native(source, config, LAYOUTS["native"], NATIVE_KEYS, family=family,
-                          origin=origin)
 
 
 def _cat(*tensors: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Fold a LoRA adapter into its base checkpoint: ``tune merge`` and ``merge_adapter``.
 
 The base is a native checkpoint (mmap'd); the adapter a PEFT folder (tune's export or any
-PEFT LoRA adapter of a supported module set). The model is built on the meta device, takes
-the base tensors as they are, gets the adapter (tune_models.apply_lora +
-load_lora_state_dict) and is merged by tune_models.merge_lora, so the merged weights are
-exactly what the training model computed. The result is written atomically as a native
+PEFT LoRA adapter of a supported module set). The model is made by the one builder
+(tune_ckpt.building.inference_model: the base tensors as they are, the adapter on them,
+merged by tune_models.merge_lora), so the merged weights are exactly what the training
+model computed. The result is written atomically as a native
 checkpoint, or converted to a Hugging Face folder by the same converter as
 ``tune convert_checkpoint --to hf``.
 
@@ -71,17 +71,11 @@ def merge_adapter(
     from tqdm.auto import tqdm
 
     from tune_ckpt.adapters import load_peft_adapter
+    from tune_ckpt.building import inference_model
+    from tune_ckpt.keymaps import check_model_fits
     from tune_ckpt.model_args import read_model
     from tune_ckpt.native import save_native
-    from tune_ckpt.reading import find_native_file, load_native, parse_dtype
-    from tune_models import (
-        Decoder,
-        apply_lora,
-        is_lora_key,
-        load_lora_state_dict,
-        merge_lora,
-        quantize_base,
-    )
+    from tune_ckpt.reading import check_finite, find_native_file, load_native, parse_dtype
     from tune_models.nf4 import QUANTIZED_MODULES
 
     if target_format not in MERGE_FORMATS:
@@ -97,41 +91,41 @@ def merge_adapter(
         if out.resolve() == base_file.resolve():
             raise CheckpointError(f"{out} is the base checkpoint: write the merged model "
                                   "elsewhere (-o)")
-        if out.exists() and not force:
-            raise CheckpointError(f"{out} already exists: pass --force to overwrite it")
-    elif (out / HF_CONFIG_FILE).exists() and not force:
+    out_folder = out.parent if target_format == "native" else out
+    if out_folder.resolve() == base_file.parent.resolve():
+        # A folder holds one model: tune generate / eval / convert on it would find the
+        # base's native file (and its tune_model.json) and silently use the base.
+        raise CheckpointError(f"{out_folder} is the base checkpoint's folder: write the merged "
+                              "model to another folder (-o), or tune generate on it would "
+                              "load the base")
+    if target_format == "native" and out.exists() and not force:
+        raise CheckpointError(f"{out} already exists: pass --force to overwrite it")
+    if target_format == "hf" and (out / HF_CONFIG_FILE).exists() and not force:
         raise CheckpointError(f"{out} already holds a Hugging Face model: pass --force to "
                               "replace it")
 
-    config, family, _ = read_model(base_file)  # one CheckpointError line for bad arguments
+    config, family, origin = read_model(base_file)  # one CheckpointError line for bad arguments
+    base_state = load_native(base_file)
+    # Names and shapes from the header, before anything is built; then one read of the
+    # weights (the merge reads them all anyway) for NaN or infinity.
+    check_model_fits(base_state, config, family=family, origin=str(origin), where=str(base_file))
+    check_finite(base_state, base_file)
     adapter = load_peft_adapter(adapter_path, config)
 
-    with torch.device("meta"):
-        model = Decoder(config)
-    try:
-        model.load_state_dict(load_native(base_file), strict=True, assign=True)
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        raise CheckpointError(f"{base_file} does not fit the model shape beside it: "
-                              f"{(lines[1] if len(lines) > 1 else lines[0]).strip()}") from e
-    base_dtype = model.tok_embeddings.weight.dtype
-    s = adapter.settings
-    try:
-        apply_lora(model, rank=s.rank, alpha=s.alpha, dropout=s.dropout, targets=s.targets)
-        # The adapters are made in the base's dtype; hold them in fp32 instead, so an fp32
-        # adapter on a bf16 base keeps its precision (merge_lora adds B @ A in fp32).
-        for name, param in list(model.named_parameters()):
-            if is_lora_key(name):
-                owner, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(owner), attr, torch.nn.Parameter(param.float()))
-        load_lora_state_dict(model, adapter.weights)
-    except ValueError as e:
-        raise CheckpointError(f"{adapter_path}: {e}") from e
-    if adapter.quantize_base == "nf4":
-        with tqdm(total=len(model.layers) * len(QUANTIZED_MODULES), unit="matrix",
-                  desc="Quantising the base to NF4", disable=not progress) as bar:
-            quantize_base(model, "nf4", on_quantized=lambda _: bar.update())
-    merge_lora(model, dtype=base_dtype)
+    base_dtype = base_state["tok_embeddings.weight"].dtype
+    quantised = config.n_layers * len(QUANTIZED_MODULES) if adapter.quantize_base else 0
+    with tqdm(total=quantised, unit="matrix", desc="Quantising the base to NF4",
+              disable=not progress or not quantised) as bar:
+        model = inference_model(config, base_state, adapter, adapter_source=adapter_path,
+                                on_quantized=lambda _: bar.update())
+    del base_state
+    # Finite base and adapter can still overflow the base's dtype when added: check the
+    # merged matrices (in memory already; the rest is the base, checked above).
+    adapted = {name.split(".lora_")[0] + ".weight" for name in adapter.weights}
+    check_finite({k: v for k, v in model.state_dict().items() if k in adapted}, adapter_path,
+                 fix=f"after the merge: the adapter's change overflows the base's "
+                     f"{str(base_dtype).removeprefix('torch.')}; use another checkpoint of "
+                     "the adapter")
     state = {k: v if cast is None or not v.is_floating_point() else v.to(cast)
              for k, v in model.state_dict().items()}
     del model

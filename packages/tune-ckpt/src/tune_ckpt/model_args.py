@@ -131,22 +131,35 @@ def read_model(path: str | os.PathLike) -> tuple[DecoderConfig, str, Path]:
     """
     path = Path(path).expanduser()
     folder = path if path.is_dir() else path.parent
-    sidecar, params, config = (folder / n for n in (MODEL_ARGS_FILE, META_PARAMS_FILE,
-                                                    HF_CONFIG_FILE))
-    if sidecar.is_file():
-        return (*read_sidecar(sidecar), sidecar)
-    if params.is_file():
-        data = read_json(params)
+    found = model_args_file(path)
+    if found is None:
+        raise CheckpointError(
+            f"no {MODEL_ARGS_FILE}, {META_PARAMS_FILE} or {HF_CONFIG_FILE} in {folder}: cannot "
+            "tell the model's shape (write one with tune_ckpt.write_model_args)"
+        )
+    if found.name == MODEL_ARGS_FILE:
+        return (*read_sidecar(found), found)
+    if found.name == META_PARAMS_FILE:
+        data = read_json(found)
         source = None
         if any(folder.glob("consolidated.*.pth")):
             source = open_meta_shards(meta_shard_files(folder), data.get("vocab_size"))
-        return (*meta_model(data, source, str(params)), params)
-    if config.is_file():
-        return (*config_from_hf(read_json(config), str(config)), config)
-    raise CheckpointError(
-        f"no {MODEL_ARGS_FILE}, {META_PARAMS_FILE} or {HF_CONFIG_FILE} in {folder}: cannot tell "
-        "the model's shape (write one with tune_ckpt.write_model_args)"
-    )
+        return (*meta_model(data, source, str(found)), found)
+    return (*config_from_hf(read_json(found), str(found)), found)
+
+
+def model_args_file(path: str | os.PathLike) -> Path | None:
+    """The file a checkpoint's model is read from (see :func:`read_model`), or None.
+
+    ``tune_model.json`` beside the checkpoint, else Meta's ``params.json``, else Hugging
+    Face's ``config.json``: what an error about a shape that does not fit names.
+    """
+    path = Path(path).expanduser()
+    folder = path if path.is_dir() else path.parent
+    for name in (MODEL_ARGS_FILE, META_PARAMS_FILE, HF_CONFIG_FILE):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def read_model_args(path: str | os.PathLike) -> dict:

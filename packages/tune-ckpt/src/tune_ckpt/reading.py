@@ -13,6 +13,7 @@ import pickle
 import re
 import struct
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from tune_ckpt.errors import CheckpointError
 from tune_ckpt.names import HF_CONFIG_FILE, HF_SAFETENSORS_FILE, MODEL_ARGS_FILE, NATIVE_FILES
 from tune_ckpt.plan import DictSource, FileRange, TensorSource
+from tune_models import dtype_of
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -28,25 +30,21 @@ _SAFETENSORS_DTYPES = {
 }
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
 
-_DTYPE_NAMES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
-
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``"bf16"``, ``"float16"``, ``torch.float32``... -> a torch dtype (None stays None).
+
+    The names are tune-models' one table (``tune_models.DTYPES``, torch's spellings too).
 
     Raises:
         CheckpointError: For a name that is not a floating-point dtype tune-ckpt writes.
     """
     if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPE_NAMES:
-        raise CheckpointError(f"unknown dtype '{dtype}': use one of bf16, fp16, fp32")
-    return _DTYPE_NAMES[key]
+        return dtype  # from Python: taken as given
+    try:
+        return dtype_of(dtype)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -174,6 +172,15 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                 f"{size}; fetch it again"
             )
         entries[key] = (dtype, shape, begin, end)
+    # Two tensors sharing bytes would be one tensor read twice (and a write through one
+    # would change the other): the safetensors format lays them end to end, never overlapping.
+    spans = sorted((begin, end, key) for key, (_, _, begin, end) in entries.items() if end > begin)
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise CheckpointError(
+                f"{path}: '{a}' and '{b}' claim the same bytes (overlapping data offsets); the "
+                "file is corrupt or was crafted: fetch or save it again"
+            )
     if not entries:
         return {}
     storage = torch.UntypedStorage.from_file(str(path), False, size)  # MAP_PRIVATE, read lazily
@@ -245,10 +252,39 @@ def read_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     return read_torch_file(path)
 
 
-def read_tensor_meta(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Names, shapes and dtypes in a tensor file, without reading any weights."""
-    tensors, _ = read_tensor_file(path)
-    return {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+def check_finite(tensors: Mapping[str, torch.Tensor], where: str | os.PathLike,
+                 fix: str = "the file is damaged or its training diverged; use another "
+                            "checkpoint") -> None:
+    """Raise naming the first floating-point tensor that holds a NaN or an infinity.
+
+    One sum per tensor: NaN and infinity survive a sum, so a finite sum clears a tensor at
+    the cost of reading it once (a few GB/s, no copy). Only a tensor whose sum is not finite
+    is scanned element by element, which tells a real NaN from a sum that overflowed.
+
+    Args:
+        tensors: Name -> tensor (views of a mapped file are fine: only read).
+        where: The file they came from, for the message.
+        fix: What the message tells the user to do.
+
+    Raises:
+        CheckpointError: ``<where>: '<name>' holds N non-finite values (NaN or infinity) ...``.
+    """
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        if torch.isfinite(tensor.sum()):
+            continue
+        flat = tensor.detach().reshape(-1)
+        bad = sum(int((~torch.isfinite(flat[i:i + _CHUNK])).sum())
+                  for i in range(0, flat.numel(), _CHUNK))
+        if bad:
+            raise CheckpointError(
+                f"{where}: '{name}' holds {bad:,} non-finite value{'s' if bad > 1 else ''} "
+                f"(NaN or infinity) of {flat.numel():,}: {fix}"
+            )
+
+
+_CHUNK = 1 << 24  # elements scanned at a time: bounds the mask's memory
 
 
 def find_native_file(folder: Path) -> Path:

@@ -35,6 +35,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a concurrent write is not detected there
+    fcntl = None
+
 import torch
 
 from tune_ckpt.errors import CheckpointError
@@ -76,18 +81,56 @@ def remove_stale_temps(target: Path) -> None:
     """Delete what a killed write of ``target`` left beside it (temporary files or folders).
 
     They carry the target's name and a random part (see :func:`atomic_write` and
-    :func:`staged_folder`), so only leftovers of this very output are touched.
+    :func:`staged_folder`), so only leftovers of this very output are touched. A writer holds
+    a lock on its temporary for as long as it lives (the kernel drops it when the process
+    ends, however it ends), so a temporary that is still locked belongs to a live write.
+
+    Raises:
+        CheckpointError: If another process is writing ``target`` right now.
     """
     target = Path(target)
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.[0-9a-f]{{8}}\.tmp$")
     if not target.parent.is_dir():
         return
     for p in target.parent.iterdir():
-        if pattern.match(p.name):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+        if not pattern.match(p.name):
+            continue
+        if _in_use(p):
+            raise CheckpointError(
+                f"another tune command (a merge or a conversion) is writing {target} right now "
+                f"(its temporary {p.name} is in use): wait for it to finish, or write to "
+                "another path"
+            )
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _lock(fd: int) -> None:
+    """Mark an open temporary (file or folder) as being written by this process."""
+    if fcntl is not None:
+        with contextlib.suppress(OSError):  # a file system without locks: written all the same
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _in_use(path: Path) -> bool:
+    """Whether a live process holds :func:`_lock` on ``path`` (never through a link)."""
+    if fcntl is None or path.is_symlink():
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no locks on this file system: nothing to tell a live write by
+        return False
+    finally:
+        os.close(fd)  # closing drops the probe's own lock
+    return False
 
 
 @contextlib.contextmanager
@@ -107,7 +150,8 @@ def atomic_write(path: Path, force: bool = False) -> Iterator[BinaryIO]:
     tmp = _temp_name(path)
     f = None
     try:
-        f = open(tmp, "xb", buffering=0)
+        f = open(tmp, "xb", buffering=0)  # exclusive create: never opens an existing link
+        _lock(f.fileno())
         yield f
         os.fsync(f.fileno())
         f.close()
@@ -142,7 +186,9 @@ def staged_folder(out: Path, superseded: Callable[[str], bool] = lambda name: Fa
     remove_stale_temps(out)
     staging = _temp_name(out)
     staging.mkdir()
+    held = os.open(staging, os.O_RDONLY)
     try:
+        _lock(held)
         yield staging
         names = {p.name for p in staging.iterdir()}
         if not out.exists():
@@ -158,6 +204,7 @@ def staged_folder(out: Path, superseded: Callable[[str], bool] = lambda name: Fa
     except OSError as e:
         raise _disk_error(e, out) from e
     finally:
+        os.close(held)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -343,6 +390,24 @@ def _progress(plans: list[TensorPlan], desc: str, enabled: bool):
     )
 
 
+# The streaming .pt writer pickles tensors the way torch.save does without having their data,
+# which takes two private torch names: the function torch.load calls to rebuild a tensor, and
+# the dtype -> storage class table. Both have been stable since torch 1.x; a test names them
+# (tests/test_convert.py::test_private_torch_names_the_pt_writer_uses) and, should a torch
+# release move them, write_torch_file falls back to torch.save (the whole state in memory).
+PRIVATE_TORCH_NAMES = ("torch._utils._rebuild_tensor_v2",
+                       "torch.storage._dtype_to_storage_type_map")
+
+
+def _private_torch_api() -> tuple[Callable, Callable] | None:
+    """(_rebuild_tensor_v2, _dtype_to_storage_type_map), or None if torch no longer has them."""
+    rebuild = getattr(getattr(torch, "_utils", None), "_rebuild_tensor_v2", None)
+    storage_types = getattr(getattr(torch, "storage", None), "_dtype_to_storage_type_map", None)
+    if not callable(rebuild) or not callable(storage_types):
+        return None
+    return rebuild, storage_types
+
+
 class _StorageRef:
     """Stands for one tensor's storage in the pickle; torch.load finds it as data/<key>."""
 
@@ -353,8 +418,8 @@ class _StorageRef:
 class _TensorRef:
     """Pickles as torch.save pickles a contiguous CPU tensor, without having its data."""
 
-    def __init__(self, storage: _StorageRef, shape: tuple[int, ...]):
-        self.storage, self.shape = storage, shape
+    def __init__(self, storage: _StorageRef, shape: tuple[int, ...], rebuild: Callable):
+        self.storage, self.shape, self.rebuild = storage, shape, rebuild
 
     def __reduce_ex__(self, protocol):
         stride, step = [], 1
@@ -363,24 +428,30 @@ class _TensorRef:
             step *= size
         args = (self.storage, 0, self.shape, tuple(reversed(stride)), False,
                 collections.OrderedDict())
-        return torch._utils._rebuild_tensor_v2, args
+        return self.rebuild, args
 
 
 class _TorchPickler(pickle.Pickler):
+    def __init__(self, f: BinaryIO, storage_types: Callable, **kwargs):
+        super().__init__(f, **kwargs)
+        self.storage_types = storage_types
+
     def persistent_id(self, obj):
         if isinstance(obj, _StorageRef):
-            storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[obj.dtype])
+            storage_type = getattr(torch, self.storage_types()[obj.dtype])
             return ("storage", storage_type, obj.key, "cpu", obj.numel)
         return None
 
 
-def _torch_pickle(plans: list[TensorPlan]) -> bytes:
+def _torch_pickle(plans: list[TensorPlan], api: tuple[Callable, Callable]) -> bytes:
+    rebuild, storage_types = api
     state = {
-        p.key: _TensorRef(_StorageRef(str(i), p.dtype, p.nbytes // p.dtype.itemsize), p.shape)
+        p.key: _TensorRef(_StorageRef(str(i), p.dtype, p.nbytes // p.dtype.itemsize), p.shape,
+                          rebuild)
         for i, p in enumerate(plans)
     }
     buf = io.BytesIO()
-    _TorchPickler(buf, protocol=2).dump(state)
+    _TorchPickler(buf, storage_types, protocol=2).dump(state)
     return buf.getvalue()
 
 
@@ -468,9 +539,17 @@ class _ZipWriter:
 def write_torch_file(
     path: Path, plans: list[TensorPlan], *, force: bool = False, progress: bool = True
 ) -> None:
-    """Stream planned tensors into a ``torch.load``-able ``.pt`` file, one tensor in memory."""
+    """Stream planned tensors into a ``torch.load``-able ``.pt`` file, one tensor in memory.
+
+    Without the private torch names the streaming writer needs (:data:`PRIVATE_TORCH_NAMES`),
+    the tensors are made all at once and written by ``torch.save``, atomically all the same.
+    """
     path = Path(path)
-    pickled = _torch_pickle(plans)
+    api = _private_torch_api()
+    if api is None:
+        _torch_save_file(path, plans, force=force)
+        return
+    pickled = _torch_pickle(plans, api)
     with contextlib.ExitStack() as stack:
         f = stack.enter_context(atomic_write(path, force))
         bar = stack.enter_context(_progress(plans, f"Writing {path.name}", progress))
@@ -493,6 +572,19 @@ def write_torch_file(
         zf.record("version", b"3\n")
         zf.record(".data/serialization_id", hashlib.sha1(pickled).hexdigest().encode())
         zf.finish()
+
+
+def _torch_save_file(path: Path, plans: list[TensorPlan], *, force: bool) -> None:
+    # Each tensor is cloned out of its (mapped) source so that torch.save writes the
+    # tensor's own bytes, not the whole storage of a file mapping it is a view of.
+    state = {p.key: p.make().detach().cpu().contiguous().clone() for p in plans}
+    with atomic_write(path, force) as f:
+        buffered = io.BufferedWriter(f)  # the raw file may write less than it is given
+        torch.save(state, buffered)
+        buffered.flush()
+        buffered.detach()  # atomic_write fsyncs and closes the file itself
+    for plan in plans:
+        plan.release()
 
 
 def write_safetensors_file(

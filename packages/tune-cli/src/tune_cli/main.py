@@ -160,9 +160,8 @@ def _model_options(function):
 
 def _load(checkpoint: Path | None, config_name: str | None, adapter: Path | None,
           tokenizer: Path | None, device: str, dtype: str | None):
-    import torch
-
     from tune_data import load_tokenizer
+    from tune_models import DTYPES
     from tune_train.loading import load_model, resolve_checkpoint, resolve_tokenizer
 
     if checkpoint is None and config_name is None:
@@ -174,9 +173,8 @@ def _load(checkpoint: Path | None, config_name: str | None, adapter: Path | None
             checkpoint, adapter = Path(cfg.model_checkpoint), adapter or Path(cfg.output_dir)
         tokenizer = tokenizer or Path(cfg.tokenizer_checkpoint)
     weights = resolve_checkpoint(checkpoint)
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        dtype or "")
-    model, _ = load_model(weights, device=device, dtype=torch_dtype, adapter=adapter)
+    model, _ = load_model(weights, device=device, dtype=DTYPES[dtype] if dtype else None,
+                          adapter=adapter)
     return model, load_tokenizer(resolve_tokenizer(weights, tokenizer)), weights
 
 

@@ -20,6 +20,7 @@ from tune_models.decoder import (
     softcap,
     uses_sliding_window,
 )
+from tune_models.dtypes import DTYPES, dtype_of
 from tune_models.families import (
     FAMILIES,
     FAMILY_OF_PRESET,
@@ -88,6 +89,7 @@ Llama2 = Decoder
 Llama2Config = DecoderConfig
 
 __all__ = [
+    "DTYPES",
     "FAMILIES",
     "FAMILY_OF_PRESET",
     "GEMMA_HF_KEYS",
@@ -117,6 +119,7 @@ __all__ = [
     "check_sampling",
     "checkpoint_key_map",
     "dequantize_nf4",
+    "dtype_of",
     "family_of",
     "gemma3_1b",
     "gemma3_4b",

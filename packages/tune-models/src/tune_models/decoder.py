@@ -131,9 +131,11 @@ class DecoderConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
+                     "multiple_of", "hidden_dim", "head_dim", "sliding_window"):
+            _check_size(name, getattr(self, name))
+        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+            _check_positive_number(name, getattr(self, name))
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ValueError(
@@ -150,8 +152,6 @@ class DecoderConfig:
         for name in ("qkv_bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
         _check_layer_fields(self)
@@ -162,6 +162,42 @@ class DecoderConfig:
             if self.ffn_dim_multiplier is not None:
                 hidden = int(self.ffn_dim_multiplier * hidden)
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
+            if self.hidden_dim > MAX_SIZE:
+                raise ValueError(
+                    f"the FFN width from dim, ffn_dim_multiplier and multiple_of is "
+                    f"{self.hidden_dim:,}, larger than any model's (at most {MAX_SIZE:,}): "
+                    "check those values"
+                )
+
+
+# Far above any published model (the deepest have ~130 layers, the widest sizes ~10^5, the
+# longest context ~10^7): a bigger number is a typo, and building from it would spend memory
+# and minutes before failing. A block is Python objects, so depth has its own, lower bound.
+MAX_SIZE = 2**24
+MAX_LAYERS = 2**16
+_OPTIONAL_SIZES = ("hidden_dim", "head_dim", "sliding_window")
+
+
+def _check_size(name: str, value: Any) -> None:
+    if value is None and name in _OPTIONAL_SIZES:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value <= 0:
+        none = " or None" if name in _OPTIONAL_SIZES else ""
+        raise ValueError(f"{name} must be positive{none}, got {value}")
+    limit = MAX_LAYERS if name == "n_layers" else MAX_SIZE
+    if value > limit:
+        raise ValueError(f"{name} {value:,} is larger than any model's (at most {limit:,}): "
+                         "check the value")
+
+
+def _check_positive_number(name: str, value: Any) -> None:
+    if value is None and name == "ffn_dim_multiplier":
+        return
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value <= 0):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
 
 
 # The feed-forward's gate activation by DecoderConfig.activation.
@@ -178,10 +214,8 @@ def _check_layer_fields(config: DecoderConfig) -> None:
                          f"{config.activation!r}")
     for name in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcap",
                  "final_logit_softcap"):
-        value = getattr(config, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not value > 0):
-            raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+        if getattr(config, name) is not None:
+            _check_positive_number(name, getattr(config, name))
     pattern = config.sliding_window_pattern
     if pattern is not None:
         if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 2:
@@ -222,9 +256,7 @@ def _check_rope_scaling(scaling: dict[str, Any]) -> None:
             f"rope_scaling of type {kind!r} {what}; it takes {', '.join(sorted(expected))}"
         )
     for name in ROPE_SCALING_FIELDS[kind]:
-        value = scaling[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"rope_scaling['{name}'] must be a positive number, got {value!r}")
+        _check_positive_number(f"rope_scaling['{name}']", scaling[name])
     if kind == "llama3" and scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
         raise ValueError(
             f"rope_scaling: low_freq_factor ({scaling['low_freq_factor']}) must be below "

@@ -6,6 +6,8 @@ tune_train.validation.)"""
 from __future__ import annotations
 
 import glob
+import math
+import os
 from pathlib import Path
 
 from tune_train.config import VALIDATION_KEYS, ConfigError, TrainConfig, validation_data_config
@@ -107,7 +109,8 @@ def model_problems(cfg: TrainConfig) -> list[str]:
         config = registry.model_config(cfg)
     except ConfigError as e:
         return [str(e)]
-    problems = [lora_problem(cfg, config), checkpoint_problem(cfg, config)]
+    problems = [lora_problem(cfg, config), checkpoint_problem(cfg, config),
+                memory_problem(cfg, config)]
     if cfg.tokenizer in registry.TOKENIZERS:  # else unknown_names reports it
         problems.insert(0, registry.tokenizer_problem(cfg))
     return [p for p in problems if p is not None]
@@ -199,6 +202,68 @@ def checkpoint_problem(cfg: TrainConfig, config) -> str | None:
     return (f"model_checkpoint {path} holds another model than '{cfg.model}' "
             f"({family.name}): its {MODEL_ARGS_FILE} has {has} where '{cfg.model}' has "
             f"{wants}; {fix}")
+
+
+def memory_problem(cfg: TrainConfig, config) -> str | None:
+    """Why a model trained from random weights cannot be held where it would train, or None.
+
+    The estimate is the parameters alone (``tune_models.native_shapes`` times the bytes of
+    cfg.dtype; gradients and optimizer state come on top), against the machine's memory:
+    the GPU's (all visible GPUs' with enable_fsdp) for a CUDA device, else RAM. It catches a
+    typo such as ``dim: 1048576`` before a build that would end in an allocation error or in
+    the kernel killing the run; a checkpoint's model is checked against its tensors instead.
+    """
+    import dataclasses
+
+    from tune_models import DTYPES, native_shapes
+
+    if cfg.model_checkpoint is not None or cfg.dtype not in DTYPES:
+        return None
+    # One block's shapes times the depth: listing every block of a deep model costs memory too.
+    one_block = native_shapes(dataclasses.replace(config, n_layers=1))
+    sizes = {k: math.prod(shape) for k, shape in one_block.items()}
+    block = sum(n for k, n in sizes.items() if k.startswith("layers."))
+    parameters = sum(sizes.values()) - block + block * config.n_layers
+    needed = parameters * DTYPES[cfg.dtype].itemsize
+    available, where = _memory_for(cfg)
+    if available is None or needed <= available:
+        return None
+    what = f"model '{cfg.model}'" + (" with these model_args" if cfg.model_args else "")
+    fix = ("check model_args (n_layers, dim, hidden_dim, vocab_size, ...)" if cfg.model_args
+           else "use a smaller model or a machine with more memory")
+    return (f"{what} has {parameters / 1e9:,.1f} B parameters: {_size(needed)} in "
+            f"{cfg.dtype} for the weights alone, more than {where} ({_size(available)}); {fix}")
+
+
+def _memory_for(cfg: TrainConfig) -> tuple[int | None, str]:
+    """(bytes, what they are) of the memory a run's weights live in."""
+    import torch
+
+    if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            return None, ""  # the recipe says no GPU is visible
+        if cfg.enable_fsdp and torch.cuda.device_count() > 1:
+            count = torch.cuda.device_count()
+            total = sum(torch.cuda.get_device_properties(i).total_memory for i in range(count))
+            return total, f"the memory of the {count} visible GPUs"
+        index = torch.device(cfg.device).index if cfg.device != "auto" else None
+        index = index or 0
+        return torch.cuda.get_device_properties(index).total_memory, \
+            f"the memory of GPU {index}"
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None, ""
+    try:  # a container's limit (cgroup v2), when it is lower
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        ram = min(ram, int(limit)) if limit.isdigit() else ram
+    except OSError:
+        pass
+    return ram, "this machine's memory"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e12:,.1f} TB" if n >= 1e12 else f"{n / 1e9:,.1f} GB"
 
 
 def validate_config(cfg: TrainConfig) -> list[str]:

@@ -160,24 +160,48 @@ def checkpoint_config(checkpoint: str | Path):
                           f"tune builds: {e}") from e
 
 
+def check_weights(state: dict[str, torch.Tensor], config, path: Path) -> None:
+    """Refuse weights that are not the model the shape file declares, or not finite.
+
+    Names and shapes come from the file's header (tune_ckpt.check_model_fits), so a shape
+    file declaring the wrong model is one line before memory is spent; the finiteness
+    check reads the mapped weights once (generation and evaluation read them all anyway).
+
+    Raises:
+        RecipeError: Naming the file, the first tensor that does not fit, and why.
+    """
+    from tune_ckpt import check_finite, check_model_fits, model_args_file
+
+    origin = model_args_file(path)
+    try:
+        check_model_fits(state, config, origin=str(origin or ""), where=str(path))
+        check_finite(state, path)
+    except CheckpointError as e:
+        raise RecipeError(str(e)) from e
+
+
 def load_model(checkpoint: str | Path, device: str | torch.device = "auto",
                dtype: torch.dtype | None = None, adapter: str | Path | None = None):
-    """Build a decoder of the checkpoint's shape and load its weights (mmap, weights only).
+    """Build a decoder of the checkpoint's shape holding its weights (mmap, weights only).
 
     The shape, of any family, comes from the ``tune_model.json`` written beside every native
     checkpoint (or Meta's params.json / HF's config.json there): see
-    :func:`checkpoint_config`. With ``adapter`` (a PEFT LoRA adapter folder, or a
-    lora_finetune output_dir) the adapter is merged into the loaded base (a QLoRA one into
-    its NF4 base): see :func:`tune_train.lora.apply_adapter`.
+    :func:`checkpoint_config`. The weights are checked against it (names and shapes from the
+    header first, then finiteness) before anything is built. With ``adapter`` (a PEFT LoRA
+    adapter folder, or a lora_finetune output_dir) the adapter is merged into the base (a
+    QLoRA one into its NF4 base) by the one builder (``tune_ckpt.building.inference_model``).
 
     Returns:
         (model in eval mode, its DecoderConfig).
 
     Raises:
-        RecipeError: If the checkpoint or its shape cannot be found, or does not fit.
+        RecipeError: If the checkpoint or its shape cannot be found, or does not fit, or the
+            adapter is missing, damaged or of another base model.
     """
-    from tune_ckpt import load_native
-    from tune_models import Decoder
+    from tune_ckpt import load_native, load_peft_adapter
+    from tune_ckpt.building import inference_model
+    from tune_train.distributed import pick_device
+    from tune_train.lora import resolve_adapter
 
     path = resolve_checkpoint(checkpoint)
     config = checkpoint_config(path)
@@ -185,19 +209,19 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto",
         state = load_native(path)
     except CheckpointError as e:
         raise RecipeError(str(e)) from e
-    with torch.device("meta"):
-        model = Decoder(config)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise RecipeError(f"{path} does not fit the shape in its tune_model.json: {first}") from e
+    check_weights(state, config, path)  # before anything is built or allocated
+    found = None
     if adapter is not None:
-        from tune_train.lora import apply_adapter
-
-        model = apply_adapter(model, config, adapter)
-    from tune_train.distributed import pick_device
-
+        folder = resolve_adapter(adapter)
+        try:
+            found = load_peft_adapter(folder, config)
+        except CheckpointError as e:
+            raise RecipeError(str(e)) from e
+    try:
+        model = inference_model(config, state, found,
+                                adapter_source=folder if adapter is not None else None)
+    except CheckpointError as e:
+        raise RecipeError(str(e)) from e
     device = pick_device(device) if isinstance(device, str) else device
     model = model.to(device=device, dtype=dtype) if dtype else model.to(device=device)
     return model.eval(), config

@@ -160,31 +160,3 @@ def resolve_adapter(path: str | Path) -> Path:
     if latest is not None and (latest / ADAPTER_CONFIG_FILE).is_file():
         return latest
     return path
-
-
-def apply_adapter(model: torch.nn.Module, config, adapter_path: str | Path) -> torch.nn.Module:
-    """Base model + a PEFT adapter folder -> a plain Decoder with the adapter merged in.
-
-    A QLoRA adapter (tune_adapter.json says nf4) is merged into the NF4-dequantised base it
-    was trained on. Merging once makes generation and evaluation as fast as on the base.
-
-    Raises:
-        RecipeError: One line for a missing or foreign adapter, or one of another base model.
-    """
-    from tune_ckpt import load_peft_adapter
-    from tune_models import apply_lora, load_lora_state_dict, merge_lora, quantize_base
-
-    folder = resolve_adapter(adapter_path)
-    try:
-        adapter = load_peft_adapter(folder, config)
-    except CheckpointError as e:
-        raise RecipeError(str(e)) from e
-    s = adapter.settings
-    apply_lora(model, rank=s.rank, alpha=s.alpha, dropout=s.dropout, targets=s.targets)
-    try:
-        load_lora_state_dict(model, adapter.weights)
-    except ValueError as e:
-        raise RecipeError(f"{folder}: {e}") from e
-    if adapter.quantize_base is not None:
-        quantize_base(model, adapter.quantize_base)
-    return merge_lora(model)
