@@ -234,6 +234,21 @@ def test_damaged_files_are_one_line_naming_the_file(tmp_path, llama3_tokenizer_p
         assert "\n" not in str(error.value)
 
 
+def test_a_llama3_file_cut_at_a_line_end_is_refused_not_renumbered(tmp_path,
+                                                                  llama3_tokenizer_path):
+    """Cut after its first 5,000 ranks, every line still parses: the special tokens would
+    then follow rank 4,999 (<|begin_of_text|> = 5000, not 128000)."""
+    cut = tmp_path / "tokenizer.model"
+    cut.write_bytes(b"".join(llama3_tokenizer_path.read_bytes().splitlines(keepends=True)[:5000]))
+    for make in (lambda: Llama3Tokenizer(cut), lambda: load_tokenizer(cut)):
+        with pytest.raises(DataError) as error:
+            make()
+        assert str(error.value) == (
+            f"{cut} holds 5,000 tokens, but Llama 3's tiktoken file holds 128,000 (its special "
+            "tokens start at id 128000): it is cut short or another model's file; pass the "
+            "tokenizer.model that came with the Llama 3 checkpoint")
+
+
 SENTENCES = [
     "The cat sat on the mat.\nIt was warm.", "A dog ran.\n\nThe end!", "Numbers 12345 and 678.",
     "  indented line\n\tand a tab", "It's what they'd do; we'll see.",
