@@ -276,3 +276,32 @@ def test_a_template_beside_the_tokenizer_that_never_ends_is_one_line(
         f"error: the chat template {tokenizer.parent / 'chat_template.jinja'} takes more than "
         "250,000 loop iterations and calls to render one conversation (its limit); a chat "
         "template needs a few per message: check its loops"]
+
+
+def test_a_run_with_nothing_to_train_stops_before_step_1(tmp_path, sharegpt_json_path,
+                                                         llama2_tokenizer_path):
+    """A template that renders nothing trained at loss 0.0000 and exited 0; data that
+    max_seq_len drops entirely made `tune data show` an IndexError and the run ask for a
+    lower batch_size."""
+    empty = tmp_path / "empty.jinja"
+    empty.write_text("{% for m in messages %}{% endfor %}")
+    nothing = chat_config(tmp_path, str(sharegpt_json_path), str(llama2_tokenizer_path),
+                          "llama2_tokenizer", chat_template=str(empty))
+    run = tune("run", "full_finetune", "--config", str(nothing))
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [
+        f"error: {sharegpt_json_path}: none of its 500 samples has a trained token, so a run "
+        "would learn nothing (loss 0): its chat template renders nothing for every "
+        "conversation; check the template"]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # stopped before step 1
+    dropped = (f"{sharegpt_json_path}: all 500 records were dropped: a record is dropped when "
+               "none of its trained tokens fit in max_seq_len 8 (a long prompt, or long turns "
+               "before the first answer) or when it is empty; raise max_seq_len or check the "
+               "data")
+    short = chat_config(tmp_path, str(sharegpt_json_path), str(llama2_tokenizer_path),
+                        "llama2_tokenizer", chat_template="llama2", max_seq_len=8)
+    for command in (["data", "show", str(short)],
+                    ["run", "full_finetune", "--config", str(short)]):
+        result = tune(*command)
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [f"error: {dropped}"], command

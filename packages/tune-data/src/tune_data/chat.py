@@ -36,7 +36,12 @@ from tune_data.chat_templates import (
 )
 from tune_data.dataset import ROLES, TokenizedArrays, TokenizedDataset, Turns
 from tune_data.errors import DataError
-from tune_data.instruct import _describe_source, _encode_all, _tokenize_records
+from tune_data.instruct import (
+    _describe_source,
+    _encode_all,
+    _raise_json_syntax,
+    _tokenize_records,
+)
 from tune_data.ragged import flatten, gather
 from tune_data.sources import (
     DataFiles,
@@ -499,6 +504,7 @@ def _from_json_files(
             with _collector_paused():
                 part = _json_records(blob)
             if part is None:
+                _raise_json_syntax(files, blobs)
                 return None
             records += part
         if not records:

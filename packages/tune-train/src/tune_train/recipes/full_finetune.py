@@ -305,12 +305,13 @@ class FullFinetuneRecipe:
             raise ConfigError(f"optimizer_args do not fit {cfg.optimizer}: {e}") from e
 
     def _setup_data(self) -> None:
-        from tune_data import ShardedBatchSampler, collate, pack
+        from tune_data import ShardedBatchSampler, check_trainable, collate, pack
         from tune_train import registry
 
         cfg = self.cfg
         dataset = registry.build_dataset(cfg, self.tokenizer,
                                          warn=lambda line: _warn_once(self.dist, line))
+        check_trainable(dataset)  # no samples, or no trained token: stop before step 1
         dataset = self._setup_validation(dataset)
         if cfg.packing:
             dataset = pack(dataset, cfg.max_seq_len, pad_id=self.tokenizer.pad_id)
