@@ -190,15 +190,16 @@ def test_a_file_of_another_kind_names_the_file_and_what_to_pass(
     cases = [
         (lambda: load_tokenizer(llama3_tokenizer_path, kind="sentencepiece"),
          f"{llama3_tokenizer_path} is a tiktoken BPE file \\(Llama 3's tokenizer.model\\), not "
-         "a SentencePiece model: use tokenizer llama3_tokenizer"),
+         "a SentencePiece model: read it as kind 'tiktoken', or pass a SentencePiece "
+         "tokenizer.model"),
         (lambda: Llama3Tokenizer(llama2_tokenizer_path),
-         "is a SentencePiece model, not a tiktoken BPE file .*: use tokenizer llama2_tokenizer"),
+         "is a SentencePiece model, not a tiktoken BPE file .*: read it as kind "
+         "'sentencepiece', or pass Llama 3's tiktoken tokenizer.model"),
         (lambda: HFTokenizer(llama3_tokenizer_path),
-         "is a tiktoken BPE file .*, not a Hugging Face tokenizer.json: use tokenizer "
-         "llama3_tokenizer"),
+         "is a tiktoken BPE file .*, not a Hugging Face tokenizer.json: read it as kind "
+         "'tiktoken', or pass a tokenizer.json"),
         (lambda: SentencePieceTokenizer(qwen2_tokenizer_path),
-         "is a Hugging Face tokenizer.json, not a SentencePiece model: use tokenizer "
-         "hf_tokenizer"),
+         "is a Hugging Face tokenizer.json, not a SentencePiece model: read it as kind 'hf'"),
         (lambda: load_tokenizer(llama2_tokenizer_path, kind="bpe"),
          "unknown tokenizer kind 'bpe'; choose from sentencepiece, tiktoken, hf"),
     ]

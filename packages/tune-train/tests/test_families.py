@@ -63,6 +63,26 @@ def test_a_tokenizer_kind_of_another_family_is_one_line(llama3_tokenizer_path):
         "llama3_tokenizer)")
 
 
+def test_a_tokenizer_kind_that_does_not_read_the_file_names_the_config_keys(
+        llama3_tokenizer_path, qwen2_tokenizer_path):
+    """Both fit a Llama 3 model, but not each other (tune-data's own message names only the
+    file and its kind)."""
+    for kind, path, reads, found in [
+        ("hf_tokenizer", llama3_tokenizer_path, "a Hugging Face tokenizer.json",
+         "a Llama 3 tiktoken tokenizer.model (original/tokenizer.model on the Hub)"),
+        ("llama3_tokenizer", qwen2_tokenizer_path, "a Llama 3 tiktoken tokenizer.model "
+         "(original/tokenizer.model on the Hub)", "a Hugging Face tokenizer.json"),
+    ]:
+        cfg = load_config({"model": "llama3_2_1b", "tokenizer": kind,
+                           "tokenizer_checkpoint": str(path)})
+        expected = (f"tokenizer '{kind}' reads {reads}, but tokenizer_checkpoint {path} is "
+                    f"{found}; set tokenizer: auto (it reads each file as what it is)")
+        assert validate_config(cfg) == [expected]
+        with pytest.raises(ConfigError) as e:
+            registry.build_tokenizer(cfg)
+        assert _one_line(e) == expected
+
+
 def test_a_tokenizer_file_of_another_family_is_one_line(llama3_tokenizer_path, tiny_run):
     """Llama 3's tokenizer with a Llama 2 model: found from the file's first bytes, before
     the tokenizer is loaded, by `tune config validate` and by the recipe."""

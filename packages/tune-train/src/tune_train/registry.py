@@ -165,7 +165,7 @@ def tokenizer_problem(cfg: TrainConfig) -> str | None:
     """Why the config's tokenizer cannot serve its model, or None; nothing is loaded.
 
     Checks the kind ``tokenizer:`` names, then the format of the tokenizer_checkpoint file
-    (by its first bytes), against the model's family.
+    (by its first bytes), against the model's family, and the file against the kind.
 
     Raises:
         ConfigError: If the model or tokenizer name is unknown.
@@ -184,6 +184,10 @@ def tokenizer_problem(cfg: TrainConfig) -> str | None:
         return (f"tokenizer_checkpoint {cfg.tokenizer_checkpoint} is {_describe(found)}, but "
                 f"model '{cfg.model}' is a {family.name} model, which reads {needs}; point "
                 "tokenizer_checkpoint at the tokenizer that came with the model")
+    if isinstance(builder, type) and found is not None and not issubclass(found, builder):
+        return (f"tokenizer '{cfg.tokenizer}' reads {_describe(builder)}, but "
+                f"tokenizer_checkpoint {cfg.tokenizer_checkpoint} is {_describe(found)}; set "
+                "tokenizer: auto (it reads each file as what it is)")
     return None
 
 
