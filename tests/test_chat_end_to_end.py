@@ -234,3 +234,74 @@ def test_generate_chat_formats_the_prompt_with_the_runs_template(qwen_run, qwen2
     wrong = tune("generate", "--checkpoint", str(qwen_run), "--chat", "--chat-template",
                  "llama3", "-p", "Hello")
     assert wrong.returncode == 1 and "no special token '<|start_header_id|>'" in wrong.stderr
+
+
+HUGE = "{{ 'A' * 200000000 }}"
+ENDLESS = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+           "<|im_start|>user\n{{ messages[0].content }}")
+
+
+def _tokenizer_with_template(folder: Path, source: str, qwen2_tokenizer_path: Path) -> Path:
+    """Qwen2's tokenizer.json with `source` beside it as chat_template.jinja (the default)."""
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes(qwen2_tokenizer_path.read_bytes())
+    (folder / "chat_template.jinja").write_text(source)
+    return folder / "tokenizer.json"
+
+
+def _quick(*args: str) -> subprocess.CompletedProcess:
+    # Without the bounds these ran for hours (or took gigabytes): give them a minute.
+    return subprocess.run([TUNE, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_template_beside_the_tokenizer_that_never_ends_is_one_line(
+        tmp_path, qwen_run, qwen2_tokenizer_path, sharegpt_json_path):
+    for name, source, message in [
+        ("huge", HUGE, "makes a text of 200,000,000 characters, past its limit of "),
+        ("endless", ENDLESS, "takes more than 250,000 loop iterations and calls to render one "
+                             "conversation (its limit)"),
+    ]:
+        tokenizer = _tokenizer_with_template(tmp_path / name, source, qwen2_tokenizer_path)
+        config = chat_config(tmp_path, str(sharegpt_json_path), str(tokenizer), "qwen2_tokenizer",
+                             model="qwen2_tiny")
+        shown = _quick("data", "show", str(config))
+        assert shown.returncode == 1
+        (line,) = shown.stderr.splitlines()
+        assert line.startswith(f"error: {sharegpt_json_path}: row 0 (counting from 0): the chat "
+                               f"template {tokenizer.parent / 'chat_template.jinja'} {message}")
+    chat = _quick("generate", "--checkpoint", str(qwen_run), "--tokenizer", str(tokenizer),
+                  "--chat", "-p", "Hello", "--max-new-tokens", "2")
+    assert chat.returncode == 1
+    assert chat.stderr.splitlines() == [
+        f"error: the chat template {tokenizer.parent / 'chat_template.jinja'} takes more than "
+        "250,000 loop iterations and calls to render one conversation (its limit); a chat "
+        "template needs a few per message: check its loops"]
+
+
+def test_a_run_with_nothing_to_train_stops_before_step_1(tmp_path, sharegpt_json_path,
+                                                         llama2_tokenizer_path):
+    """A template that renders nothing trained at loss 0.0000 and exited 0; data that
+    max_seq_len drops entirely made `tune data show` an IndexError and the run ask for a
+    lower batch_size."""
+    empty = tmp_path / "empty.jinja"
+    empty.write_text("{% for m in messages %}{% endfor %}")
+    nothing = chat_config(tmp_path, str(sharegpt_json_path), str(llama2_tokenizer_path),
+                          "llama2_tokenizer", chat_template=str(empty))
+    run = tune("run", "full_finetune", "--config", str(nothing))
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [
+        f"error: {sharegpt_json_path}: none of its 500 samples has a trained token, so a run "
+        "would learn nothing (loss 0): its chat template renders nothing for every "
+        "conversation; check the template"]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # stopped before step 1
+    dropped = (f"{sharegpt_json_path}: all 500 records were dropped: a record is dropped when "
+               "none of its trained tokens fit in max_seq_len 8 (a long prompt, or long turns "
+               "before the first answer) or when it is empty; raise max_seq_len or check the "
+               "data")
+    short = chat_config(tmp_path, str(sharegpt_json_path), str(llama2_tokenizer_path),
+                        "llama2_tokenizer", chat_template="llama2", max_seq_len=8)
+    for command in (["data", "show", str(short)],
+                    ["run", "full_finetune", "--config", str(short)]):
+        result = tune(*command)
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [f"error: {dropped}"], command

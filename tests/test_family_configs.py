@@ -142,3 +142,29 @@ def test_family_mistakes_are_one_line_through_tune(tmp_path, llama2_tokenizer_pa
         "error: model_args: rope_scaling type 'yarn' is not supported (supported: llama3, linear); "
         "set rope_type to one of them or rope_scaling to None"]
     assert not out.exists()  # stopped at the config, before the run touched anything
+
+
+def test_tokenizers_whose_ids_are_not_the_models_are_one_line_through_tune(
+        tmp_path, llama3_tokenizer_path, qwen2_tokenizer_path, alpaca_json_path):
+    """Files of the right format that would train on the wrong ids: Llama 3's tiktoken file
+    cut after 5,000 ranks (<|begin_of_text|> would become 5000), and Qwen2's tokenizer.json
+    (a format every family reads) with a Llama 3 model and `tokenizer: auto`."""
+    cut = tmp_path / "cut" / "tokenizer.model"
+    cut.parent.mkdir()
+    cut.write_bytes(b"".join(llama3_tokenizer_path.read_bytes().splitlines(keepends=True)[:5000]))
+    cases = [
+        (cut, f"error: {cut} holds 5,000 tokens, but Llama 3's tiktoken file holds 128,000 "
+              "(its special tokens start at id 128000): it is cut short or another model's "
+              "file; pass the tokenizer.model that came with the Llama 3 checkpoint"),
+        (qwen2_tokenizer_path,
+         f"error: tokenizer_checkpoint {qwen2_tokenizer_path} has BOS none and EOS "
+         "<|endoftext|> 151643, but llama3 models use BOS 128000 and EOS 128001: it is another "
+         "model's tokenizer, or a damaged one; point tokenizer_checkpoint at the tokenizer that "
+         "came with the model"),
+    ]
+    for tokenizer, line in cases:
+        shown = tune("data", "stats", "llama3_2_1b_full", "tokenizer=auto",
+                     f"tokenizer_checkpoint={tokenizer}",
+                     f"data_files={alpaca_json_path}", cwd=tmp_path)
+        assert shown.returncode == 1
+        assert shown.stderr.splitlines() == [line]

@@ -520,3 +520,12 @@ def test_contents_with_edge_whitespace_equal_transformers(qwen2_tokenizer,
             [{"role": "system", "content": "You are a helpful assistant"}, *chats[0]],
             tokenize=True))
         assert ds[0]["tokens"].tolist() == expected, template
+
+
+def test_a_bad_jsonl_line_of_conversations_is_named_by_its_number(tokenizer, tmp_path):
+    bad = '{"messages": [}'  # no value where the list's first one should be
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + bad + "\n" + json.dumps(GOOD) + "\n")
+    with pytest.raises(DataError, match=f"{path}: line 2 is not valid JSON \\(Expecting value "
+                                        f"at column {bad.index('}') + 1}\\); fix or remove"):
+        build(tokenizer, path, tmp_path, chat_template="llama2")

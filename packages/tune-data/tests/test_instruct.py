@@ -292,8 +292,27 @@ def test_bad_sources_give_one_clear_line(tmp_path, tokenizer):
         alpaca_dataset(tokenizer, data_files=odd, max_seq_len=1)
     broken = tmp_path / "broken.json"
     broken.write_text('[{"instruction": "a", "input": "", "output": ')
-    with pytest.raises(DataError, match="could not read .*broken.json .*check the file format"):
+    with pytest.raises(DataError, match=r"broken.json is not valid JSON \(line 1, column 46: "
+                                        r"Expecting value\); fix the file"):
         alpaca_dataset(tokenizer, data_files=broken, cache_dir=tmp_path / "c")
+
+
+@pytest.mark.parametrize("split", ["train", "train[:2]"])  # our json reader; datasets'
+def test_a_bad_json_line_is_named_by_its_number(tmp_path, tokenizer, split):
+    """datasets names a byte position ("Trailing data at position 48") or a row of its own
+    counting; the user's editor shows line numbers."""
+    good = json.dumps({"instruction": "a", "input": "", "output": "b"})
+    bad = '{"instruction": "a" "output": "b"}'  # a comma missing before "output"
+    column = bad.index('"output') + 1
+    path = tmp_path / "records.jsonl"
+    path.write_text("\n".join([good, good, good, bad, good]) + "\n")
+    with pytest.raises(DataError) as error:
+        alpaca_dataset(tokenizer, data_files=path, split=split, cache_dir=tmp_path / "c")
+    assert str(error.value) == (f"{path}: line 4 is not valid JSON (Expecting ',' delimiter at "
+                                f"column {column}); fix or remove that line")
+    path.write_text(f"{good}\n[1, 2]\n")
+    with pytest.raises(DataError, match=r"records.jsonl: line 2 is a JSON list, not an object"):
+        alpaca_dataset(tokenizer, data_files=path, split=split, cache_dir=tmp_path / "c")
 
 
 def test_unreachable_hub_is_a_data_error(tmp_path, llama2_tokenizer_path):

@@ -3,8 +3,19 @@
 import json
 
 import numpy as np
+import pytest
 
-from tune_data import ALPACA, TokenizedDataset, alpaca_dataset, describe, pack, render_sample
+from tune_data import (
+    ALPACA,
+    DataError,
+    TokenizedDataset,
+    alpaca_dataset,
+    chat_dataset,
+    check_trainable,
+    describe,
+    pack,
+    render_sample,
+)
 from tune_data.dataset import prefix_mask
 
 
@@ -75,3 +86,49 @@ def test_render_shows_every_familys_special_tokens_by_name(any_tokenizer, alpaca
     masked, trained = render_sample(ds, 1).split("\n", 1)[1].split("⟧")
     assert masked == "⟦" + bos + ALPACA.render(record)
     assert trained == record["output"] + names[any_tokenizer.eos_id]
+
+
+def _chats(tokenizer, tmp_path, **kwargs):
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Say {i} {'please ' * (i % 3)}"},
+        {"role": "assistant", "content": f"{i}"}]}) + "\n" for i in range(6)))
+    return data, chat_dataset(tokenizer, data_files=str(data), cache_dir=tmp_path / "c",
+                              **kwargs)
+
+
+def test_a_dataset_with_nothing_to_train_is_refused_with_the_reason(tokenizer, tmp_path):
+    """Training on it would run at loss 0 (no samples: fail at the first batch) and exit 0."""
+    data, ok = _chats(tokenizer, tmp_path, chat_template="llama2")
+    check_trainable(ok)
+    cases = [
+        (dict(chat_template="{{ '' }}"),
+         f"{data}: none of its 6 samples has a trained token, so a run would learn nothing "
+         "(loss 0): its chat template renders nothing for every conversation; check the "
+         "template"),
+        (dict(chat_template="{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}"
+                            "{% endif %}{% endfor %}"),
+         f"{data}: none of its 6 samples has a trained token, so a run would learn nothing "
+         "(loss 0): its chat template renders no assistant answer in any conversation (or the "
+         "conversations have no assistant messages); check the template and the roles"),
+        (dict(chat_template="llama2", max_seq_len=8),
+         f"{data}: all 6 records were dropped: a record is dropped when none of its trained "
+         "tokens fit in max_seq_len 8 (a long prompt, or long turns before the first answer) "
+         "or when it is empty; raise max_seq_len or check the data"),
+    ]
+    for kwargs, message in cases:
+        _, dataset = _chats(tokenizer, tmp_path, **kwargs)
+        with pytest.raises(DataError) as error:
+            check_trainable(dataset)
+        assert str(error.value) == message
+
+
+def test_render_sample_of_an_empty_dataset_says_why_it_is_empty(tokenizer, tmp_path):
+    data, dropped = _chats(tokenizer, tmp_path, chat_template="llama2", max_seq_len=8)
+    with pytest.raises(DataError, match=f"{data}: all 6 records were dropped: "):
+        render_sample(dropped, 0)  # was an IndexError
+    assert "no samples: all 6 records were dropped" in str(describe(dropped))
+    _, ok = _chats(tokenizer, tmp_path, chat_template="llama2")
+    with pytest.raises(DataError, match=f"there is no sample 6: {data} holds 6 \\(0 to 5\\)"):
+        render_sample(ok, 6)
+    assert render_sample(ok, -1).startswith("sample -1: ")

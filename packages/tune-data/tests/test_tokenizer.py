@@ -64,7 +64,7 @@ def test_non_sentencepiece_file_is_refused_with_one_clear_line(tmp_path):
     hf_json = tmp_path / "tokenizer.json"
     hf_json.write_text('{"version": "1.0", "model": {"type": "BPE"}}')
     with pytest.raises(DataError, match="is a Hugging Face tokenizer.json, not a SentencePiece "
-                                        "model: use tokenizer hf_tokenizer"):
+                                        "model: read it as kind 'hf'"):
         Llama2Tokenizer(hf_json)
 
     with pytest.raises(DataError, match="not found"):

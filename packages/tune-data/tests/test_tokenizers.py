@@ -190,15 +190,16 @@ def test_a_file_of_another_kind_names_the_file_and_what_to_pass(
     cases = [
         (lambda: load_tokenizer(llama3_tokenizer_path, kind="sentencepiece"),
          f"{llama3_tokenizer_path} is a tiktoken BPE file \\(Llama 3's tokenizer.model\\), not "
-         "a SentencePiece model: use tokenizer llama3_tokenizer"),
+         "a SentencePiece model: read it as kind 'tiktoken', or pass a SentencePiece "
+         "tokenizer.model"),
         (lambda: Llama3Tokenizer(llama2_tokenizer_path),
-         "is a SentencePiece model, not a tiktoken BPE file .*: use tokenizer llama2_tokenizer"),
+         "is a SentencePiece model, not a tiktoken BPE file .*: read it as kind "
+         "'sentencepiece', or pass Llama 3's tiktoken tokenizer.model"),
         (lambda: HFTokenizer(llama3_tokenizer_path),
-         "is a tiktoken BPE file .*, not a Hugging Face tokenizer.json: use tokenizer "
-         "llama3_tokenizer"),
+         "is a tiktoken BPE file .*, not a Hugging Face tokenizer.json: read it as kind "
+         "'tiktoken', or pass a tokenizer.json"),
         (lambda: SentencePieceTokenizer(qwen2_tokenizer_path),
-         "is a Hugging Face tokenizer.json, not a SentencePiece model: use tokenizer "
-         "hf_tokenizer"),
+         "is a Hugging Face tokenizer.json, not a SentencePiece model: read it as kind 'hf'"),
         (lambda: load_tokenizer(llama2_tokenizer_path, kind="bpe"),
          "unknown tokenizer kind 'bpe'; choose from sentencepiece, tiktoken, hf"),
     ]
@@ -232,6 +233,21 @@ def test_damaged_files_are_one_line_naming_the_file(tmp_path, llama3_tokenizer_p
         with pytest.raises(DataError, match=message) as error:
             make()
         assert "\n" not in str(error.value)
+
+
+def test_a_llama3_file_cut_at_a_line_end_is_refused_not_renumbered(tmp_path,
+                                                                  llama3_tokenizer_path):
+    """Cut after its first 5,000 ranks, every line still parses: the special tokens would
+    then follow rank 4,999 (<|begin_of_text|> = 5000, not 128000)."""
+    cut = tmp_path / "tokenizer.model"
+    cut.write_bytes(b"".join(llama3_tokenizer_path.read_bytes().splitlines(keepends=True)[:5000]))
+    for make in (lambda: Llama3Tokenizer(cut), lambda: load_tokenizer(cut)):
+        with pytest.raises(DataError) as error:
+            make()
+        assert str(error.value) == (
+            f"{cut} holds 5,000 tokens, but Llama 3's tiktoken file holds 128,000 (its special "
+            "tokens start at id 128000): it is cut short or another model's file; pass the "
+            "tokenizer.model that came with the Llama 3 checkpoint")
 
 
 SENTENCES = [

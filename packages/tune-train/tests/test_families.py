@@ -63,6 +63,26 @@ def test_a_tokenizer_kind_of_another_family_is_one_line(llama3_tokenizer_path):
         "llama3_tokenizer)")
 
 
+def test_a_tokenizer_kind_that_does_not_read_the_file_names_the_config_keys(
+        llama3_tokenizer_path, qwen2_tokenizer_path):
+    """Both fit a Llama 3 model, but not each other (tune-data's own message names only the
+    file and its kind)."""
+    for kind, path, reads, found in [
+        ("hf_tokenizer", llama3_tokenizer_path, "a Hugging Face tokenizer.json",
+         "a Llama 3 tiktoken tokenizer.model (original/tokenizer.model on the Hub)"),
+        ("llama3_tokenizer", qwen2_tokenizer_path, "a Llama 3 tiktoken tokenizer.model "
+         "(original/tokenizer.model on the Hub)", "a Hugging Face tokenizer.json"),
+    ]:
+        cfg = load_config({"model": "llama3_2_1b", "tokenizer": kind,
+                           "tokenizer_checkpoint": str(path)})
+        expected = (f"tokenizer '{kind}' reads {reads}, but tokenizer_checkpoint {path} is "
+                    f"{found}; set tokenizer: auto (it reads each file as what it is)")
+        assert validate_config(cfg) == [expected]
+        with pytest.raises(ConfigError) as e:
+            registry.build_tokenizer(cfg)
+        assert _one_line(e) == expected
+
+
 def test_a_tokenizer_file_of_another_family_is_one_line(llama3_tokenizer_path, tiny_run):
     """Llama 3's tokenizer with a Llama 2 model: found from the file's first bytes, before
     the tokenizer is loaded, by `tune config validate` and by the recipe."""
@@ -78,18 +98,57 @@ def test_a_tokenizer_file_of_another_family_is_one_line(llama3_tokenizer_path, t
     assert _one_line(e) == expected
 
 
-def test_a_vocabulary_larger_than_the_model_names_both_sizes(qwen2_tokenizer_path, tiny_run):
-    """A tokenizer.json suits every family, so only the sizes tell Qwen2's 151,936 tokens
-    from a Llama 2 model's 32,000 rows."""
-    cfg = tiny_run(tokenizer="auto", tokenizer_checkpoint=str(qwen2_tokenizer_path),
+def test_a_vocabulary_larger_than_the_model_names_both_sizes(llama3_tokenizer_path, tiny_run):
+    """The family's own tokenizer, its ids right, and a model shrunk with model_args: only
+    the sizes tell Llama 3's 128,256 tokens from the model's 32,000 rows."""
+    cfg = tiny_run(model="llama3_tiny", tokenizer="auto",
+                   tokenizer_checkpoint=str(llama3_tokenizer_path),
                    model_args={"vocab_size": 32000})
     with pytest.raises(RecipeError) as e:
         _setup(cfg)
     assert _one_line(e) == (
-        f"tokenizer_checkpoint {qwen2_tokenizer_path} has 151,936 tokens but model "
-        "'llama2_tiny' only 32,000 (its vocab_size): ids past that have no embedding; point "
-        "tokenizer_checkpoint at the model's own tokenizer (a llama2 model reads a "
-        "SentencePiece tokenizer.model or a tokenizer.json)")
+        f"tokenizer_checkpoint {llama3_tokenizer_path} has 128,256 tokens but model "
+        "'llama3_tiny' only 32,000 (its vocab_size): ids past that have no embedding; point "
+        "tokenizer_checkpoint at the model's own tokenizer (a llama3 model reads a Llama 3 "
+        "tiktoken tokenizer.model (original/tokenizer.model on the Hub) or a tokenizer.json)")
+
+
+@pytest.mark.parametrize("model, expected_ids", [
+    ("llama2_tiny", "llama2 models use BOS 1 and EOS 2"),
+    ("llama3_tiny", "llama3 models use BOS 128000 and EOS 128001"),
+])
+def test_another_familys_tokenizer_json_is_told_by_its_ids(model, expected_ids,
+                                                            qwen2_tokenizer_path, tiny_run):
+    """A tokenizer.json suits every family's format check, so Qwen2's with a Llama model
+    would train (the model taking 151,936 rows) on Qwen's end token; its ids tell."""
+    cfg = tiny_run(model=model, tokenizer="auto", tokenizer_checkpoint=str(qwen2_tokenizer_path))
+    with pytest.raises(ConfigError) as e:
+        _setup(cfg)
+    assert _one_line(e) == (
+        f"tokenizer_checkpoint {qwen2_tokenizer_path} has BOS none and EOS <|endoftext|> "
+        f"151643, but {expected_ids}: it is another model's tokenizer, or a damaged one; "
+        "point tokenizer_checkpoint at the tokenizer that came with the model")
+
+
+def test_a_sentencepiece_model_with_moved_ids_is_one_line(tmp_path, tiny_run):
+    """A SentencePiece model of the right format whose BOS/EOS are not Llama 2's 1 and 2
+    (trained here with other ids); the demo's own tokenizer (unk 0, bos 1, eos 2) passes."""
+    import sentencepiece as spm
+
+    from tune_data.demo import demo_records, render
+
+    moved = tmp_path / "moved.model"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(render(r) + r["output"] for r in demo_records(300)),
+        model_prefix=str(moved.with_suffix("")), model_type="char", vocab_size=40,
+        hard_vocab_limit=False, unk_id=0, pad_id=1, bos_id=2, eos_id=3, minloglevel=2,
+        num_threads=1)
+    with pytest.raises(ConfigError) as e:
+        _setup(tiny_run(tokenizer_checkpoint=str(moved)))
+    assert _one_line(e).startswith(
+        f"tokenizer_checkpoint {moved} has BOS <s> 2 and EOS </s> 3, but llama2 models use "
+        "BOS 1 and EOS 2")
+    assert type(_setup(tiny_run()).tokenizer) is SentencePieceTokenizer
 
 
 @pytest.mark.parametrize("override, message", [

@@ -26,7 +26,7 @@ from tune_data.demo import DEMO_TEMPLATE, demo_dataset, demo_tokenizer
 from tune_data.errors import DataError
 from tune_data.instruct import alpaca_cleaned_dataset, alpaca_dataset, instruct_dataset
 from tune_data.packing import PackedDataset, pack, plan_rows
-from tune_data.report import DataStats, describe, render_sample
+from tune_data.report import DataStats, check_trainable, describe, render_sample
 from tune_data.sampler import ShardedBatchSampler
 from tune_data.synthetic import random_tokens_dataset
 from tune_data.templates import (
@@ -65,7 +65,7 @@ __all__ = [
     "DataStats", "HFTokenizer", "Llama2Tokenizer", "Llama3Tokenizer", "PackedDataset",
     "PromptTemplate", "SentencePieceTokenizer", "ShardedBatchSampler", "TEMPLATES",
     "TokenizedDataset", "Tokenizer", "alpaca_cleaned_dataset", "alpaca_dataset", "as_template",
-    "collate", "demo_dataset", "demo_tokenizer", "describe", "document_mask",
+    "check_trainable", "collate", "demo_dataset", "demo_tokenizer", "describe", "document_mask",
     "instruct_dataset", "is_empty_input", "load_tokenizer", "pack", "plan_rows",
     "random_tokens_dataset", "render_sample", "shifted_labels", "text_completion_dataset",
 ]

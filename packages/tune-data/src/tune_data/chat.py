@@ -36,7 +36,12 @@ from tune_data.chat_templates import (
 )
 from tune_data.dataset import ROLES, TokenizedArrays, TokenizedDataset, Turns
 from tune_data.errors import DataError
-from tune_data.instruct import _describe_source, _encode_all, _tokenize_records
+from tune_data.instruct import (
+    _describe_source,
+    _encode_all,
+    _raise_json_syntax,
+    _tokenize_records,
+)
 from tune_data.ragged import flatten, gather
 from tune_data.sources import (
     DataFiles,
@@ -143,9 +148,6 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-_SPECIAL, _START, _CONT, _PART = 0, 1, 2, 3  # what a segment of a conversation is
-
-
 class MessageStarts(NamedTuple):
     """Where each message's first token is: ``positions[offsets[i]:offsets[i + 1]]`` within
     conversation i, for the messages ``messages[offsets[i]:offsets[i + 1]]`` (indices)."""
@@ -174,93 +176,104 @@ def encode_pieces(
         ``(tokens, offsets, trained, starts)``: flat int32 ids, (N + 1,) offsets, flat bool
         (token j lies in a trained span), and where each message starts.
     """
-    texts: tuple[list[str], list[str]] = ([], [])  # encoded as a text's start / after a cut
-    specials: list[int] = []
-    # One entry per segment, in order: what it is, which text or token, trained, message.
-    kinds: list[int] = []
-    refs: list[int] = []
-    trained_flags: list[bool] = []
-    messages: list[int] = []
-    counts: list[int] = []  # segments per conversation
-    # Texts holding unsafe cuts: [after a cut?, text index, cut offsets, segment indices].
-    joined: list[list] = []
+    # 1. Every non-empty piece is a segment, whose tokens take its trained flag and message;
+    #    a control token is one. Text pieces make texts, what the tokenizer encodes in one
+    #    go: a piece starts a text, or, where the cut before it is not one the tokenizer can
+    #    make exactly, joins the text before it (that text's later pieces are placed in its
+    #    ids once it is encoded).
+    texts: list[str] = []
+    after_cut: list[bool] = []  # per text: it follows a safe cut (else it starts a text)
+    cuts: dict[int, tuple[int, list[int]]] = {}  # text -> (its first segment, where in its
+    #                                              characters each later piece begins)
+    controls: list[int] = []  # the control tokens' ids, in order
+    segment_text: list[int] = []  # per segment: its text, or -1 for a control token
+    segment_trained: list[bool] = []
+    segment_message: list[int] = []
+    segments_per_conversation: list[int] = []
     for pieces in conversations:
-        before = len(kinds)
-        text = None  # the text the next piece may continue: (after a cut?, index)
-        joining = None  # its entry in joined, once it holds an unsafe cut
+        before = len(segment_text)
+        text = -1  # the text the next piece may continue; -1: none (start, control token)
         for value, trained, message, new_text in pieces:
             if value.__class__ is int:
-                kinds.append(_SPECIAL)
-                refs.append(len(specials))
-                specials.append(value)
-                text = None
+                controls.append(value)
+                text = -1
             elif not value:
                 continue
-            elif text is None or new_text or _safe_cut(tokenizer, texts[text[0]][text[1]],
-                                                       value):
-                cont = text is not None and not new_text
-                kinds.append(_CONT if cont else _START)
-                refs.append(len(texts[cont]))
-                text, joining = (cont, len(texts[cont])), None
-                texts[cont].append(value)
-            else:  # an unsafe cut: joined to the text before it, placed once encoded
-                if joining is None:
-                    joining = [text[0], text[1], [], [len(kinds) - 1]]
-                    kinds[-1], refs[-1] = _PART, len(joined)
-                    joined.append(joining)
-                owner = texts[text[0]]
-                joining[2].append(len(owner[text[1]]))
-                joining[3].append(len(kinds))
-                owner[text[1]] += value
-                kinds.append(_PART)
-                refs.append(refs[-1])
-            trained_flags.append(trained)
-            messages.append(message)
-        counts.append(len(kinds) - before)
+            elif text < 0 or new_text or _safe_cut(tokenizer, texts[text], value):
+                after_cut.append(text >= 0 and not new_text)
+                text = len(texts)
+                texts.append(value)
+            else:  # joins the text; its first segment is the last one so far
+                cuts.setdefault(text, (len(segment_text) - 1, []))[1].append(len(texts[text]))
+                texts[text] += value
+            segment_text.append(text)
+            segment_trained.append(trained)
+            segment_message.append(message)
+        segments_per_conversation.append(len(segment_text) - before)
 
-    # Each text with unsafe cuts is encoded whole and cut where its prefixes' ids end.
-    prefix_refs = []
-    for cont, index, cuts, _ in joined:
-        whole = texts[cont][index]
-        prefix_refs.append(range(len(texts[cont]), len(texts[cont]) + len(cuts)))
-        texts[cont].extend(whole[:c] for c in cuts)
-    start_ids, start_offsets = tokenizer.encode_flat(texts[0])
-    if texts[1]:
-        cont_ids, cont_offsets = tokenizer.encode_after_newline(texts[1])
-    else:
-        cont_ids, cont_offsets = np.zeros(0, np.int32), np.zeros(1, np.int64)
-    source = np.concatenate([start_ids, cont_ids, np.asarray(specials, dtype=np.int32)])
+    # 2. Encode the texts, and each text with cuts up to each of its cuts (after them, in
+    #    the order of ``cuts``); then the control tokens follow in the same flat array.
+    prefixes = range(len(texts), len(texts) + sum(len(c) for _, c in cuts.values()))
+    for t, (_, characters) in cuts.items():
+        texts += [texts[t][:c] for c in characters]
+        after_cut += [after_cut[t]] * len(characters)
+    source, text_start, text_len = _encode_texts(tokenizer, texts, after_cut)
+    source = np.concatenate([source, np.asarray(controls, dtype=np.int32)])
 
-    kind = np.asarray(kinds, dtype=np.int8)
-    ref = np.asarray(refs, dtype=np.int64)
-    seg_start = np.zeros(len(kind), dtype=np.int64)
-    seg_len = np.ones(len(kind), dtype=np.int64)
-    for code, offsets, base in ((_START, start_offsets, 0),
-                                (_CONT, cont_offsets, len(start_ids))):
-        at = kind == code
-        seg_start[at] = base + offsets[ref[at]]
-        seg_len[at] = offsets[ref[at] + 1] - offsets[ref[at]]
-    at = kind == _SPECIAL
-    seg_start[at] = len(start_ids) + len(cont_ids) + ref[at]
-    for (cont, index, _, segments), prefixes in zip(joined, prefix_refs):
-        ids, offsets = (cont_ids, cont_offsets) if cont else (start_ids, start_offsets)
-        begin, end = int(offsets[index]), int(offsets[index + 1])
-        bounds = [0]
-        for p in prefixes:
-            prefix = ids[int(offsets[p]) : int(offsets[p + 1])]
-            bounds.append(max(bounds[-1], _common_prefix(prefix, ids[begin:end])))
-        bounds.append(end - begin)
-        seg_start[segments] = (len(start_ids) if cont else 0) + begin + np.array(bounds[:-1])
-        seg_len[segments] = np.diff(bounds)
+    # 3. Where each segment's ids lie in ``source``: its text's, or its control token's; a
+    #    text with cuts is shared out among its segments.
+    text_of = np.asarray(segment_text, dtype=np.int64)
+    is_text = text_of >= 0
+    start = np.empty(len(text_of), dtype=np.int64)
+    length = np.ones(len(text_of), dtype=np.int64)
+    start[is_text], length[is_text] = text_start[text_of[is_text]], text_len[text_of[is_text]]
+    start[~is_text] = len(source) - len(controls) + np.arange(len(controls))
 
-    tokens, _ = gather(source, seg_start, seg_len)
-    trained = np.repeat(np.asarray(trained_flags, dtype=bool), seg_len)
-    conv = np.repeat(np.arange(len(counts)), counts)
-    lengths = np.bincount(conv, weights=seg_len, minlength=len(counts)).astype(np.int64)
-    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    def ids_of(t: int) -> np.ndarray:
+        return source[text_start[t] : text_start[t] + text_len[t]]
+
+    prefix = iter(prefixes)
+    for t, (first, characters) in cuts.items():
+        bounds = _part_bounds(ids_of(t), [ids_of(next(prefix)) for _ in characters])
+        parts = slice(first, first + len(bounds) - 1)
+        start[parts], length[parts] = text_start[t] + bounds[:-1], np.diff(bounds)
+
+    tokens, _ = gather(source, start, length)
+    trained = np.repeat(np.asarray(segment_trained, dtype=bool), length)
+    conv = np.repeat(np.arange(len(segments_per_conversation)), segments_per_conversation)
+    lengths = np.bincount(conv, weights=length, minlength=len(segments_per_conversation))
+    offsets = np.zeros(len(segments_per_conversation) + 1, dtype=np.int64)
+    np.cumsum(lengths.astype(np.int64), out=offsets[1:])
     return tokens.astype(np.int32, copy=False), offsets, trained, _message_starts(
-        conv, np.asarray(messages, dtype=np.int64), seg_len, offsets)
+        conv, np.asarray(segment_message, dtype=np.int64), length, offsets)
+
+
+def _encode_texts(tokenizer: Tokenizer, texts: list[str], after_cut: list[bool]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Texts encoded as a text's start (:meth:`Tokenizer.encode_flat`) or, where
+    ``after_cut``, as following a safe cut (:meth:`Tokenizer.encode_after_newline`), in two
+    batch calls: one flat int32 array, text i's ids at ``[start[i], start[i] + length[i])``."""
+    follows = np.asarray(after_cut, dtype=bool)
+    start = np.empty(len(texts), dtype=np.int64)
+    length = np.empty(len(texts), dtype=np.int64)
+    ids, at = tokenizer.encode_flat([t for t, f in zip(texts, after_cut) if not f])
+    start[~follows], length[~follows] = at[:-1], np.diff(at)
+    if not follows.any():
+        return ids, start, length
+    ids_after, at = tokenizer.encode_after_newline([t for t, f in zip(texts, after_cut) if f])
+    start[follows], length[follows] = len(ids) + at[:-1], np.diff(at)
+    return np.concatenate([ids, ids_after]), start, length
+
+
+def _part_bounds(whole: np.ndarray, prefixes: list[np.ndarray]) -> np.ndarray:
+    """Where each part of a text begins in the text's ids, and its end, given the ids of the
+    text up to each cut: where those stop agreeing with the whole's (a token that spans the
+    cut goes with the part after it), never before the part before."""
+    bounds = [0]
+    for prefix in prefixes:
+        bounds.append(max(bounds[-1], _common_prefix(prefix, whole)))
+    bounds.append(len(whole))
+    return np.array(bounds, dtype=np.int64)
 
 
 def _message_starts(conv: np.ndarray, message: np.ndarray, seg_len: np.ndarray,
@@ -499,6 +512,7 @@ def _from_json_files(
             with _collector_paused():
                 part = _json_records(blob)
             if part is None:
+                _raise_json_syntax(files, blobs)
                 return None
             records += part
         if not records:

@@ -38,6 +38,7 @@ trains the role header and that newline as well.)
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import re
 from abc import ABC, abstractmethod
@@ -45,6 +46,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from tune_data import jinja_sandbox
 from tune_data.errors import DataError
 from tune_data.tokenizers import Tokenizer
 
@@ -252,21 +254,34 @@ class JinjaChatTemplate(ChatTemplate):
                add_generation_prompt: bool = False) -> str:
         """The template's text for a conversation.
 
+        Rendering is bounded (:mod:`tune_data.jinja_sandbox`): its text stays within
+        :func:`~tune_data.jinja_sandbox.text_limit` of the conversation and its work within
+        :data:`~tune_data.jinja_sandbox.MAX_STEPS`.
+
         Raises:
-            DataError: If the template fails (a ``raise_exception`` in it, an error).
+            DataError: If the template fails (a ``raise_exception`` in it, an error) or goes
+                past a limit.
         """
+        return self._render(messages, tokenizer, add_generation_prompt,
+                            jinja_sandbox.text_limit(messages))
+
+    def _render(self, messages: Sequence[Message], tokenizer: Tokenizer,
+                add_generation_prompt: bool, max_chars: int) -> str:
         import jinja2
 
         template = self._template()
         names = _token_names(tokenizer)
+        variables = {
+            "messages": [dict(m) for m in messages],
+            "add_generation_prompt": add_generation_prompt,
+            "bos_token": names.get(tokenizer.bos_id, ""),
+            "eos_token": names.get(tokenizer.eos_id, ""),
+            "pad_token": names.get(tokenizer.pad_id, ""),
+        }
         try:
-            return template.render(
-                messages=[dict(m) for m in messages],
-                add_generation_prompt=add_generation_prompt,
-                bos_token=names.get(tokenizer.bos_id, ""),
-                eos_token=names.get(tokenizer.eos_id, ""),
-                pad_token=names.get(tokenizer.pad_id, ""),
-            )
+            return jinja_sandbox.render(template, self.name, max_chars, variables)
+        except DataError:
+            raise
         except jinja2.TemplateError as e:
             raise DataError(f"the chat template {self.name} failed: {e}") from None
         except Exception as e:  # a template is code: any error is a template error here
@@ -278,7 +293,7 @@ class JinjaChatTemplate(ChatTemplate):
             import jinja2
 
             try:
-                self._compiled = _jinja_environment().from_string(self.source)
+                self._compiled = jinja_sandbox.compile_template(_environment(), self.source)
             except jinja2.TemplateSyntaxError as e:
                 raise DataError(f"the chat template {self.name} is not valid Jinja (line "
                                 f"{e.lineno}: {e.message})") from None
@@ -295,9 +310,11 @@ class JinjaChatTemplate(ChatTemplate):
                     "built-in chat_template (they keep such text as text)"
                 )
         n = len(messages)
-        renders = [self._render_empty(tokenizer)]  # renders[k]: messages[:k]
-        renders += [self.render(messages[:k], tokenizer) for k in range(1, n + 1)]
-        full = (self.render(messages, tokenizer, add_generation_prompt=True)
+        # Every render of a prefix gets the whole conversation's limit.
+        limit = jinja_sandbox.text_limit(messages)
+        renders = [self._render_empty(tokenizer, limit)]  # renders[k]: messages[:k]
+        renders += [self._render(messages[:k], tokenizer, False, limit) for k in range(1, n + 1)]
+        full = (self._render(messages, tokenizer, True, limit)
                 if add_generation_prompt else renders[n])
         for k in range(n):
             if not renders[k + 1].startswith(renders[k]):
@@ -310,7 +327,7 @@ class JinjaChatTemplate(ChatTemplate):
             if message["role"] != "assistant":
                 continue
             text = renders[k + 1]
-            prompt = self.render(messages[:k], tokenizer, add_generation_prompt=True)
+            prompt = self._render(messages[:k], tokenizer, True, limit)
             if not (prompt.startswith(renders[k]) and text.startswith(prompt)):
                 raise DataError(
                     f"the chat template {self.name} does not start assistant message {k} "
@@ -323,11 +340,11 @@ class JinjaChatTemplate(ChatTemplate):
             trained.append((len(prompt), end))
         return _cut(full, [len(r) for r in renders], trained, special, tokenizer)
 
-    def _render_empty(self, tokenizer: Tokenizer) -> str:
+    def _render_empty(self, tokenizer: Tokenizer, limit: int) -> str:
         """What the template renders before any message; "" if it cannot render none (many
         read ``messages[0]`` unguarded)."""
         try:
-            return self.render([], tokenizer)
+            return self._render([], tokenizer, False, limit)
         except DataError:
             return ""
 
@@ -378,45 +395,10 @@ def _special_pattern(tokenizer: Tokenizer) -> re.Pattern | None:
     return re.compile("|".join(map(re.escape, names))) if names else None
 
 
-def _jinja_environment():
-    """jinja2's immutable sandbox with the helpers chat templates expect: the same settings
-    transformers renders them with, so the text (and so the ids) agree."""
-    from datetime import datetime
-
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(jinja2.ext.Extension):
-        # `{% generation %}...{% endgeneration %}` marks assistant text for transformers'
-        # return_assistant_tokens_mask; here masks come from prefixes, so it just renders.
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body
-                                          ).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.TemplateError(message)
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # Jinja's own tojson escapes <, > and & for HTML, which a prompt must not see.
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
-                          separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True,
-        extensions=[Generation, jinja2.ext.loopcontrols],
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
+@functools.cache
+def _environment():
+    """One bounded sandbox for every template (its settings never change)."""
+    return jinja_sandbox.environment()
 
 
 def load_chat_template(
@@ -466,11 +448,24 @@ def load_chat_template(
                 raise DataError(f"{path} has no 'chat_template'; name a built-in format "
                                 f"({', '.join(CHAT_TEMPLATES)}) or a .jinja file instead")
             return JinjaChatTemplate(source, str(path))
-        return JinjaChatTemplate(path.read_text(encoding="utf-8"), str(path))
+        return JinjaChatTemplate(_read_template(path), str(path))
     raise DataError(
         f"chat_template {text!r} is neither a built-in format ({', '.join(CHAT_TEMPLATES)}) "
         "nor an existing .jinja or tokenizer_config.json file"
     )
+
+
+def _read_template(path: Path) -> str:
+    """A .jinja file's text.
+
+    Raises:
+        DataError: If it is not UTF-8 (as Hugging Face repositories write them).
+    """
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"chat template {path} is not UTF-8 text (byte {e.object[e.start]:#04x} "
+                        f"at position {e.start}); save it as UTF-8") from None
 
 
 def _chat_template_of(config: Path) -> str | None:
@@ -493,7 +488,7 @@ def _template_beside(tokenizer_file: Path) -> ChatTemplate | None:
     folder = tokenizer_file.parent
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
-        return JinjaChatTemplate(jinja_file.read_text(encoding="utf-8"), str(jinja_file))
+        return JinjaChatTemplate(_read_template(jinja_file), str(jinja_file))
     config = folder / "tokenizer_config.json"
     if config.is_file():
         source = _chat_template_of(config)

@@ -38,6 +38,7 @@ from tune_data.sources import (
     DataFiles,
     check_columns,
     check_source,
+    json_syntax_error,
     load_records,
     local_json_files,
     read_json_columns,
@@ -442,6 +443,7 @@ def _from_json_files(
     else:
         read = read_json_columns(blobs, list(field_columns.values()))
         if read is None:
+            _raise_json_syntax(files, blobs)
             return None
         values, source_rows = read
         batch = {f: values[c] for f, c in field_columns.items()}
@@ -452,6 +454,15 @@ def _from_json_files(
         arrays, tokenizer=encoder.tokenizer, name=where, source_rows=source_rows,
         max_seq_len=encoder.max_seq_len, cache_file=path,
     )
+
+
+def _raise_json_syntax(files: Sequence[Path], blobs: Sequence[bytes]) -> None:
+    """Name the line of a file that does not parse (before ``datasets`` is asked, which
+    would log its own error and name a byte position)."""
+    for file, blob in zip(files, blobs):
+        error = json_syntax_error(file, blob)
+        if error is not None:
+            raise error
 
 
 def _encode_all(

@@ -8,6 +8,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from tune_data.dataset import IGNORE_INDEX, ROLES, TokenizedDataset
+from tune_data.errors import DataError
 from tune_data.packing import PackedDataset
 from tune_data.tokenizers import Tokenizer
 
@@ -48,9 +49,9 @@ class DataStats:
     def warnings(self) -> list[str]:
         """Problems worth fixing before training, one line each."""
         out = []
-        if self.samples == 0:
-            out.append("no samples: every record was dropped; raise max_seq_len")
-        if self.dropped:
+        if self.samples == 0 and self.source_rows:
+            out.append(f"no samples: {_all_dropped(self.source_rows, self.max_seq_len)}")
+        if self.dropped and self.samples:
             out.append(
                 f"{self.dropped} record(s) dropped (prompt leaves no room for a response, or "
                 f"empty), rows {_rows(self.dropped_rows, self.dropped)}; raise max_seq_len "
@@ -87,6 +88,59 @@ class DataStats:
             lines.append(f"  packed into {self.packed_rows:,} rows, {self.packed_fill:.1%} full")
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def _all_dropped(records: int, max_seq_len: int | None) -> str:
+    """Why a dataset of ``records`` records holds no sample, and what to do."""
+    if max_seq_len is None:
+        return f"all {records:,} records were dropped as empty; check the data"
+    return (f"all {records:,} records were dropped: a record is dropped when none of its trained "
+            f"tokens fit in max_seq_len {max_seq_len} (a long prompt, or long turns before the "
+            "first answer) or when it is empty; raise max_seq_len or check the data")
+
+
+def _name(dataset: Dataset) -> str:
+    return getattr(dataset, "name", "") or "the dataset"
+
+
+def check_trainable(dataset: Dataset) -> None:
+    """Refuse a dataset a run could not learn from: no samples, or no trained token at all.
+
+    Such a run would stop at its first batch, or train at loss 0 with no gradient and exit
+    as if it had worked. A dataset that does not count its trained tokens (no
+    ``loss_tokens``) is not checked.
+
+    Args:
+        dataset: A :class:`TokenizedDataset` (or any dataset with ``loss_tokens``).
+
+    Raises:
+        DataError: One line saying which, and the likely reason.
+    """
+    loss = getattr(dataset, "loss_tokens", None)
+    if loss is None:
+        return
+    name = _name(dataset)
+    if len(dataset) == 0:
+        records = getattr(dataset, "source_rows", 0)
+        if not records:
+            raise DataError(f"{name} holds no records; check the data files or source")
+        raise DataError(f"{name}: {_all_dropped(records, getattr(dataset, 'max_seq_len', None))}")
+    if int(np.asarray(loss).sum()) > 0:
+        return
+    lengths = getattr(dataset, "lengths", None)
+    empty = lengths is not None and int(np.asarray(lengths).sum()) == 0
+    turns = getattr(dataset, "turns", None)
+    if turns is not None and empty:
+        why = "its chat template renders nothing for every conversation; check the template"
+    elif turns is not None:
+        why = ("its chat template renders no assistant answer in any conversation (or the "
+               "conversations have no assistant messages); check the template and the roles")
+    elif empty:
+        why = "every sample is empty"
+    else:
+        why = "every token is masked from the loss (no responses to train on?)"
+    raise DataError(f"{name}: none of its {len(dataset):,} samples has a trained token, so "
+                    f"a run would learn nothing (loss 0): {why}")
 
 
 def _histogram(counts: dict[int, int]) -> str:
@@ -186,10 +240,19 @@ def render_sample(
 
     Returns:
         The text to print.
+
+    Raises:
+        DataError: If there is no such sample (for an empty dataset: why it is empty).
     """
     tokenizer = tokenizer or getattr(dataset, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("render_sample needs a tokenizer to decode")
+    if len(dataset) == 0:
+        check_trainable(dataset)  # says why it is empty
+        raise DataError(f"{_name(dataset)} holds no samples")
+    if not -len(dataset) <= index < len(dataset):
+        raise DataError(f"there is no sample {index}: {_name(dataset)} holds {len(dataset):,} "
+                        f"(0 to {len(dataset) - 1:,})")
     sample = dataset[index]
     tokens = [int(t) for t in sample["tokens"]]
     labels = [int(t) for t in sample["labels"]]

@@ -92,6 +92,12 @@ def load_records(
     try:
         return datasets.load_dataset(source, **kwargs)
     except Exception as error:  # datasets raises many types; the user needs one line
+        if source == "json":  # name the line that does not parse
+            for f in files:
+                if Path(f).is_file():
+                    syntax = json_syntax_error(f, Path(f).read_bytes())
+                    if syntax is not None:
+                        raise syntax from error
         if files:
             raise DataError(
                 f"could not read {', '.join(files)} ({_first_line(_root_cause(error))}); "
@@ -279,6 +285,41 @@ def read_json_columns(
             return None
         out[column] = values
     return out, len(records)
+
+
+def json_syntax_error(path: str | Path, blob: bytes) -> DataError | None:
+    """The one-line error for a local JSON / JSON Lines file that does not parse, naming the
+    line (``datasets`` names a byte position, or a row of its own counting); None if it
+    parses (its records may still be refused for other reasons, by the reader)."""
+    try:
+        text = blob.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        return DataError(f"{path} is not UTF-8 text (byte {blob[e.start]:#04x} at position "
+                         f"{e.start:,}); save it as UTF-8")
+    if text.lstrip().startswith("["):  # one JSON array, as datasets reads such a file
+        try:
+            json.loads(text)
+        except ValueError as e:
+            where = f"line {e.lineno}, column {e.colno}: " if hasattr(e, "lineno") else ""
+            return DataError(f"{path} is not valid JSON ({where}{getattr(e, 'msg', e)}); fix "
+                             "the file")
+        except RecursionError:
+            return DataError(f"{path} nests too deeply to read as JSON")
+        return None
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            return DataError(f"{path}: line {number} is not valid JSON ({getattr(e, 'msg', e)} "
+                             f"at column {getattr(e, 'colno', '?')}); fix or remove that line")
+        except RecursionError:
+            return DataError(f"{path}: line {number} nests too deeply to read as JSON")
+        if not isinstance(record, dict):
+            return DataError(f"{path}: line {number} is a JSON {type(record).__name__}, not an "
+                             "object; JSON Lines holds one record ({...}) per line")
+    return None
 
 
 def _json_records(blob: bytes) -> list[dict] | None:

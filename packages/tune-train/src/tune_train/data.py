@@ -65,10 +65,11 @@ def training_data(cfg: TrainConfig, tokenizer: Any, run: Any) -> TrainingData:
     Raises:
         RecipeError: If the data cannot fill one batch, or the validation set is empty.
     """
-    from tune_data import ShardedBatchSampler, collate, pack
+    from tune_data import ShardedBatchSampler, check_trainable, collate, pack
     from tune_train import registry
 
     dataset = registry.build_dataset(cfg, tokenizer, warn=run.warn)
+    check_trainable(dataset)  # no samples, or no trained token: stop before step 1
     dataset, validation = _validation_split(cfg, tokenizer, dataset, run)
     if cfg.packing:
         dataset = pack(dataset, cfg.max_seq_len, pad_id=tokenizer.pad_id)

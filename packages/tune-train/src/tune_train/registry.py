@@ -82,8 +82,8 @@ LOSSES: dict[str, Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Ten
 __all__ = ["DATASETS", "FAMILY_TOKENIZERS", "LOSSES", "MODELS", "OPTIMIZERS", "TOKENIZERS",
            "build_dataset", "build_tokenizer", "build_validation_dataset", "chat_template",
            "dataset_arguments",
-           "family_tokenizer_files", "lookup", "model_config", "model_family", "tokenizer_fits",
-           "tokenizer_problem"]
+           "family_tokenizer_files", "lookup", "model_config", "model_family", "token_ids_problem",
+           "tokenizer_fits", "tokenizer_problem"]
 
 
 def lookup(registry: dict[str, Any], name: str, key: str) -> Any:
@@ -165,7 +165,7 @@ def tokenizer_problem(cfg: TrainConfig) -> str | None:
     """Why the config's tokenizer cannot serve its model, or None; nothing is loaded.
 
     Checks the kind ``tokenizer:`` names, then the format of the tokenizer_checkpoint file
-    (by its first bytes), against the model's family.
+    (by its first bytes), against the model's family, and the file against the kind.
 
     Raises:
         ConfigError: If the model or tokenizer name is unknown.
@@ -184,6 +184,10 @@ def tokenizer_problem(cfg: TrainConfig) -> str | None:
         return (f"tokenizer_checkpoint {cfg.tokenizer_checkpoint} is {_describe(found)}, but "
                 f"model '{cfg.model}' is a {family.name} model, which reads {needs}; point "
                 "tokenizer_checkpoint at the tokenizer that came with the model")
+    if isinstance(builder, type) and found is not None and not issubclass(found, builder):
+        return (f"tokenizer '{cfg.tokenizer}' reads {_describe(builder)}, but "
+                f"tokenizer_checkpoint {cfg.tokenizer_checkpoint} is {_describe(found)}; set "
+                "tokenizer: auto (it reads each file as what it is)")
     return None
 
 
@@ -191,13 +195,46 @@ def build_tokenizer(cfg: TrainConfig) -> Tokenizer:
     """The config's tokenizer, once :func:`tokenizer_problem` finds nothing wrong.
 
     Raises:
-        ConfigError: If it does not fit the model's family.
+        ConfigError: If it does not fit the model's family (its kind, its file's format, or
+            its BOS/EOS ids: :func:`token_ids_problem`).
         DataError: If the file is missing, damaged or of another kind than ``tokenizer:``.
     """
     problem = tokenizer_problem(cfg)
     if problem is not None:
         raise ConfigError(problem)
-    return TOKENIZERS[cfg.tokenizer](cfg.tokenizer_checkpoint)
+    tokenizer = TOKENIZERS[cfg.tokenizer](cfg.tokenizer_checkpoint)
+    problem = token_ids_problem(tokenizer, model_family(cfg))
+    if problem is not None:
+        raise ConfigError(f"tokenizer_checkpoint {problem}; point tokenizer_checkpoint at the "
+                          "tokenizer that came with the model")
+    return tokenizer
+
+
+def token_ids_problem(tokenizer: Tokenizer, family: ModelFamily) -> str | None:
+    """Why a loaded tokenizer's BOS/EOS ids are not the ones the family's models were
+    trained with (``family.hf_token_ids``), or None.
+
+    A file of the right format can still be another model's (a tokenizer.json suits every
+    family) or one whose ids moved: the model would then learn and stop at other tokens.
+    The family's EOS need only be one the tokenizer stops at (Qwen2-Instruct's EOS is
+    ``<|im_end|>``, its base model's ``<|endoftext|>``); a family's BOS is checked where the
+    tokenizer puts one first (Qwen2's names a bos_token_id but none is ever added).
+    """
+    want_bos = family.hf_token_ids.get("bos_token_id")
+    want_eos = family.hf_token_ids.get("eos_token_id")
+    bos_wrong = tokenizer.bos_id is not None and want_bos is not None and (
+        tokenizer.bos_id != want_bos)
+    eos_wrong = want_eos is not None and want_eos not in (tokenizer.eos_id,
+                                                          *tokenizer.stop_tokens)
+    if not (bos_wrong or eos_wrong):
+        return None
+
+    def name(token_id: int | None) -> str:
+        return "none" if token_id is None else f"{tokenizer.id_to_piece(token_id)} {token_id}"
+
+    return (f"{tokenizer.path} has BOS {name(tokenizer.bos_id)} and EOS "
+            f"{name(tokenizer.eos_id)}, but {family.name} models use BOS {want_bos} and EOS "
+            f"{want_eos}: it is another model's tokenizer, or a damaged one")
 
 
 def _describe(tokenizer_class: type) -> str:

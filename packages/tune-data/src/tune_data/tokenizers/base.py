@@ -173,15 +173,14 @@ LLAMA3_PATTERN = (
 QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 NEWLINE_SAFE_PATTERNS = frozenset({LLAMA3_PATTERN, QWEN2_PATTERN})
 
-# What each file format is called in messages, and what to pass for it.
+# What each file format ("kind", as load_tokenizer names them) is called in messages, and
+# the file of that kind a model ships. Messages name files and kinds only: which setting of a
+# caller picks the kind is the caller's to say.
 FORMATS = {
-    "sentencepiece": (
-        "a SentencePiece model", "tokenizer llama2_tokenizer or mistral_tokenizer"
-    ),
-    "tiktoken": (
-        "a tiktoken BPE file (Llama 3's tokenizer.model)", "tokenizer llama3_tokenizer"
-    ),
-    "hf": ("a Hugging Face tokenizer.json", "tokenizer hf_tokenizer (or qwen2_tokenizer)"),
+    "sentencepiece": ("a SentencePiece model", "a SentencePiece tokenizer.model"),
+    "tiktoken": ("a tiktoken BPE file (Llama 3's tokenizer.model)",
+                 "Llama 3's tiktoken tokenizer.model"),
+    "hf": ("a Hugging Face tokenizer.json", "a tokenizer.json"),
 }
 
 # A tiktoken BPE file: one "base64-bytes rank" pair per line.
@@ -230,8 +229,9 @@ def wrong_format(path: Path, kind: str, found: str | None) -> DataError:
             f"{path} is not {expected} (damaged, truncated or another format); pass the "
             "tokenizer file that came with the model"
         )
-    what, hint = FORMATS[found]
-    return DataError(f"{path} is {what}, not {expected}: use {hint}")
+    what = FORMATS[found][0]
+    return DataError(f"{path} is {what}, not {expected}: read it as kind '{found}', or pass "
+                     f"{FORMATS[kind][1]}")
 
 
 def fingerprint(kind: str, *blobs: bytes) -> str:

@@ -16,7 +16,9 @@ from tune_data.tokenizers.base import (
 )
 
 # Meta's names, in id order from 128000 (llama-models' Llama 3 tokenizer); the file holds
-# only the 128,000 ordinary tokens and the special ones are added in code, as here.
+# only the 128,000 ordinary tokens and the special ones are added in code, as here. The
+# special ids follow the file's last rank, so a file of another size would move them all.
+NUM_ORDINARY = 128_000
 _NAMED = (
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -50,7 +52,8 @@ class Llama3Tokenizer(Tokenizer):
             or its folder.
 
     Raises:
-        DataError: If the file is missing or is not a tiktoken BPE file.
+        DataError: If the file is missing, is not a tiktoken BPE file, or does not hold
+            Llama 3's 128,000 ordinary tokens.
 
     Example:
         >>> tok = Llama3Tokenizer("tokenizer.model")
@@ -67,6 +70,13 @@ class Llama3Tokenizer(Tokenizer):
         self.path, data = read_tokenizer_file(path, "tokenizer.model", "tiktoken")
         ranks = _read_ranks(self.path, data)
         base = len(ranks)
+        if base != NUM_ORDINARY:
+            raise DataError(
+                f"{self.path} holds {base:,} tokens, but Llama 3's tiktoken file holds "
+                f"{NUM_ORDINARY:,} (its special tokens start at id {NUM_ORDINARY}): it is cut "
+                "short or another model's file; pass the tokenizer.model that came with the "
+                "Llama 3 checkpoint"
+            )
         self.special_tokens = {name: base + i for i, name in enumerate(SPECIAL_NAMES)}
         self._enc = tiktoken.Encoding(
             name=self.path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
