@@ -29,7 +29,7 @@ def test_every_preset_is_in_one_family_and_in_models():
         for name in family.presets:
             assert family_of(name) is family
     assert family_of("qwen2_5_7b").chat_template == "chatml"
-    assert family_of("llama3_2_1b").tokenizer == "tiktoken_llama3"
+    assert family_of("llama3_2_1b").tokenizer == "tiktoken"
     with pytest.raises(KeyError, match="no model preset 'llama4_8b'; known: .*llama3_1_8b"):
         family_of("llama4_8b")
 

@@ -148,7 +148,7 @@ def test_a_sentencepiece_model_with_moved_ids_is_one_line(tmp_path, tiny_run):
     assert _one_line(e).startswith(
         f"tokenizer_checkpoint {moved} has BOS <s> 2 and EOS </s> 3, but llama2 models use "
         "BOS 1 and EOS 2")
-    assert type(_setup(tiny_run()).tokenizer) is SentencePieceTokenizer
+    assert type(registry.build_tokenizer(load_config(tiny_run()))) is SentencePieceTokenizer
 
 
 @pytest.mark.parametrize("override, message", [

@@ -28,10 +28,8 @@ import dataclasses
 from tune_ckpt.errors import CheckpointError
 from tune_ckpt.hf_config import family_for
 from tune_models import FAMILIES, DecoderConfig
+from tune_models.families import LLAMA3_ROPE as META_ROPE  # what Meta's code hard-codes
 
-# Meta's reference code hard-codes these (llama3/reference_impl/model.py, apply_scaling).
-META_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-             "original_max_position_embeddings": 8192}
 LLAMA3_2_WIDTH = 4096  # Llama 3.2's models are narrower than this, Llama 3.1's are not
 
 

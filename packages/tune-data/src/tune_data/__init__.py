@@ -39,11 +39,14 @@ from tune_data.templates import (
 )
 from tune_data.text import text_completion_dataset
 from tune_data.tokenizers import (
+    TOKENIZER_KINDS,
     HFTokenizer,
     Llama2Tokenizer,
     Llama3Tokenizer,
     SentencePieceTokenizer,
     Tokenizer,
+    TokenizerKind,
+    kind_of,
     load_tokenizer,
 )
 
@@ -64,7 +67,8 @@ __all__ = [
     "DATASETS", "DEMO_TEMPLATE", "IGNORE_INDEX", "NO_INPUT_PLACEHOLDERS", "DataError",
     "DataStats", "HFTokenizer", "Llama2Tokenizer", "Llama3Tokenizer", "PackedDataset",
     "PromptTemplate", "SentencePieceTokenizer", "ShardedBatchSampler", "TEMPLATES",
-    "TokenizedDataset", "Tokenizer", "alpaca_cleaned_dataset", "alpaca_dataset", "as_template",
+    "TOKENIZER_KINDS", "TokenizedDataset", "Tokenizer", "TokenizerKind", "kind_of",
+    "alpaca_cleaned_dataset", "alpaca_dataset", "as_template",
     "check_trainable", "collate", "demo_dataset", "demo_tokenizer", "describe", "document_mask",
     "instruct_dataset", "is_empty_input", "load_tokenizer", "pack", "plan_rows",
     "random_tokens_dataset", "render_sample", "shifted_labels", "text_completion_dataset",

@@ -56,10 +56,14 @@ def llama2_20m(vocab_size: int = 32000) -> DecoderConfig:
 # --- Llama 3.1 and 3.2 -----------------------------------------------------------------------
 
 
+# Llama 3.1 and 3.2 were trained at 8192 positions and stretched to 131072 by this scaling;
+# Meta's reference code fixes these fields (only the factor varies between models).
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
 def _llama3_rope(factor: float) -> dict:
-    # Llama 3.1 and 3.2 were trained at 8192 positions and stretched to 131072 by this scaling.
-    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    return {"rope_type": "llama3", "factor": factor, **LLAMA3_ROPE}
 
 
 def _llama3(**sizes) -> DecoderConfig:
@@ -396,9 +400,10 @@ class ModelFamily:
     Attributes:
         name: The family's name, e.g. "llama3".
         presets: Preset name -> a function returning its config.
-        tokenizer: Tokenizer kind, a name the data layer maps to a class: "sentencepiece"
-            (tokenizer.model), "tiktoken_llama3" (Meta's tokenizer.model for Llama 3) or
-            "hf_tokenizer_json" (tokenizer.json).
+        tokenizer: Tokenizer kind, in tune_data's vocabulary (``tune_data.TOKENIZER_KINDS``,
+            which names the class that reads it): "sentencepiece" (tokenizer.model),
+            "tiktoken" (Meta's tokenizer.model for Llama 3) or "hf" (tokenizer.json). A
+            family's models also read a tokenizer.json, which the Hub has for every family.
         chat_template: Name of the default chat template: "llama2", "llama3", "mistral",
             "chatml", "gemma" (the fallback when the model ships no template of its own).
         hf_architecture: ``architectures[0]`` of the family's Hugging Face config.json.
@@ -434,7 +439,7 @@ FAMILIES: dict[str, ModelFamily] = {
         presets={"llama3_1_8b": llama3_1_8b, "llama3_1_70b": llama3_1_70b,
                  "llama3_2_1b": llama3_2_1b, "llama3_2_3b": llama3_2_3b,
                  "llama3_tiny": llama3_tiny},
-        tokenizer="tiktoken_llama3", chat_template="llama3",
+        tokenizer="tiktoken", chat_template="llama3",
         hf_architecture="LlamaForCausalLM", hf_model_type="llama",
         checkpoint_keys={"meta": META_KEYS, "hf": HF_KEYS},
         hf_token_ids={"bos_token_id": 128000, "eos_token_id": 128001},
@@ -451,7 +456,7 @@ FAMILIES: dict[str, ModelFamily] = {
         name="qwen2",
         presets={"qwen2_5_0_5b": qwen2_5_0_5b, "qwen2_5_1_5b": qwen2_5_1_5b,
                  "qwen2_5_7b": qwen2_5_7b, "qwen2_tiny": qwen2_tiny},
-        tokenizer="hf_tokenizer_json", chat_template="chatml",
+        tokenizer="hf", chat_template="chatml",
         hf_architecture="Qwen2ForCausalLM", hf_model_type="qwen2",
         checkpoint_keys={"hf": HF_KEYS},
         hf_token_ids={"bos_token_id": 151643, "eos_token_id": 151643},
@@ -461,7 +466,7 @@ FAMILIES: dict[str, ModelFamily] = {
         presets={"qwen3_0_6b": qwen3_0_6b, "qwen3_1_7b": qwen3_1_7b, "qwen3_4b": qwen3_4b,
                  "qwen3_8b": qwen3_8b, "qwen3_14b": qwen3_14b, "qwen3_32b": qwen3_32b,
                  "qwen3_tiny": qwen3_tiny},
-        tokenizer="hf_tokenizer_json", chat_template="chatml",
+        tokenizer="hf", chat_template="chatml",
         hf_architecture="Qwen3ForCausalLM", hf_model_type="qwen3",
         checkpoint_keys={"hf": HF_KEYS},
         # Qwen3-*-Base's ids; the post-trained Qwen3-8B etc. end turns with 151645 instead.
@@ -471,7 +476,7 @@ FAMILIES: dict[str, ModelFamily] = {
         name="gemma3",
         presets={"gemma3_1b": gemma3_1b, "gemma3_4b": gemma3_4b, "gemma3_12b": gemma3_12b,
                  "gemma3_27b": gemma3_27b, "gemma3_tiny": gemma3_tiny},
-        tokenizer="hf_tokenizer_json", chat_template="gemma",
+        tokenizer="sentencepiece", chat_template="gemma",
         hf_architecture="Gemma3ForCausalLM", hf_model_type="gemma3_text",
         checkpoint_keys={"hf": GEMMA_HF_KEYS},
         hf_token_ids={"bos_token_id": 2, "eos_token_id": 1},
@@ -494,6 +499,32 @@ MODELS: dict[str, Callable[[], DecoderConfig]] = {
 FAMILY_OF_PRESET: dict[str, str] = {
     name: family.name for family in FAMILIES.values() for name in family.presets
 }
+
+
+def register_family(family: ModelFamily) -> None:
+    """Add a family (and its presets) to :data:`FAMILIES`, :data:`MODELS` and
+    :data:`FAMILY_OF_PRESET`: what an entry in the ``FAMILIES`` literal above does, for a
+    family defined elsewhere (a project's own model on an architecture tune knows).
+
+    Raises:
+        ValueError: If the family's name or one of its presets' names is taken.
+    """
+    if family.name in FAMILIES:
+        raise ValueError(f"a model family named '{family.name}' exists already")
+    taken = sorted(set(family.presets) & set(MODELS))
+    if taken:
+        raise ValueError(f"model preset '{taken[0]}' exists already")
+    FAMILIES[family.name] = family
+    MODELS.update(family.presets)
+    FAMILY_OF_PRESET.update(dict.fromkeys(family.presets, family.name))
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family :func:`register_family` added (its presets too)."""
+    family = FAMILIES.pop(name)
+    for preset in family.presets:
+        MODELS.pop(preset, None)
+        FAMILY_OF_PRESET.pop(preset, None)
 
 
 def family_of(preset: str) -> ModelFamily:

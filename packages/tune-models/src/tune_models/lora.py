@@ -24,6 +24,7 @@ Parameter names (the native adapter schema, also in the package README):
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tune_models.decoder import DecoderConfig
+from tune_models.families import qkv_rows
 from tune_models.nf4 import NF4Linear, base_linear, base_weight, is_quantized
 
 # The three projections fused in wqkv, in row order.
@@ -121,12 +123,6 @@ def _suggest(name: str) -> str:
         return f" (did you mean '{_TARGET_ALIASES[name]}'?)"
     close = difflib.get_close_matches(str(name), list(LORA_TARGETS), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def qkv_rows(n_heads: int, n_kv_heads: int, head_dim: int) -> dict[str, tuple[int, int]]:
-    """The rows [start, stop) of q, k and v in the fused wqkv."""
-    q, kv = n_heads * head_dim, n_kv_heads * head_dim
-    return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
 
 
 def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -281,7 +277,10 @@ def _module_paths(config: DecoderConfig, template: str) -> list[str]:
 def _parts(config: DecoderConfig, parts: list[str | None]) -> dict[str, tuple[int, int]] | None:
     if parts == [None]:
         return None
-    rows = qkv_rows(config.n_heads, config.n_kv_heads, config.head_dim)
+    # The rows [start, stop) of each part in the fused wqkv.
+    bounds = itertools.accumulate(qkv_rows(config), initial=0)
+    starts = list(bounds)
+    rows = {part: (starts[i], starts[i + 1]) for i, part in enumerate(QKV_PARTS)}
     return {p: rows[p] for p in QKV_PARTS if p in parts}
 
 

@@ -49,9 +49,9 @@ class TrainConfig:
     seed: int = _help("Seed for weights init, shuffling and dropout-free sampling.", 42)
     shuffle: bool = _help("Shuffle the samples every epoch (by seed and epoch).", True)
     model: str = _help(
-        "Model preset, which also names its family: llama2_7b/13b/70b, llama3_1_8b/70b, "
-        "llama3_2_1b/3b, mistral_7b, qwen2_5_0_5b/1_5b/7b, or a tiny one for tests "
-        "(llama2_tiny, llama3_tiny, mistral_tiny, qwen2_tiny).",
+        "Model preset, which also names its family, e.g. llama3_1_8b, qwen2_5_7b, qwen3_8b, "
+        "gemma3_1b, mistral_7b; each family has a tiny one for tests (llama2_tiny, ...). "
+        "tune_models.MODELS lists them all (a misspelt name gets the nearest).",
         "llama2_7b")
     model_checkpoint: str | None = _help(
         "Native checkpoint to start from (tune convert_checkpoint writes one, with "

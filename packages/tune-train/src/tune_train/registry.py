@@ -3,9 +3,9 @@
 A config's ``model: llama2_7b`` is looked up in MODELS, ``optimizer: AdamW`` in OPTIMIZERS,
 and so on; ``lookup`` turns a miss into one line with a did-you-mean. ``dataset_arguments``
 is the one place that decides which config keys a dataset builder receives, and
-``chat_template`` the one place that picks a model's chat format;
-``FAMILY_TOKENIZERS`` the one place where a model family's tokenizer kind
-(``tune_models.ModelFamily.tokenizer``) becomes a tune_data class.
+and ``chat_template`` the one place that picks a model's chat format. A model family names
+its tokenizer kind (``tune_models.ModelFamily.tokenizer``) in tune_data's vocabulary,
+``tune_data.TOKENIZER_KINDS``, which also says which class reads it.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ import torch
 
 from tune_data import (
     DATASETS,
+    TOKENIZER_KINDS,
     ChatTemplate,
     HFTokenizer,
     Llama3Tokenizer,
     SentencePieceTokenizer,
     Tokenizer,
     demo_tokenizer,
+    kind_of,
     load_chat_template,
     load_tokenizer,
 )
@@ -37,15 +39,6 @@ from tune_train.config import (
     TrainConfig,
     validation_data_config,
 )
-
-# A family's tokenizer kind -> the class that reads it, and the file a user points
-# tokenizer_checkpoint at (for messages).
-FAMILY_TOKENIZERS: dict[str, tuple[type[Tokenizer], str]] = {
-    "sentencepiece": (SentencePieceTokenizer, "a SentencePiece tokenizer.model"),
-    "tiktoken_llama3": (Llama3Tokenizer, "a Llama 3 tiktoken tokenizer.model "
-                                         "(original/tokenizer.model on the Hub)"),
-    "hf_tokenizer_json": (HFTokenizer, "a Hugging Face tokenizer.json"),
-}
 
 # `tokenizer:` in a config -> what builds it from tokenizer_checkpoint. Each must fit the
 # model's family (see tokenizer_fits).
@@ -79,7 +72,7 @@ LOSSES: dict[str, Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Ten
     "CrossEntropyLoss": _cross_entropy,
 }
 
-__all__ = ["DATASETS", "FAMILY_TOKENIZERS", "LOSSES", "MODELS", "OPTIMIZERS", "TOKENIZERS",
+__all__ = ["DATASETS", "LOSSES", "MODELS", "OPTIMIZERS", "TOKENIZERS",
            "build_dataset", "build_tokenizer", "build_validation_dataset", "chat_template",
            "dataset_arguments",
            "family_tokenizer_files", "lookup", "model_config", "model_family", "token_ids_problem",
@@ -157,7 +150,7 @@ def tokenizer_fits(tokenizer_class: type, family: ModelFamily) -> bool:
     A family reads its own kind of file, and a tokenizer.json, which the Hub publishes for
     every family (transformers reads it).
     """
-    own = FAMILY_TOKENIZERS[family.tokenizer][0]
+    own = TOKENIZER_KINDS[family.tokenizer].reader
     return issubclass(tokenizer_class, (own, HFTokenizer))
 
 
@@ -238,21 +231,19 @@ def token_ids_problem(tokenizer: Tokenizer, family: ModelFamily) -> str | None:
 
 
 def _describe(tokenizer_class: type) -> str:
-    return next(text for cls, text in FAMILY_TOKENIZERS.values()
-                if issubclass(tokenizer_class, cls))
+    return kind_of(tokenizer_class).file
 
 
 def family_tokenizer_files(family: ModelFamily) -> str:
     """The tokenizer files a family's model reads, in words (for messages)."""
-    own = FAMILY_TOKENIZERS[family.tokenizer]
-    if own[0] is HFTokenizer:
-        return own[1]
-    return f"{own[1]} or a tokenizer.json"
+    own = TOKENIZER_KINDS[family.tokenizer]
+    if own.reader is HFTokenizer:
+        return own.file
+    return f"{own.file} or a tokenizer.json"
 
 
 def _file_class(path: Path) -> type[Tokenizer] | None:
     """The tokenizer class a file needs, by its first bytes; None if it cannot be told."""
-    from tune_data.tokenizers import TOKENIZER_KINDS
     from tune_data.tokenizers.base import sniff
 
     try:
@@ -260,7 +251,7 @@ def _file_class(path: Path) -> type[Tokenizer] | None:
             kind = sniff(f.read(4096))
     except OSError:  # missing (reported elsewhere) or a folder
         return None
-    return TOKENIZER_KINDS.get(kind) if kind is not None else None
+    return TOKENIZER_KINDS[kind].reader if kind in TOKENIZER_KINDS else None
 
 
 # Builder parameter -> the config key that fills it. Every other builder parameter comes

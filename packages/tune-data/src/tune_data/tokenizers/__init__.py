@@ -1,8 +1,10 @@
-"""Tokenizers behind one interface (:class:`Tokenizer`), and :func:`load_tokenizer`, which
-picks the implementation from the file."""
+"""Tokenizers behind one interface (:class:`Tokenizer`), the kinds of file they read
+(:data:`TOKENIZER_KINDS`, the one vocabulary of tokenizer kinds: model families name theirs
+with it), and :func:`load_tokenizer`, which picks the implementation from the file."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from tune_data.errors import DataError
@@ -11,12 +13,37 @@ from tune_data.tokenizers.hf import HFTokenizer
 from tune_data.tokenizers.llama3 import Llama3Tokenizer
 from tune_data.tokenizers.sentencepiece import Llama2Tokenizer, SentencePieceTokenizer
 
-# Implementation by file format ("kind").
-TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {
-    "sentencepiece": SentencePieceTokenizer,
-    "tiktoken": Llama3Tokenizer,
-    "hf": HFTokenizer,
+
+@dataclass(frozen=True)
+class TokenizerKind:
+    """A kind of tokenizer file: the class that reads it and the file in words (messages).
+
+    Attributes:
+        name: The kind's name ("sentencepiece", "tiktoken", "hf").
+        reader: The :class:`Tokenizer` class that reads it.
+        file: The file, in words, e.g. "a SentencePiece tokenizer.model".
+    """
+
+    name: str
+    reader: type[Tokenizer]
+    file: str
+
+
+# Every kind of file tune reads, by name: what sniff() tells, load_tokenizer(kind=...) takes
+# and tune_models.ModelFamily.tokenizer names.
+TOKENIZER_KINDS: dict[str, TokenizerKind] = {
+    kind.name: kind for kind in (
+        TokenizerKind("sentencepiece", SentencePieceTokenizer, "a SentencePiece tokenizer.model"),
+        TokenizerKind("tiktoken", Llama3Tokenizer,
+                      "a Llama 3 tiktoken tokenizer.model (original/tokenizer.model on the Hub)"),
+        TokenizerKind("hf", HFTokenizer, "a Hugging Face tokenizer.json"),
+    )
 }
+
+
+def kind_of(tokenizer_class: type) -> TokenizerKind:
+    """The kind a tokenizer class reads (a subclass reads its base's kind)."""
+    return next(k for k in TOKENIZER_KINDS.values() if issubclass(tokenizer_class, k.reader))
 
 
 def load_tokenizer(path: str | Path, kind: str | None = None) -> Tokenizer:
@@ -61,10 +88,10 @@ def load_tokenizer(path: str | Path, kind: str | None = None) -> Tokenizer:
                     f"{path} is not a tokenizer file tune reads (a SentencePiece or Llama 3 "
                     "tokenizer.model, or a Hugging Face tokenizer.json), or it is damaged"
                 ) from None
-    return TOKENIZER_KINDS[kind](path)
+    return TOKENIZER_KINDS[kind].reader(path)
 
 
 __all__ = [
     "HFTokenizer", "Llama2Tokenizer", "Llama3Tokenizer", "SentencePieceTokenizer",
-    "TOKENIZER_KINDS", "Tokenizer", "load_tokenizer",
+    "TOKENIZER_KINDS", "Tokenizer", "TokenizerKind", "kind_of", "load_tokenizer",
 ]
