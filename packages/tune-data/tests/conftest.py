@@ -6,7 +6,6 @@ import pytest
 
 from tune_data import (
     HFTokenizer,
-    Llama2Tokenizer,
     Llama3Tokenizer,
     SentencePieceTokenizer,
     alpaca_dataset,
@@ -20,7 +19,7 @@ FAMILIES = ["tokenizer", "mistral_tokenizer", "llama3_tokenizer", "qwen2_tokeniz
 @pytest.fixture(scope="session")
 def tokenizer(llama2_tokenizer_path):
     """Llama 2's SentencePiece tokenizer."""
-    return Llama2Tokenizer(llama2_tokenizer_path)
+    return SentencePieceTokenizer(llama2_tokenizer_path)
 
 
 @pytest.fixture(scope="session")

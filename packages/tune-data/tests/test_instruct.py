@@ -317,8 +317,8 @@ def test_a_bad_json_line_is_named_by_its_number(tmp_path, tokenizer, split):
 
 def test_unreachable_hub_is_a_data_error(tmp_path, llama2_tokenizer_path):
     code = (
-        "from tune_data import Llama2Tokenizer, alpaca_dataset, DataError\n"
-        f"tok = Llama2Tokenizer({str(llama2_tokenizer_path)!r})\n"
+        "from tune_data import SentencePieceTokenizer, alpaca_dataset, DataError\n"
+        f"tok = SentencePieceTokenizer({str(llama2_tokenizer_path)!r})\n"
         "try:\n    alpaca_dataset(tok)\nexcept DataError as e:\n    print(e)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -447,8 +447,8 @@ def test_local_json_builds_without_importing_datasets(tmp_path, llama2_tokenizer
     path = write_jsonl(tmp_path / "edge.jsonl", EDGE_RECORDS)
     code = (
         "import sys\n"
-        "from tune_data import Llama2Tokenizer, alpaca_dataset\n"
-        f"tok = Llama2Tokenizer({str(llama2_tokenizer_path)!r})\n"
+        "from tune_data import SentencePieceTokenizer, alpaca_dataset\n"
+        f"tok = SentencePieceTokenizer({str(llama2_tokenizer_path)!r})\n"
         f"ds = alpaca_dataset(tok, data_files={str(path)!r}, max_seq_len=96, "
         f"cache_dir={str(tmp_path / 'c')!r})\n"
         "print(len(ds), ds.cache_file.is_file(), 'datasets' in sys.modules, "

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from tune_data import DataError, Llama2Tokenizer
+from tune_data import DataError, SentencePieceTokenizer
 
 TRICKY = [
     "", " ", "  leading spaces", "trailing space ", "tabs\tand\r\nwindows lines",
@@ -22,7 +22,7 @@ def sp_tokenizer(request):
 
 
 def test_a_folder_means_its_tokenizer_model(llama2_tokenizer_path):
-    tok = Llama2Tokenizer(llama2_tokenizer_path.parent)
+    tok = SentencePieceTokenizer(llama2_tokenizer_path.parent)
     assert tok.encode("Hello world", add_bos=False) == [15043, 3186]
 
 
@@ -58,17 +58,17 @@ def test_non_sentencepiece_file_is_refused_with_one_clear_line(tmp_path):
     text_file = tmp_path / "tokenizer.model"
     text_file.write_text("this is not a model\n")
     with pytest.raises(DataError, match="is not a SentencePiece model") as err:
-        Llama2Tokenizer(text_file)
+        SentencePieceTokenizer(text_file)
     assert "\n" not in str(err.value)
 
     hf_json = tmp_path / "tokenizer.json"
     hf_json.write_text('{"version": "1.0", "model": {"type": "BPE"}}')
     with pytest.raises(DataError, match="is a Hugging Face tokenizer.json, not a SentencePiece "
                                         "model: read it as kind 'hf'"):
-        Llama2Tokenizer(hf_json)
+        SentencePieceTokenizer(hf_json)
 
     with pytest.raises(DataError, match="not found"):
-        Llama2Tokenizer(tmp_path / "missing.model")
+        SentencePieceTokenizer(tmp_path / "missing.model")
 
 
 def _continuations_whole(tokenizer, texts):
@@ -112,7 +112,7 @@ def test_a_vocabulary_with_pieces_across_spaces_is_encoded_whole(tmp_path):
     )
     path = tmp_path / "tokenizer.model"
     path.write_bytes(model.getvalue())
-    tok = Llama2Tokenizer(path)
+    tok = SentencePieceTokenizer(path)
     assert tok.cuts_after_newline and not tok.splits_at_spaces
     texts = ["the cat sat", "a cat and a rat", "the  mat ", " the rat", ""]
     assert _after_newline(tok, texts) == _continuations_whole(tok, texts)
@@ -142,7 +142,7 @@ def _trained(tmp_path, **options):
     )
     path = tmp_path / "tokenizer.model"
     path.write_bytes(model.getvalue())
-    return Llama2Tokenizer(path)
+    return SentencePieceTokenizer(path)
 
 
 @pytest.mark.parametrize("symbol, newline_safe, space_safe", [
@@ -164,3 +164,11 @@ def test_a_vocabulary_is_read_for_pieces_across_newlines_and_spaces(
     assert [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == [
         tok.encode(t, add_bos=False) for t in texts
     ]
+
+
+def test_llama2_tokenizer_is_still_the_sentencepiece_tokenizer():
+    """The README promises the old name to importers: ``Llama2Tokenizer`` is the class that
+    reads every SentencePiece tokenizer.model."""
+    from tune_data import Llama2Tokenizer
+
+    assert Llama2Tokenizer is SentencePieceTokenizer

@@ -297,7 +297,7 @@ def test_llama2_names_still_work():
     cfg = llama2_tiny()
     assert (cfg.head_dim, cfg.qkv_bias, cfg.tie_embeddings, cfg.rope_scaling,
             cfg.sliding_window) == (16, False, False, None, None)
-    keys = set(Llama2(cfg).state_dict())
+    keys = set(Decoder(cfg).state_dict())
     assert "output.weight" in keys and not any(k.endswith(".bias") for k in keys)
 
 
@@ -334,7 +334,7 @@ def test_explicit_head_dim_decouples_heads_from_width():
 
 
 def test_too_long_sequence_is_refused():
-    model = Llama2(Llama2Config(vocab_size=16, dim=16, n_layers=1, n_heads=2, max_seq_len=8))
+    model = Decoder(DecoderConfig(vocab_size=16, dim=16, n_layers=1, n_heads=2, max_seq_len=8))
     with pytest.raises(ValueError, match="sequence length 9 exceeds max_seq_len 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="KV cache length 9 exceeds max_seq_len 8"):

@@ -25,13 +25,14 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tune_ckpt.errors import CheckpointError
 from tune_ckpt.keymaps import hf_to_native_rows, native_to_hf_rows
+from tune_ckpt.model_args import args_of
 from tune_ckpt.names import ADAPTER_CONFIG_FILE, ADAPTER_FILES, ADAPTER_SIDECAR_FILE
 from tune_ckpt.native import save_native
 from tune_ckpt.reading import check_finite, load_native
@@ -177,10 +178,6 @@ def _check_native(adapter: dict[str, torch.Tensor], config: DecoderConfig,
         raise CheckpointError(f"the adapter lacks '{missing[0]}'")
 
 
-def _model_args(config: DecoderConfig) -> dict:
-    return {f.name: getattr(config, f.name) for f in fields(config)}
-
-
 def peft_config(settings: LoRASettings, base_model: str | None = None) -> dict:
     """adapter_config.json as PEFT writes it for a LoRA adapter of a causal LM."""
     alpha = settings.alpha
@@ -247,7 +244,7 @@ def save_peft_adapter(
                                                               *ADAPTER_FILES)):
         raise CheckpointError(f"{folder} already holds an adapter: pass --force to replace it")
     tensors = native_to_peft(adapter, config, settings)
-    sidecar = {"model_args": _model_args(config), "quantize_base": quantize_base}
+    sidecar = {"model_args": args_of(config), "quantize_base": quantize_base}
     names = {ADAPTER_CONFIG_FILE, *ADAPTER_FILES, ADAPTER_SIDECAR_FILE}
     with staged_folder(folder, superseded=lambda name: name in names) as staging:
         save_native(tensors, staging / ADAPTER_FILES[0])
@@ -340,7 +337,7 @@ def load_peft_adapter(folder: str | os.PathLike, config: DecoderConfig) -> Adapt
         if (folder / ADAPTER_SIDECAR_FILE).is_file() else {}
     base_args = sidecar.get("model_args")
     if base_args is not None:
-        mine = _model_args(config)
+        mine = args_of(config)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                      "hidden_dim", "qkv_bias", "tie_embeddings"):
             if name in base_args and base_args[name] != mine[name]:

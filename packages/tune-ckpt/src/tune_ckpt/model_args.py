@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from tune_ckpt.errors import CheckpointError
 from tune_ckpt.hf_config import config_from_hf, family_for
@@ -192,6 +193,12 @@ def read_model_family(path: str | os.PathLike) -> str:
     return read_model(path)[1]
 
 
+def args_of(config: DecoderConfig) -> dict[str, Any]:
+    """A model's shape as tune_model.json (and tune_adapter.json) hold it: every
+    DecoderConfig field by name."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
 def write_model_args(folder: str | os.PathLike, args: Mapping | DecoderConfig, *,
                      family: str | None = None) -> Path:
     """Write ``tune_model.json`` (atomically) into ``folder``.
@@ -211,7 +218,7 @@ def write_model_args(folder: str | os.PathLike, args: Mapping | DecoderConfig, *
     """
     path = Path(folder).expanduser() / MODEL_ARGS_FILE
     config = args if isinstance(args, DecoderConfig) else config_from_args(args, str(path))
-    data = vars(config).copy()
+    data = args_of(config)
     if family is not None:
         data[FAMILY_FIELD] = check_family(family, str(path))
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -386,7 +386,7 @@ def save_best(output_dir: str | Path, state: TrainingState, write_model: Callabl
     return best
 
 
-def model_writer(state_dict: dict[str, torch.Tensor], model_args: dict[str, Any], family: str,
+def model_writer(state_dict: dict[str, torch.Tensor], config: Any, family: str,
                  checkpoint_format: str) -> Callable[[Path], None]:
     """What writes a full model into a checkpoint folder: the weights and the model's shape
     (what tune generate, eval and convert read)."""
@@ -396,7 +396,7 @@ def model_writer(state_dict: dict[str, torch.Tensor], model_args: dict[str, Any]
         save_native(state_dict, folder / MODEL_FILES[checkpoint_format])
         # The family travels with the weights: tune generate --chat and a later fine-tune of
         # this checkpoint read it even where the run's config.yaml is not beside it.
-        write_model_args(folder, model_args, family=family)
+        write_model_args(folder, config, family=family)
 
     return write
 

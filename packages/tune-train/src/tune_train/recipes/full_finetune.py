@@ -63,7 +63,7 @@ def main(cfg: TrainConfig) -> None:
 
         def model_files():  # every process: FSDP gathers the full weights on the main one
             weights = full_state_dict(model, keep=run.is_main)
-            return ckpt.model_writer(weights, vars(config), model_family(cfg).name,
+            return ckpt.model_writer(weights, config, model_family(cfg).name,
                                      cfg.checkpoint_format)
 
         def save() -> Path:
