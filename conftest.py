@@ -112,3 +112,15 @@ def llama3_vectors() -> list[tuple[str, list[int]]]:
 def qwen2_vectors() -> list[tuple[str, list[int]]]:
     """The same 46 strings with their expected Qwen2 ids."""
     return _vocab_vectors("qwen2-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def gsm8k_test_path() -> Path:
+    """GSM8K's 1,319 test problems (question, answer ending '#### N')."""
+    return _shared_file("gsm8k/test.jsonl")
+
+
+@pytest.fixture(scope="session")
+def gsm8k_train_path() -> Path:
+    """GSM8K's 7,473 training problems."""
+    return _shared_file("gsm8k/train.jsonl")
