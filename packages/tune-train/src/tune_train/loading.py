@@ -42,8 +42,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 # Where a model's tokenizer lies beside its weights, in the order tried: the SentencePiece or
 # tiktoken file a family ships as its own (Meta's Llama 3 one under original/ in a Hub
-# download), then Hugging Face's tokenizer.json (every family's Hub repository has one).
-TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")
+# download), then Hugging Face's tokenizer.json (every family's Hub repository has one), then
+# a byte-level BPE's vocab.json (+ merges.txt), what a transformers re-save may hold instead.
+TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json",
+                   "vocab.json")
 
 
 def resolve_tokenizer(checkpoint: Path, tokenizer: str | Path | None) -> Path:
