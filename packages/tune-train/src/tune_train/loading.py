@@ -82,6 +82,17 @@ def resolve_chat_template(checkpoint: Path, chat_template: str | None) -> str | 
     return None
 
 
+def resolve_enable_thinking(checkpoint: Path, enable_thinking: bool | None) -> bool | None:
+    """``enable_thinking`` to prompt a checkpoint with: as given, else the one its training
+    run set (its output_dir's config.yaml), else None (the template's default)."""
+    if enable_thinking is not None:
+        return enable_thinking
+    for folder in _run_folders(checkpoint):
+        if (folder / "config.yaml").is_file():
+            return _run_setting(folder, "enable_thinking")
+    return None
+
+
 def _run_folders(checkpoint: Path) -> tuple[Path, Path]:
     """The checkpoint's folder and the training output_dir above a step folder."""
     return checkpoint.parent, checkpoint.parent.parent.parent
