@@ -125,8 +125,13 @@ def test_config_validate_checks_the_chat_template(tmp_path, sharegpt_json_path,
     result = tune("config", "validate", str(config))
     assert result.returncode == 1
     assert f"error: chat_template '{tmp_path / 'missing.jinja'}' is neither a built-in " \
-        "format (llama2, llama3, chatml, mistral)" in result.stderr
+        "format (llama2, llama3, chatml, mistral, gemma)" in result.stderr
     assert tune("config", "validate", str(config), "chat_template=mistral").returncode == 0
+    switch = tune("config", "validate", str(config), "chat_template=mistral",
+                  "enable_thinking=false")
+    assert switch.returncode == 1
+    assert "error: enable_thinking is set, but the chat template mistral has no " \
+        "enable_thinking switch" in switch.stderr
 
 
 def test_chat_data_from_the_hub(tmp_path, hub_server, sharegpt_json_path,
@@ -257,7 +262,9 @@ def test_generate_chat_stops_at_each_familys_end_of_turn_token(family_run):
     family, tokenizer_path, out = family_run
     tokenizer = load_tokenizer(tokenizer_path)
     end = tokenizer.token_id({"qwen3": "<|im_end|>", "gemma3": "<end_of_turn>"}[family])
-    assert end != tokenizer.eos_id  # so stopping there is not stopping at EOS
+    # Gemma's EOS is another token, so stopping there is not stopping at EOS (Qwen3's
+    # post-trained tokenizer names <|im_end|> its EOS).
+    assert (end == tokenizer.eos_id) == (family == "qwen3")
     _always_says(out, end)
     one = tune("generate", "--checkpoint", str(out), "--chat", "-p", "Hello",
                "--max-new-tokens", "20")
@@ -278,7 +285,7 @@ def test_generate_chat_stops_at_each_familys_end_of_turn_token(family_run):
             "does); leave enable_thinking unset for this model's format"]
 
 
-def test_the_qwen3_run_trained_answers_without_a_think_block(family_run, sharegpt_json_path):
+def test_enable_thinking_reaches_the_template_or_is_refused(family_run):
     """enable_thinking: false in the config reached the template (the run's data), and a
     run of a family without the switch stops at once with one line."""
     family, tokenizer_path, out = family_run
