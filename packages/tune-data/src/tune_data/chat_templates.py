@@ -460,7 +460,10 @@ class JinjaChatTemplate(ChatTemplate):
         adds right after ``messages[:k - 1]``."""
         through = renders[k + 1]
         if bounds[k + 1] is not None:
-            skipped = render([*messages[: k - 1], messages[k]])
+            try:
+                skipped = render([*messages[: k - 1], messages[k]])
+            except DataError:  # e.g. a template that needs its turns to alternate
+                raise self._not_prefix_stable(k - 1) from None
             before = renders[k - 1]
             own = skipped[len(before):] if skipped.startswith(before) else None
             if own and through.endswith(own) and len(through) - len(own) >= bounds[k - 1]:
