@@ -51,6 +51,13 @@ def sharegpt_json_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def llamafactory_dpo_path() -> Path:
+    """LLaMA-Factory's 300 preference pairs (ShareGPT turns, system turns, prompts of 1-13
+    messages ending with a user turn)."""
+    return _shared_file("preference/llamafactory-dpo_en_demo.json")
+
+
+@pytest.fixture(scope="session")
 def tinyshakespeare_path() -> Path:
     return _shared_file("tinyshakespeare/input.txt")
 
@@ -83,6 +90,25 @@ def llama3_tokenizer_path() -> Path:
 def qwen2_tokenizer_path() -> Path:
     """Qwen2's tokenizer.json (tokenizer_config.json beside it)."""
     return _shared_file("qwen2-tokenizer/tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_path() -> Path:
+    """Qwen3's vocab.json, with merges.txt, tokenizer_config.json (its 26 added tokens),
+    chat_template.jinja and generation_config.json beside it; no tokenizer.json."""
+    return _shared_file("qwen3-tokenizer/vocab.json")
+
+
+@pytest.fixture(scope="session")
+def gemma3_tokenizer_path(tmp_path_factory) -> Path:
+    """A stand-in for Gemma 3's tokenizer.model (testing/gemma_tokenizer.py): a SentencePiece
+    BPE of 3,000 pieces with Gemma's settings and special pieces, trained here on the real
+    ShareGPT and Alpaca text (a tenth of a second)."""
+    from gemma_tokenizer import train_gemma_tokenizer, training_texts
+
+    texts = training_texts(_shared_file("sharegpt/dummy_conversation.json"),
+                           _shared_file("alpaca/alpaca_5000.json"))
+    return train_gemma_tokenizer(tmp_path_factory.mktemp("gemma3-tokenizer"), texts)
 
 
 @pytest.fixture(scope="session")

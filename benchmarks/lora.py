@@ -2,7 +2,7 @@
 step at 7B/8B shape.
 
     uv run python benchmarks/lora.py [--rounds 3] [--steps 3]   # CPU tokens/s vs PEFT
-    uv run python benchmarks/lora.py --memory [--models llama3_1_8b,llama2_7b]
+    uv run python benchmarks/lora.py --memory [--models llama3_1_8b,llama2_7b,qwen3_8b]
     python3 benchmarks/lora.py --gpu                             # on a GPU machine, one call
     uv run python benchmarks/lora.py --gpu --smoke               # GPU section, tiny, any device
 
@@ -14,7 +14,8 @@ losses are printed and must agree). Every measurement is its own process, altern
 and PEFT each round; medians (min, max) and the ratio last. Peak memory is torch's CPU
 allocator peak over two steps (see benchmarks/model.py).
 
-Memory: one QLoRA training step of the real shape (llama3_1_8b, llama2_7b) at batch 1 x 256,
+Memory: one QLoRA training step of the real shape (llama3_1_8b, llama2_7b, qwen3_8b) at batch
+1 x 256,
 activation checkpointing, fp32 compute, adapters rank 8 on q, v, o, gate, up, down
 (torchtune's QLoRA recipe). The model is built by lora_finetune's own code
 (tune_ckpt.building.build_model) from a random base: one weight at a time from the meta
@@ -22,9 +23,11 @@ device, each quantised to NF4 as it is made, so the full-precision model never e
 Prints the bytes of the frozen base, the trainable parameters, the optimizer state, the
 step time and the process's peak RSS (goal: <= 10 GB).
 
-GPU (--gpu): Llama-3.1-8B shape, bf16, batch 2 x 2048, activation checkpointing, adapters
-rank 8 on q, v, o, gate, up, down: tune QLoRA, tune LoRA and transformers + PEFT LoRA
-(transformers' QLoRA needs bitsandbytes, which the GPU machine lacks). Needs only python3
+GPU (--gpu [--models llama3_1_8b,qwen3_8b]): each model's real shape (Llama-3.1-8B;
+Qwen3-8B: QK-norm, 152k-token untied output), bf16, batch 2 x 2048, activation
+checkpointing, adapters rank 8 on q, v, o, gate, up, down: tune QLoRA, tune LoRA and
+transformers + PEFT LoRA (LlamaForCausalLM, Qwen3ForCausalLM; transformers' QLoRA needs
+bitsandbytes, which the GPU machine lacks). Needs only python3
 with torch and transformers (run from source: PYTHONPATH=$(ls -d packages/*/src | paste -sd:));
 without peft the transformers side gets a minimal LoRA layer written here, and says so. Each
 measurement is its own process: warm-up steps, then timed steps between
@@ -43,7 +46,12 @@ Last measured (this machine: 2 CPU cores, fp32, torch 2.x CPU build; no GPU lent
   step 162 s. Before lora_finetune set glibc's mmap threshold for an NF4 base on CPU
   (tune_train.memory.return_large_blocks_to_os) the same steps peaked at 10.74 GB and 7.31 GB:
   the weights dequantised for every matmul fragmented the heap.
-* GPU: not run (no GPU was lent to this task); `--gpu --smoke` runs the three sides on CPU.
+* Memory, qwen3_8b (`--memory --models qwen3_8b`, load average 4-5): peak RSS 9.98 GB (goal
+  <= 10 GB, met by 20 MB): frozen base 8.56 GB (NF4 linears 3.58 GB; the 152k-token
+  embedding and output, not tied, 4.98 GB in fp32), 20,348,928 trainable parameters =
+  81.4 MB, AdamW state 162.8 MB; built in 488 s, step 565 s.
+* GPU: not run (no GPU was lent to this task); `--gpu --smoke` runs the three sides of each
+  model on CPU (tiny Llama-3.1- and Qwen3-shaped models).
 """
 
 from __future__ import annotations
@@ -277,19 +285,35 @@ def _hf_lora(model, targets, use_peft: bool):
     return model
 
 
-def gpu_child(side: str, smoke: bool, steps: int) -> dict:
+# The transformers architecture each GPU model is compared with (hf_reference.hf_config's).
+GPU_ARCHITECTURES = {"llama3_1_8b": "llama", "qwen3_8b": "qwen3"}
+# Peak GiB goals: the bf16 (LoRA) or NF4 + bf16 (QLoRA) weights plus the headroom Llama-3.1-8B
+# was given (activations at 2 x 2048 with checkpointing, the chunked loss, the allocator).
+GPU_GOALS = {("llama3_1_8b", "tune_qlora"): 7.4, ("llama3_1_8b", "tune_lora"): 16.2,
+             ("qwen3_8b", "tune_qlora"): 7.8, ("qwen3_8b", "tune_lora"): 16.5}
+
+
+def _gpu_config(name: str, smoke: bool):
+    """The model's real shape, or (smoke) a tiny one of the same family (CPU is fine)."""
+    import dataclasses
+
+    from tune_models import MODELS, DecoderConfig, llama3_1_8b, qwen3_tiny
+
+    if not smoke:
+        return MODELS[name]()
+    if name == "qwen3_8b":  # QK-norm, heads wider than dim / n_heads, untied output
+        return dataclasses.replace(qwen3_tiny(512), tie_embeddings=False, max_seq_len=256)
+    return DecoderConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                         hidden_dim=448, max_seq_len=256, rope_theta=500000.0,
+                         rope_scaling=llama3_1_8b().rope_scaling)
+
+
+def gpu_child(side: str, name: str, smoke: bool, steps: int) -> dict:
     import torch
 
-    from tune_models import DecoderConfig, llama3_1_8b
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if smoke:  # the same code on a tiny Llama-3.1-shaped model (CPU is fine)
-        config = DecoderConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
-                               hidden_dim=448, max_seq_len=256, rope_theta=500000.0,
-                               rope_scaling=llama3_1_8b().rope_scaling)
-        batch, seq, warmup = 2, 128, 1
-    else:
-        config, batch, seq, warmup = llama3_1_8b(), 2, 2048, 2
+    config = _gpu_config(name, smoke)
+    batch, seq, warmup = (2, 128, 1) if smoke else (2, 2048, 2)
     dtype = torch.bfloat16
     torch.manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (batch, seq), device=device)
@@ -304,16 +328,13 @@ def gpu_child(side: str, smoke: bool, steps: int) -> dict:
             return model(tokens, labels=labels) / n
     else:
         import transformers
+        from hf_reference import hf_config
 
-        hf_config = transformers.LlamaConfig(
-            vocab_size=config.vocab_size, hidden_size=config.dim,
-            intermediate_size=config.hidden_dim, num_hidden_layers=config.n_layers,
-            num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
-            rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta,
-            rope_scaling=dict(config.rope_scaling), max_position_embeddings=config.max_seq_len,
-            attn_implementation="sdpa", dtype=dtype)
-        with torch.device("meta"):
-            model = transformers.LlamaForCausalLM(hf_config).to(dtype)  # meta: free
+        architecture = GPU_ARCHITECTURES[name]
+        model_class = {"llama": transformers.LlamaForCausalLM,
+                       "qwen3": transformers.Qwen3ForCausalLM}[architecture]
+        with torch.device("meta"):  # meta: free
+            model = model_class(hf_config(config, architecture, dtype=dtype)).to(dtype)
         model.to_empty(device=device)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -353,29 +374,35 @@ def gpu_child(side: str, smoke: bool, steps: int) -> dict:
             "trainable": sum(p.numel() for p in trainable), "device": device, "note": note}
 
 
-def gpu_bench(smoke: bool, steps: int) -> None:
+def gpu_bench(names: list[str], smoke: bool, steps: int) -> None:
     # transformers' QLoRA needs bitsandbytes' kernels and a checkpoint to quantise while
     # loading; the peer here is its bf16 LoRA path, which QLoRA should not fall far behind.
     sides = ["tune_qlora", "hf_lora", "tune_lora"]
-    results = {}
-    for side in sides:
-        args = ["--gpu-child", side, "--steps", str(steps)] + (["--smoke"] if smoke else [])
-        try:
-            results[side] = _run_child(args)
-        except SystemExit as e:  # one failing peer must not hide the others' figures
-            print(f"{side}: failed: {str(e)[-600:]}")
-            continue
-        r = results[side]
-        print(f"{side:11s} {r['tokens_per_s']:10,.0f} tokens/s  peak {r['peak_gib']:6.2f} GiB  "
-              f"trainable {r['trainable']:,} ({r['device']}) {r['note']}", flush=True)
-    goals = {"tune_qlora": 7.4, "tune_lora": 16.2}
-    for side, goal in goals.items():
-        if side in results and not smoke:
-            print(f"{side}: peak {results[side]['peak_gib']:.2f} GiB (goal <= {goal} GiB)")
-    for ours, peer in (("tune_lora", "hf_lora"), ("tune_qlora", "hf_lora")):
-        if ours in results and peer in results:
-            ratio = results[ours]["tokens_per_s"] / results[peer]["tokens_per_s"]
-            print(f"ratio {ours} / {peer}: tokens/s {ratio:.2f}x")
+    for name in names:
+        if name not in GPU_ARCHITECTURES:
+            raise SystemExit(f"--gpu covers {', '.join(GPU_ARCHITECTURES)}, not {name}")
+        results = {}
+        for side in sides:
+            args = ["--gpu-child", side, "--model", name, "--steps", str(steps)] + (
+                ["--smoke"] if smoke else [])
+            try:
+                results[side] = _run_child(args)
+            except SystemExit as e:  # one failing peer must not hide the others' figures
+                print(f"{name} {side}: failed: {str(e)[-600:]}")
+                continue
+            r = results[side]
+            print(f"{name} {side:11s} {r['tokens_per_s']:10,.0f} tokens/s  peak "
+                  f"{r['peak_gib']:6.2f} GiB  trainable {r['trainable']:,} ({r['device']}) "
+                  f"{r['note']}", flush=True)
+        for side in sides:
+            goal = GPU_GOALS.get((name, side))
+            if goal is not None and side in results and not smoke:
+                print(f"{name} {side}: peak {results[side]['peak_gib']:.2f} GiB "
+                      f"(goal <= {goal} GiB)")
+        for ours, peer in (("tune_lora", "hf_lora"), ("tune_qlora", "hf_lora")):
+            if ours in results and peer in results:
+                ratio = results[ours]["tokens_per_s"] / results[peer]["tokens_per_s"]
+                print(f"{name} ratio {ours} / {peer}: tokens/s {ratio:.2f}x")
 
 
 def main() -> None:
@@ -385,7 +412,10 @@ def main() -> None:
                         help="timed steps per measurement (CPU 3, GPU 5, smoke 2)")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--memory", action="store_true", help="the 7B/8B QLoRA memory section")
-    parser.add_argument("--models", default="llama3_1_8b,llama2_7b")
+    parser.add_argument("--models", default=None,
+                        help="--memory: llama3_1_8b,llama2_7b,qwen3_8b; --gpu: "
+                        "llama3_1_8b,qwen3_8b")
+    parser.add_argument("--model", help=argparse.SUPPRESS)  # a GPU child's model
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--gpu", action="store_true", help="the GPU section")
@@ -399,11 +429,13 @@ def main() -> None:
     elif args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.batch, args.seq)))
     elif args.gpu_child:
-        print(json.dumps(gpu_child(args.gpu_child, args.smoke, args.steps or 5)))
+        print(json.dumps(gpu_child(args.gpu_child, args.model, args.smoke, args.steps or 5)))
     elif args.memory:
-        memory_bench(args.models.split(","), args.batch, args.seq)
+        memory_bench((args.models or "llama3_1_8b,llama2_7b,qwen3_8b").split(","), args.batch,
+                     args.seq)
     elif args.gpu:
-        gpu_bench(args.smoke, args.steps or (2 if args.smoke else 5))
+        gpu_bench((args.models or ",".join(GPU_ARCHITECTURES)).split(","), args.smoke,
+                  args.steps or (2 if args.smoke else 5))
     else:
         cpu_bench(args.rounds, args.steps or 3, args.dropout)
 

@@ -9,6 +9,10 @@
   tokenizer.model; its accepted token is ``tiny_meta_repo.token``.
 * ``write_meta_checkpoint(folder, params, ...)``: write a random Meta checkpoint (optionally
   split into model-parallel shards the way Meta's fairscale layers split weights).
+* ``tiny_llama3_repo``, ``tiny_qwen2_repo``, ``tiny_qwen3_repo``, ``tiny_gemma3_repo``: a tiny
+  model of each family as its Hub repository holds it (safetensors, config.json), with the
+  family's tokenizer files (Qwen3: the real vocab.json + merges.txt folder; Gemma 3, gated:
+  the stand-in SentencePiece model of testing/gemma_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -295,5 +299,65 @@ def tiny_qwen2_repo(hub_server, _tiny_qwen2_files, qwen2_tokenizer_path):
                            native=_tiny_qwen2_files / "native")
 
 
+@pytest.fixture(scope="session")
+def _tiny_qwen3_files(tmp_path_factory) -> Path:
+    from tune_models import qwen3_tiny
+
+    return _tiny_export(tmp_path_factory.mktemp("tiny_qwen3"), qwen3_tiny(vocab_size=256),
+                        "qwen3", ("hf",))
+
+
+# The real Qwen3 tokenizer folder's files (no tokenizer.json there: a transformers re-save).
+QWEN3_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json",
+                         "added_tokens.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+@pytest.fixture
+def tiny_qwen3_repo(hub_server, _tiny_qwen3_files, qwen3_tokenizer_path):
+    """``Qwen/Qwen3-0.6B`` (public): safetensors and config.json of a tiny Qwen3, with the
+    real Qwen3 tokenizer files (vocab.json + merges.txt, its added tokens and its chat
+    template)."""
+    hf = _tiny_qwen3_files / "hf"
+    folder = Path(qwen3_tokenizer_path).parent
+    files = {
+        "config.json": hf / "config.json",
+        "generation_config.json": hf / "generation_config.json",
+        "model.safetensors": hf / "model.safetensors",
+        **{name: folder / name for name in QWEN3_TOKENIZER_FILES},
+        "README.md": "# Qwen3 (tiny test stand-in)\n",
+        "LICENSE": "test license\n",
+    }
+    repo = hub_server.add_repo("Qwen/Qwen3-0.6B", files)
+    return SimpleNamespace(repo_id=repo.repo_id, files=sorted(files), server=hub_server,
+                           native=_tiny_qwen3_files / "native", tokenizer="vocab.json")
+
+
+@pytest.fixture(scope="session")
+def _tiny_gemma3_files(tmp_path_factory) -> Path:
+    from tune_models import gemma3_tiny
+
+    return _tiny_export(tmp_path_factory.mktemp("tiny_gemma3"), gemma3_tiny(vocab_size=3000),
+                        "gemma3", ("hf",))
+
+
+@pytest.fixture
+def tiny_gemma3_repo(hub_server, _tiny_gemma3_files, gemma3_tokenizer_path):
+    """Gated ``google/gemma-3-1b-pt``: safetensors and config.json of a tiny Gemma 3 with the
+    stand-in for its SentencePiece tokenizer.model (testing/gemma_tokenizer.py)."""
+    hf = _tiny_gemma3_files / "hf"
+    files = {
+        "config.json": hf / "config.json",
+        "generation_config.json": hf / "generation_config.json",
+        "model.safetensors": hf / "model.safetensors",
+        "tokenizer.model": Path(gemma3_tokenizer_path),
+        "README.md": "# Gemma 3 (tiny test stand-in)\n",
+    }
+    repo = hub_server.add_repo("google/gemma-3-1b-pt", files, gated=True, tokens=[TEST_TOKEN])
+    return SimpleNamespace(repo_id=repo.repo_id, token=TEST_TOKEN, files=sorted(files),
+                           server=hub_server, native=_tiny_gemma3_files / "native",
+                           tokenizer="tokenizer.model")
+
+
 __all__ = ["TEST_TOKEN", "TINY_LLAMA3", "TINY_PARAMS", "hub_server", "meta_state_dict",
-           "tiny_llama3_repo", "tiny_meta_repo", "tiny_qwen2_repo", "write_meta_checkpoint"]
+           "tiny_gemma3_repo", "tiny_llama3_repo", "tiny_meta_repo", "tiny_qwen2_repo",
+           "tiny_qwen3_repo", "write_meta_checkpoint"]

@@ -125,8 +125,13 @@ def test_config_validate_checks_the_chat_template(tmp_path, sharegpt_json_path,
     result = tune("config", "validate", str(config))
     assert result.returncode == 1
     assert f"error: chat_template '{tmp_path / 'missing.jinja'}' is neither a built-in " \
-        "format (llama2, llama3, chatml, mistral)" in result.stderr
+        "format (llama2, llama3, chatml, mistral, gemma)" in result.stderr
     assert tune("config", "validate", str(config), "chat_template=mistral").returncode == 0
+    switch = tune("config", "validate", str(config), "chat_template=mistral",
+                  "enable_thinking=false")
+    assert switch.returncode == 1
+    assert "error: enable_thinking is set, but the chat template mistral has no " \
+        "enable_thinking switch" in switch.stderr
 
 
 def test_chat_data_from_the_hub(tmp_path, hub_server, sharegpt_json_path,
@@ -234,6 +239,67 @@ def test_generate_chat_formats_the_prompt_with_the_runs_template(qwen_run, qwen2
     wrong = tune("generate", "--checkpoint", str(qwen_run), "--chat", "--chat-template",
                  "llama3", "-p", "Hello")
     assert wrong.returncode == 1 and "no special token '<|start_header_id|>'" in wrong.stderr
+
+
+@pytest.fixture(scope="module", params=["qwen3", "gemma3"])
+def family_run(request, tmp_path_factory, sharegpt_json_path):
+    """(family, tokenizer file, output_dir): three steps on the ShareGPT conversations with
+    the family's tiny model and tokenizer, in its own chat format (Qwen3's chat_template.jinja
+    beside its vocab.json, with enable_thinking: false; Gemma's built-in format)."""
+    family = request.param
+    tokenizer = request.getfixturevalue(f"{family}_tokenizer_path")
+    tmp_path = tmp_path_factory.mktemp(family)
+    extra = {"enable_thinking": False} if family == "qwen3" else {}
+    config = chat_config(tmp_path, str(sharegpt_json_path), str(tokenizer), "auto",
+                         model=f"{family}_tiny", **extra)
+    _run(config, tmp_path / "out")
+    return family, tokenizer, tmp_path / "out"
+
+
+def test_generate_chat_stops_at_each_familys_end_of_turn_token(family_run):
+    from tune_data import load_tokenizer
+
+    family, tokenizer_path, out = family_run
+    tokenizer = load_tokenizer(tokenizer_path)
+    end = tokenizer.token_id({"qwen3": "<|im_end|>", "gemma3": "<end_of_turn>"}[family])
+    # Gemma's EOS is another token, so stopping there is not stopping at EOS (Qwen3's
+    # post-trained tokenizer names <|im_end|> its EOS).
+    assert (end == tokenizer.eos_id) == (family == "qwen3")
+    _always_says(out, end)
+    one = tune("generate", "--checkpoint", str(out), "--chat", "-p", "Hello",
+               "--max-new-tokens", "20")
+    assert one.returncode == 0, one.stderr
+    assert one.stdout == "\n" and " 1 new tokens" in one.stderr  # the end of turn, then stop
+    if family == "qwen3":  # the run's enable_thinking: false, and either switch, prompt it
+        for switch in ("--thinking", "--no-thinking"):
+            chosen = tune("generate", "--checkpoint", str(out), "--chat", switch, "-p", "Hi",
+                          "--max-new-tokens", "20")
+            assert chosen.returncode == 0 and " 1 new tokens" in chosen.stderr, chosen.stderr
+    else:  # Gemma's format has no thinking switch: one line
+        refused = tune("generate", "--checkpoint", str(out), "--chat", "--no-thinking", "-p",
+                       "Hi")
+        assert refused.returncode == 1
+        assert refused.stderr.splitlines() == [
+            "error: enable_thinking is set, but the chat template gemma has no "
+            "enable_thinking switch (it never reads that variable; Qwen3's own template "
+            "does); leave enable_thinking unset for this model's format"]
+
+
+def test_enable_thinking_reaches_the_template_or_is_refused(family_run):
+    """enable_thinking: false in the config reached the template (the run's data), and a
+    run of a family without the switch stops at once with one line."""
+    family, tokenizer_path, out = family_run
+    shown = tune("data", "show", str(out.parent / "chat.yaml"), "--index", "3")
+    assert shown.returncode == 0, shown.stderr
+    if family == "qwen3":
+        assert "⟦<|im_start|>assistant\n<think>\n\n</think>\n\n⟧" in shown.stdout
+        return
+    refused = tune("data", "show", str(out.parent / "chat.yaml"), "enable_thinking=false")
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        "error: enable_thinking is set, but the chat template gemma has no enable_thinking "
+        "switch (it never reads that variable; Qwen3's own template does); leave "
+        "enable_thinking unset for this model's format"]
 
 
 HUGE = "{{ 'A' * 200000000 }}"

@@ -228,12 +228,14 @@ def test_an_export_ends_sequences_where_the_familys_tokenizer_does(tmp_path, fam
         assert generation["bos_token_id"] == tokenizer.bos_id
 
 
-@pytest.mark.parametrize("repo_fixture", ["tiny_llama3_repo", "tiny_qwen2_repo"])
+@pytest.mark.parametrize("repo_fixture", ["tiny_llama3_repo", "tiny_qwen2_repo",
+                                          "tiny_qwen3_repo", "tiny_gemma3_repo"])
 def test_tune_download_then_convert_gives_what_tune_needs(tmp_path, repo_fixture, request):
-    """`tune download` a Llama 3 or Qwen repo (the local hub stand-in), then convert it: the
-    native model of the right family, and a tokenizer tune reads, without Meta's duplicate
-    weights."""
+    """`tune download` a Llama 3, Qwen2, Qwen3 or (gated) Gemma 3 repo (the local hub
+    stand-in), then convert it: the native model of the right family, and a tokenizer tune
+    reads whose ids are the family's, without Meta's duplicate weights."""
     from tune_data.tokenizers import load_tokenizer
+    from tune_train.registry import token_ids_problem
 
     repo = request.getfixturevalue(repo_fixture)
     out = tmp_path / "model"
@@ -246,10 +248,14 @@ def test_tune_download_then_convert_gives_what_tune_needs(tmp_path, repo_fixture
     _tune("convert_checkpoint", "--checkpoint_path", str(out))
     native = out / "native_pytorch_model.pt"
     _equal(load_native(native), load_native(repo.native))
-    family = "llama3" if repo_fixture == "tiny_llama3_repo" else "qwen2"
+    family = repo_fixture.split("_")[1]
     assert read_model_family(native) == family
-    tokenizer = out / ("original/tokenizer.model" if family == "llama3" else "tokenizer.json")
-    assert load_tokenizer(tokenizer).eos_id == FAMILIES[family].hf_token_ids["eos_token_id"]
+    tokenizer = out / getattr(repo, "tokenizer", (
+        "original/tokenizer.model" if family == "llama3" else "tokenizer.json"))
+    loaded = load_tokenizer(out if family in ("qwen3", "gemma3") else tokenizer)
+    assert loaded.path == tokenizer  # the download folder means its tokenizer file
+    assert FAMILIES[family].hf_token_ids["eos_token_id"] in loaded.stop_tokens
+    assert token_ids_problem(loaded, FAMILIES[family]) is None
 
 
 def _published(name: str, request) -> dict:

@@ -40,7 +40,9 @@ def _family(name: str) -> str:
 
 
 def _tokenizer_file(name: str, request) -> Path:
-    """The family's real tokenizer file in ../shared/data (skips when it is absent)."""
+    """The family's real tokenizer file in ../shared/data (skips when it is absent): Qwen3's
+    vocab.json (its folder has no tokenizer.json), and for Gemma 3, whose tokenizer.model is
+    not there, a SentencePiece model of its shape trained for the tests."""
     return request.getfixturevalue(f"{_family(name)}_tokenizer_path")
 
 
@@ -64,7 +66,8 @@ def test_config_ls_lists_a_config_per_family():
     listed = tune("config", "ls", cwd=Path.cwd())
     assert listed.returncode == 0
     for name in ["llama3_1_8b_full", "llama3_2_1b_full", "mistral_7b_full",
-                 "qwen2_5_0_5b_full", "qwen2_5_7b_full", "alpaca_llama2_full_finetune"]:
+                 "qwen2_5_0_5b_full", "qwen2_5_7b_full", "qwen3_0_6b_full", "gemma3_1b_full",
+                 "alpaca_llama2_full_finetune"]:
         line = next(ln for ln in listed.stdout.splitlines() if ln.startswith(name + " "))
         assert "GPU" in line or name == "alpaca_llama2_full_finetune"  # the hardware it needs
 
@@ -91,7 +94,7 @@ def test_each_config_trains_its_familys_model(trained, request):
     losses = [r["loss"] for r in read_jsonl_metrics(out / "metrics.jsonl")]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     # Untrained, the loss is about ln(vocabulary): the output covers every id of the
-    # family's tokenizer (128k for Llama 3, 152k for Qwen2).
+    # family's tokenizer (128k for Llama 3, 152k for Qwen2 and Qwen3).
     vocab = load_tokenizer(_tokenizer_file(name, request)).vocab_size
     assert abs(losses[0] - math.log(vocab)) < 1.0
     # The checkpoint is the config's model at the tiny size: what sets its family apart kept.

@@ -41,13 +41,15 @@ def _tokenizer_file(name: str, request) -> Path:
 
 
 def test_the_lora_configs_are_shipped():
-    assert CONFIGS == ["llama2_7b_lora", "llama3_1_8b_lora", "llama3_1_8b_qlora",
-                       "qwen2_5_7b_lora"]
+    assert CONFIGS == ["gemma3_4b_lora", "llama2_7b_lora", "llama3_1_8b_lora",
+                       "llama3_1_8b_qlora", "qwen2_5_7b_lora", "qwen3_8b_lora",
+                       "qwen3_8b_qlora"]
     listed = tune("config", "ls", cwd=Path.cwd())
     for name in CONFIGS:
         line = next(ln for ln in listed.stdout.splitlines() if ln.startswith(name + " "))
         assert "GPU" in line
     assert _shipped("llama3_1_8b_qlora")["quantize_base"] == "nf4"
+    assert _shipped("qwen3_8b_qlora")["quantize_base"] == "nf4"
 
 
 @pytest.mark.parametrize("name", CONFIGS)

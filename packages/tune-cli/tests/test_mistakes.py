@@ -147,3 +147,26 @@ def test_plot_never_replaces_what_is_not_a_file(tmp_path):
     _one_problem(result, 1, f"error: {tmp_path}/curve exists and is not a regular file; "
                             "pass --output path/to/loss_curve.png")
     assert (tmp_path / "curve").is_dir()
+
+
+def test_generate_chat_template_mistakes_are_one_line(checkpoint, tmp_path):
+    """A template that prints a variable nobody sets (jinja2 would write nothing: the prompt
+    would lose text without a word), and a thinking switch for a format that has none."""
+    template = tmp_path / "typo.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{{ eos }}{% endfor %}")
+    typo = tune("generate", "--checkpoint", str(checkpoint), "--chat", "--chat-template",
+                str(template), "-p", "Sort: cab", "--max-new-tokens", "2")
+    _one_problem(typo, 1, (
+        f"error: the chat template {template} uses the variable 'eos', which is not set (a "
+        "chat template is given add_generation_prompt, bos_token, documents, eos_token, "
+        "messages, pad_token, tools); fix the template, or test it with 'eos is defined' "
+        "first"))
+    switch = tune("generate", "--checkpoint", str(checkpoint), "--chat", "--no-thinking", "-p",
+                  "Sort: cab", "--max-new-tokens", "2")
+    _one_problem(switch, 1, (
+        "error: enable_thinking is set, but the chat template llama2 has no enable_thinking "
+        "switch (it never reads that variable; Qwen3's own template does); leave "
+        "enable_thinking unset for this model's format"))
+    plain = tune("generate", "--checkpoint", str(checkpoint), "--thinking", "-p", "Sort: cab")
+    _one_problem(plain, 2, "Error: --chat-template, --system and --thinking/--no-thinking apply "
+                           "to --chat")

@@ -13,7 +13,8 @@ from tune_data import (
 
 # The real tokenizers of every family, by fixture name: tests that hold for any tokenizer
 # take ``any_tokenizer`` and run once per family.
-FAMILIES = ["tokenizer", "mistral_tokenizer", "llama3_tokenizer", "qwen2_tokenizer"]
+FAMILIES = ["tokenizer", "mistral_tokenizer", "llama3_tokenizer", "qwen2_tokenizer",
+            "qwen3_tokenizer"]
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +36,18 @@ def llama3_tokenizer(llama3_tokenizer_path):
 @pytest.fixture(scope="session")
 def qwen2_tokenizer(qwen2_tokenizer_path):
     return HFTokenizer(qwen2_tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer(qwen3_tokenizer_path):
+    """Qwen3's, built from vocab.json + merges.txt and the added tokens of its config."""
+    return HFTokenizer(qwen3_tokenizer_path.parent)
+
+
+@pytest.fixture(scope="session")
+def gemma3_tokenizer(gemma3_tokenizer_path):
+    """The stand-in for Gemma 3's SentencePiece model (testing/gemma_tokenizer.py)."""
+    return SentencePieceTokenizer(gemma3_tokenizer_path)
 
 
 @pytest.fixture(params=FAMILIES)

@@ -2,6 +2,7 @@
 trips, newline cuts, picking the implementation from the file, and bad files."""
 
 import json
+import re
 
 import pytest
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
@@ -86,6 +87,108 @@ def test_qwen2_has_no_bos_and_ends_with_endoftext(qwen2_tokenizer):
     assert set(tok.stop_tokens) == {151643, 151645}  # a chat model's turn ends at <|im_end|>
     hello = tok.encode("Hello world", add_bos=False)
     assert tok.encode("Hello world", add_bos=True, add_eos=True) == [*hello, 151643]
+
+
+# Qwen3's published chat example and its ids (../shared/data/README.md: checked with the
+# tokenizers library against llama.cpp's Qwen2 vectors).
+QWEN3_CHAT = ("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n\n"
+              "</think>\n\n4<|im_end|>")
+QWEN3_CHAT_IDS = [151644, 872, 198, 3838, 374, 220, 17, 10, 17, 30, 151645, 198, 151644, 77091,
+                  198, 151667, 271, 151668, 271, 19, 151645]
+
+
+def test_qwen3_from_vocab_and_merges_is_transformers_tokenizer(
+    qwen3_tokenizer, qwen3_tokenizer_path, qwen2_vectors, sharegpt_json_path
+):
+    """The real Qwen3 folder has no tokenizer.json: vocab.json + merges.txt + the 26 added
+    tokens of tokenizer_config.json give transformers' own tokenizer for that folder."""
+    from transformers import AutoTokenizer
+
+    tok = qwen3_tokenizer
+    hf = AutoTokenizer.from_pretrained(qwen3_tokenizer_path.parent)
+    assert tok.vocab_size == 151669 == len(hf) and tok.bos_id is None
+    every = range(tok.vocab_size)
+    assert [tok.id_to_piece(i) for i in every] == hf.convert_ids_to_tokens(list(every))
+    assert (tok.eos_id, tok.pad_id) == (151645, 151643)  # <|im_end|>, <|endoftext|>
+    assert set(tok.stop_tokens) == {151645, 151643}  # generation_config.json's eos_token_id
+    assert len(tok.special_tokens) == 14 and "<think>" not in tok.special_tokens
+    # <think> / </think> are added tokens but not special: read in text, as transformers does.
+    thought = tok.encode("<think>\nx\n</think>", add_bos=False)
+    assert (thought[0], thought[-1]) == (151667, 151668)
+    assert tok.encode("Hello world", add_bos=False) == [9707, 1879]
+    assert [tok.encode(t, add_bos=False) for t, _ in qwen2_vectors] == [i for _, i in qwen2_vectors]
+    texts = [m["value"] for r in json.loads(sharegpt_json_path.read_text())
+             for m in r["conversations"]]
+    assert tok.encode_batch(texts, add_bos=False) == hf(texts, add_special_tokens=False)[
+        "input_ids"]
+    # The control tokens of the chat example are read by name by chat templates (in data
+    # they stay text): the pieces between them, encoded apart, give the published ids.
+    parts = re.split(r"(<\|im_start\|>|<\|im_end\|>)", QWEN3_CHAT)
+    ids = [i for p in parts if p for i in ([tok.token_id(p)] if p in tok.special_tokens
+                                           else tok.encode(p, add_bos=False))]
+    assert ids == QWEN3_CHAT_IDS == hf(QWEN3_CHAT, add_special_tokens=False)["input_ids"]
+    for where in (qwen3_tokenizer_path, qwen3_tokenizer_path.parent):
+        loaded = load_tokenizer(where)
+        assert type(loaded) is HFTokenizer and loaded.fingerprint == tok.fingerprint
+
+
+def test_vocab_and_merges_that_tune_cannot_build_are_one_line(tmp_path, qwen3_tokenizer_path):
+    source = qwen3_tokenizer_path.parent
+
+    def folder(name, config=None, files=("vocab.json", "merges.txt")):
+        made = tmp_path / name
+        made.mkdir()
+        for f in files:
+            (made / f).symlink_to(source / f)
+        settings = json.loads((source / "tokenizer_config.json").read_text())
+        (made / "tokenizer_config.json").write_text(json.dumps({**settings, **(config or {})}))
+        return made
+
+    decoder = json.loads((source / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    moved = {str(int(i) + 1): t for i, t in decoder.items()}  # one id past where they belong
+    cases = [
+        (folder("no_merges", files=("vocab.json",)),
+         "no_merges has no tokenizer.json and no merges.txt; pass the model's tokenizer.json"),
+        (folder("gpt2", {"tokenizer_class": "GPT2Tokenizer"}),
+         "gpt2 holds vocab.json and merges.txt but no tokenizer.json, and its "
+         "tokenizer_config.json names tokenizer_class 'GPT2Tokenizer'; tune builds a tokenizer "
+         "from those two files for Qwen2Tokenizer (Qwen2, Qwen2.5, Qwen3) only: pass the "
+         "model's tokenizer.json"),
+        (folder("moved", {"added_tokens_decoder": moved}),
+         "moved/tokenizer_config.json gives '<|endoftext|>' the id 151644, but it lands at "
+         "151643 after the 151,643 ids of "),
+    ]
+    for path, message in cases:
+        for where in (path, path / "vocab.json"):
+            with pytest.raises(DataError) as error:
+                load_tokenizer(where)
+            assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_gemma_sentencepiece_special_pieces_and_transformers_ids(
+    gemma3_tokenizer, gemma3_tokenizer_path, sharegpt_json_path
+):
+    """Gemma 3's ids (pad 0, eos 1, bos 2, unk 3), its turn markers as control tokens (they
+    are user-defined pieces in its file), and the ids of transformers' GemmaTokenizer, which
+    converts the same file."""
+    from transformers import GemmaTokenizer
+
+    tok = gemma3_tokenizer
+    hf = GemmaTokenizer.from_pretrained(gemma3_tokenizer_path.parent)
+    assert (tok.pad_id, tok.eos_id, tok.bos_id) == (0, 1, 2) == (
+        hf.pad_token_id, hf.eos_token_id, hf.bos_token_id)
+    end = tok.token_id("<end_of_turn>")
+    assert tok.token_id("<start_of_turn>") == hf.convert_tokens_to_ids("<start_of_turn>")
+    assert end == hf.convert_tokens_to_ids("<end_of_turn>")
+    assert tok.stop_tokens == (1, end)  # generation ends at EOS or the end of a turn
+    ids = tok.encode("Hi<end_of_turn>\n", add_bos=True)
+    assert ids[0] == 2 and end in ids and tok.decode(ids) == "Hi\n"  # turn markers left out
+    texts = [m["value"] for r in json.loads(sharegpt_json_path.read_text())
+             for m in r["conversations"]] + ROUND_TRIP
+    assert tok.encode_batch(texts, add_bos=False) == hf(texts, add_special_tokens=False)[
+        "input_ids"]
+    for text in ROUND_TRIP:
+        assert tok.decode(tok.encode(text)) == text
 
 
 def test_an_unknown_special_token_name_is_one_line(llama3_tokenizer):
@@ -227,7 +330,8 @@ def test_damaged_files_are_one_line_naming_the_file(tmp_path, llama3_tokenizer_p
         (lambda: load_tokenizer(broken_json),
          f"{broken_json} is not a Hugging Face tokenizer.json \\(damaged, truncated"),
         (lambda: load_tokenizer(tmp_path / "nothing.model"), "nothing.model not found"),
-        (lambda: load_tokenizer(tmp_path), "holds no tokenizer.model or tokenizer.json"),
+        (lambda: load_tokenizer(tmp_path),
+         "holds no tokenizer.model, tokenizer.json or vocab.json"),
     ]
     for make, message in cases:
         with pytest.raises(DataError, match=message) as error:

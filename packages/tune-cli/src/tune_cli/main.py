@@ -194,10 +194,14 @@ def _config(config_name: str):
               help="Send each prompt as a user turn in the model's chat format; the answer "
               "ends at the end-of-turn token.")
 @click.option("--chat-template", "--chat_template", "chat_template", default=None,
-              help="With --chat: llama2, llama3, chatml, mistral, or a .jinja / "
+              help="With --chat: llama2, llama3, chatml, mistral, gemma, or a .jinja / "
               "tokenizer_config.json file (default: the run's chat_template, else the "
               "model's own or its family's).")
 @click.option("--system", default=None, help="With --chat: a system prompt.")
+@click.option("--thinking/--no-thinking", "enable_thinking", default=None,
+              help="With --chat: the chat template's enable_thinking switch (Qwen3: "
+              "--no-thinking answers without reasoning); default: the run's enable_thinking, "
+              "else the template's own default.")
 @click.option("--interactive", is_flag=True,
               help="Chat turn by turn: read each user turn as a line from stdin until EOF, "
               "keeping the conversation.")
@@ -215,8 +219,8 @@ def _config(config_name: str):
               help="torch.compile the decode step: faster after a one-off compile "
                    "(on CPU it needs a C++ compiler).")
 def generate(checkpoint, config_name, adapter, tokenizer, device, dtype, prompts, template,
-             chat, chat_template, system, interactive, max_new_tokens, temperature, top_k,
-             top_p, seed, compile_) -> None:
+             chat, chat_template, system, enable_thinking, interactive, max_new_tokens,
+             temperature, top_k, top_p, seed, compile_) -> None:
     """Generate text from a checkpoint; prints each answer, then tokens/s on stderr."""
     import time
 
@@ -234,8 +238,10 @@ def generate(checkpoint, config_name, adapter, tokenizer, device, dtype, prompts
     if chat and template != "none":
         raise click.UsageError("--template wraps plain prompts; with --chat the chat template "
                                "formats them (choose it with --chat-template)")
-    if not chat and (chat_template is not None or system is not None):
-        raise click.UsageError("--chat-template and --system apply to --chat")
+    if not chat and (chat_template is not None or system is not None
+                     or enable_thinking is not None):
+        raise click.UsageError("--chat-template, --system and --thinking/--no-thinking apply "
+                               "to --chat")
     if not prompts and not interactive:
         raise click.UsageError("pass --prompt/-p (or --interactive to chat from stdin)")
     model, tok, weights = _load(checkpoint, config_name, adapter, tokenizer, device, dtype)
@@ -255,13 +261,14 @@ def generate(checkpoint, config_name, adapter, tokenizer, device, dtype, prompts
     start = time.perf_counter()
     if interactive:
         new_tokens = _chat_interactively(
-            tok, _chat_template(tok, chat_template, config_name, weights), system, prompts, run,
-            answer_of)
+            tok, _chat_template(tok, chat_template, enable_thinking, config_name, weights),
+            system, prompts, run, answer_of)
     else:
         if chat:
             from tune_data import chat_prompt
 
-            template_ = _chat_template(tok, chat_template, config_name, weights)
+            template_ = _chat_template(tok, chat_template, enable_thinking, config_name,
+                                       weights)
             encoded = [chat_prompt(tok, template_, _turns(system, [], p)) for p in prompts]
         else:
             texts = [p if template == "none" else TEMPLATES[template].render(
@@ -279,15 +286,20 @@ def generate(checkpoint, config_name, adapter, tokenizer, device, dtype, prompts
                f"{new_tokens / max(elapsed, 1e-9):.1f} tokens/s", err=True)
 
 
-def _chat_template(tok, name: str | None, config_name: str | None, weights: Path):
+def _chat_template(tok, name: str | None, enable_thinking: bool | None,
+                   config_name: str | None, weights: Path):
     """--chat-template, else the training run's chat_template, else the model's default
-    (its own template, else its family's: tune_model.json or the run's config names it)."""
-    from tune_train.loading import model_family_of, resolve_chat_template
+    (its own template, else its family's: tune_model.json or the run's config names it);
+    with --thinking/--no-thinking, else the run's enable_thinking."""
+    from tune_train.loading import model_family_of, resolve_chat_template, resolve_enable_thinking
     from tune_train.registry import chat_template
 
-    if name is None and config_name is not None:
-        name = _config(config_name).chat_template
-    return chat_template(resolve_chat_template(weights, name), tok, model_family_of(weights))
+    if config_name is not None:
+        cfg = _config(config_name)
+        name = cfg.chat_template if name is None else name
+        enable_thinking = cfg.enable_thinking if enable_thinking is None else enable_thinking
+    return chat_template(resolve_chat_template(weights, name), tok, model_family_of(weights),
+                         resolve_enable_thinking(weights, enable_thinking))
 
 
 def _turns(system: str | None, history: list[dict[str, str]], prompt: str

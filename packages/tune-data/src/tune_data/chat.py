@@ -402,6 +402,7 @@ def chat_dataset(
     conversation_column: str | None = None,
     system_prompt: str | None = None,
     role_map: Mapping[str, str] | None = None,
+    enable_thinking: bool | None = None,
     cache_dir: str | Path | None = None,
     **load_kwargs: Any,
 ) -> TokenizedDataset:
@@ -435,6 +436,10 @@ def chat_dataset(
             or ``conversations``, whichever the data has).
         system_prompt: A system message for conversations that have none.
         role_map: More role names, e.g. ``{"bot": "assistant"}``.
+        enable_thinking: Passed to a template that reads it: Qwen3's own template with
+            False writes an empty think block into each answer's prompt, so the answers are
+            trained without reasoning; None (the default) passes nothing. A template without
+            that switch (every built-in one) refuses it.
         cache_dir: Cache folder.
         **load_kwargs: Passed on to ``datasets.load_dataset``.
 
@@ -448,7 +453,7 @@ def chat_dataset(
             naming the row.
     """
     source = check_source("a chat dataset", source, data_files, max_seq_len)
-    template = load_chat_template(chat_template, tokenizer)
+    template = load_chat_template(chat_template, tokenizer, enable_thinking=enable_thinking)
     where = _describe_source(source, data_files)
     encoder = _ChatEncoder(tokenizer, template, train_on_input=train_on_input,
                            max_seq_len=max_seq_len, system_prompt=system_prompt,
@@ -474,7 +479,8 @@ def chat_dataset(
 def _template_key(template: ChatTemplate) -> str:
     """What identifies a template's output in cache keys."""
     if isinstance(template, JinjaChatTemplate):
-        return "jinja:" + hashlib.sha256(template.source.encode()).hexdigest()
+        digest = hashlib.sha256(template.source.encode()).hexdigest()
+        return f"jinja:{digest}:{template.enable_thinking}"
     return f"{type(template).__name__}:{template.name}"
 
 

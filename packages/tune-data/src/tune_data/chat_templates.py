@@ -21,6 +21,10 @@ Built-in formats, written out as code from each family's reference:
 * ``mistral``: Mistral's v1 instruct format (mistral-common's ``InstructTokenizerV1``):
   ``<s>``, then ``[INST] {user} [/INST]`` and ``{answer}</s>``, each encoded apart; a system
   prompt goes before the first user message, followed by ``\\n\\n``.
+* ``gemma``: Gemma's format (the chat template of Gemma 3's tokenizer_config.json):
+  ``<bos>``, then per turn ``<start_of_turn>{user|model}\\n{content stripped}<end_of_turn>
+  \\n`` (``model`` is the assistant's role); Gemma has no system role, so a system prompt
+  and ``\\n\\n`` go before the first user turn's text, inside that turn.
 
 Any other format comes as a Jinja template (a ``.jinja`` file, or the ``chat_template`` of a
 ``tokenizer_config.json``), rendered the way ``transformers.apply_chat_template`` renders it
@@ -94,6 +98,16 @@ class ChatTemplate(ABC):
             DataError: If the format cannot hold this conversation (one line, without the
                 row: the dataset adds it).
         """
+
+    def with_enable_thinking(self, enable_thinking: bool | None) -> ChatTemplate:
+        """This template with ``enable_thinking`` passed to it (None: as it is).
+
+        Raises:
+            DataError: If it has no such switch (no built-in format has one).
+        """
+        if enable_thinking is None:
+            return self
+        raise no_thinking_switch(self.name)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -217,24 +231,70 @@ class ChatMLTemplate(ChatTemplate):
         return out
 
 
+class GemmaChatTemplate(ChatTemplate):
+    """Gemma's chat format (Gemma 2 and 3); see the module docstring."""
+
+    name = "gemma"
+    ROLES = {"user": "user", "assistant": "model"}
+
+    def pieces(self, messages, tokenizer, *, add_generation_prompt=False):
+        system, turns = _alternating(messages, self.name)
+        start = tokenizer.token_id("<start_of_turn>")
+        end = tokenizer.token_id("<end_of_turn>")
+        for k, message in enumerate(messages):
+            # Gemma's SentencePiece model reads its turn markers in any text (they are
+            # user-defined pieces): content holding one would end the turn early.
+            for name in ("<start_of_turn>", "<end_of_turn>"):
+                if name in message["content"]:
+                    raise DataError(
+                        f"message {k} ({message['role']}) contains {name!r}, which Gemma's "
+                        "tokenizer reads as its control token wherever it occurs; remove it"
+                    )
+        offset = 1 if system is not None else 0  # message index of turns[0]
+        out = [] if tokenizer.bos_id is None else [Piece(tokenizer.bos_id, False, -1)]
+        for i, message in enumerate(turns):
+            k = i + offset
+            trained = message["role"] == "assistant"
+            header = self.ROLES[message["role"]] + "\n"
+            if i == 0 and system is not None:  # folded into the first user turn, unstripped
+                out += [Piece(start, False, 0), Piece(header + system + "\n\n", False, 0)]
+            else:
+                out += [Piece(start, False, k), Piece(header, False, k)]
+            out += [Piece(message["content"].strip(), trained, k), Piece(end, trained, k),
+                    Piece("\n", False, k)]
+        if add_generation_prompt:
+            out += [Piece(start, False, len(messages)), Piece("model\n", False, len(messages))]
+        return out
+
+
 CHAT_TEMPLATES: dict[str, ChatTemplate] = {
     t.name: t for t in (Llama2ChatTemplate(), Llama3ChatTemplate(), ChatMLTemplate(),
-                        MistralChatTemplate())
+                        MistralChatTemplate(), GemmaChatTemplate())
 }
 
 
 class JinjaChatTemplate(ChatTemplate):
     """A Jinja chat template, rendered in jinja2's sandbox as transformers renders it.
 
-    The rendered text is cut into pieces at the tokenizer's control-token names (as
-    transformers tokenises a rendered conversation), at message boundaries and at the edges
-    of trained spans. Those come from rendering prefixes of the conversation: message k is
-    the text ``render(messages[:k + 1])`` adds to ``render(messages[:k])``; an assistant
-    message's trained span starts after the generation prompt
-    (``render(messages[:k], add_generation_prompt=True)``) and ends with the last
-    end-of-turn token in its text (the tokenizer's stop tokens). A template for which
-    these are not prefixes of each other (one that rewrites earlier turns) cannot be masked
-    this way and is refused, naming the row.
+    The ids are those of the whole conversation's text (what ``apply_chat_template`` renders
+    and tokenises), cut into pieces at the tokenizer's control-token names (as transformers
+    tokenises a rendered conversation), at message boundaries and at the edges of trained
+    spans. Those come from rendering prefixes of the conversation: message k starts where
+    ``render(messages[:k])`` ends inside the whole text; an assistant message's trained span
+    starts after the generation prompt (``render(messages[:k], add_generation_prompt=True)``)
+    and ends with the last end-of-turn token in its text (the tokenizer's stop tokens).
+
+    A template may write a turn differently once another follows: Qwen3's drops the
+    reasoning (``<think>...</think>``) of assistant turns before the last user turn, and
+    writes the last answer with a (possibly empty) think block. Where ``render(messages[:k])``
+    is then not how the whole text begins, message k is found from its end instead: it
+    ends where ``render(messages[:k + 1])`` ends, and is as long as the text it adds right
+    after the turns before the rewritten one. Where even that fails (a template that
+    rewrites the whole conversation as it grows), the row is refused: its masks cannot be
+    found. An answer whose text does not follow its own generation prompt is found after
+    the prompt the template writes without ``enable_thinking`` (Qwen3 with
+    ``enable_thinking: false`` puts an empty think block in the prompt, but writes earlier
+    answers without one).
 
     Message contents that contain a control-token name (``<|im_end|>``) are refused too:
     the rendered text would turn them into real control tokens (transformers does), which
@@ -243,12 +303,45 @@ class JinjaChatTemplate(ChatTemplate):
     Args:
         source: The template text.
         name: What to call it in messages (its file).
+        enable_thinking: Passed to the template as ``enable_thinking`` (Qwen3: False writes
+            an empty think block into the generation prompt, so the model answers without
+            reasoning); None passes nothing. Only for a template that reads it.
+
+    Raises:
+        DataError: If ``enable_thinking`` is given and the template never reads it, or the
+            template is not valid Jinja.
     """
 
-    def __init__(self, source: str, name: str = "jinja template"):
+    def __init__(self, source: str, name: str = "jinja template",
+                 enable_thinking: bool | None = None):
         self.source = source
         self.name = name
+        self.enable_thinking = enable_thinking
         self._compiled = None
+        if enable_thinking is not None and "enable_thinking" not in self.variables():
+            raise no_thinking_switch(name)
+
+    def variables(self) -> frozenset[str]:
+        """The variables the template reads from its caller (``messages``, ``tools``,
+        ``enable_thinking``, ...), those it sets itself and the globals left out.
+
+        Raises:
+            DataError: If it is not valid Jinja.
+        """
+        import jinja2.meta
+
+        env = _environment()
+        try:
+            found = jinja2.meta.find_undeclared_variables(env.parse(self.source))
+        except jinja2.TemplateSyntaxError as e:
+            raise self._syntax_error(e) from None
+        return frozenset(found - set(env.globals))
+
+    def with_enable_thinking(self, enable_thinking: bool | None) -> JinjaChatTemplate:
+        """The same template with ``enable_thinking`` set (see the class)."""
+        if enable_thinking is None:
+            return self
+        return JinjaChatTemplate(self.source, self.name, enable_thinking)
 
     def render(self, messages: Sequence[Message], tokenizer: Tokenizer,
                add_generation_prompt: bool = False) -> str:
@@ -259,29 +352,42 @@ class JinjaChatTemplate(ChatTemplate):
         :data:`~tune_data.jinja_sandbox.MAX_STEPS`.
 
         Raises:
-            DataError: If the template fails (a ``raise_exception`` in it, an error) or goes
-                past a limit.
+            DataError: If the template fails (a ``raise_exception`` in it, an error, a
+                variable it uses that is not set) or goes past a limit.
         """
         return self._render(messages, tokenizer, add_generation_prompt,
                             jinja_sandbox.text_limit(messages))
 
     def _render(self, messages: Sequence[Message], tokenizer: Tokenizer,
-                add_generation_prompt: bool, max_chars: int) -> str:
+                add_generation_prompt: bool, max_chars: int, thinking: bool = True) -> str:
         import jinja2
 
         template = self._template()
         names = _token_names(tokenizer)
+        # What transformers' apply_chat_template passes (tools and documents None when
+        # there are none); enable_thinking only when given (``thinking=False`` leaves it out).
         variables = {
             "messages": [dict(m) for m in messages],
+            "tools": None,
+            "documents": None,
             "add_generation_prompt": add_generation_prompt,
             "bos_token": names.get(tokenizer.bos_id, ""),
             "eos_token": names.get(tokenizer.eos_id, ""),
             "pad_token": names.get(tokenizer.pad_id, ""),
         }
+        if self.enable_thinking is not None and thinking:
+            variables["enable_thinking"] = self.enable_thinking
         try:
             return jinja_sandbox.render(template, self.name, max_chars, variables)
         except DataError:
             raise
+        except jinja_sandbox.UndefinedVariable as e:
+            given = ", ".join(sorted(variables))
+            raise DataError(
+                f"the chat template {self.name} uses the variable '{e.name}', which is not "
+                f"set (a chat template is given {given}); fix the template, or test it with "
+                f"'{e.name} is defined' first"
+            ) from None
         except jinja2.TemplateError as e:
             raise DataError(f"the chat template {self.name} failed: {e}") from None
         except Exception as e:  # a template is code: any error is a template error here
@@ -295,9 +401,12 @@ class JinjaChatTemplate(ChatTemplate):
             try:
                 self._compiled = jinja_sandbox.compile_template(_environment(), self.source)
             except jinja2.TemplateSyntaxError as e:
-                raise DataError(f"the chat template {self.name} is not valid Jinja (line "
-                                f"{e.lineno}: {e.message})") from None
+                raise self._syntax_error(e) from None
         return self._compiled
+
+    def _syntax_error(self, e) -> DataError:
+        return DataError(f"the chat template {self.name} is not valid Jinja (line "
+                         f"{e.lineno}: {e.message})")
 
     def pieces(self, messages, tokenizer, *, add_generation_prompt=False):
         special = _special_pattern(tokenizer)
@@ -312,33 +421,69 @@ class JinjaChatTemplate(ChatTemplate):
         n = len(messages)
         # Every render of a prefix gets the whole conversation's limit.
         limit = jinja_sandbox.text_limit(messages)
-        renders = [self._render_empty(tokenizer, limit)]  # renders[k]: messages[:k]
-        renders += [self._render(messages[:k], tokenizer, False, limit) for k in range(1, n + 1)]
-        full = (self._render(messages, tokenizer, True, limit)
-                if add_generation_prompt else renders[n])
-        for k in range(n):
-            if not renders[k + 1].startswith(renders[k]):
-                raise self._not_prefix_stable(k)
-        if not full.startswith(renders[n]):
+
+        def render(prefix: Sequence[Message], prompt: bool = False, thinking: bool = True
+                   ) -> str:
+            return self._render(prefix, tokenizer, prompt, limit, thinking)
+
+        last = render(messages)  # the text through the last message
+        full = render(messages, True) if add_generation_prompt else last
+        if not full.startswith(last):
             raise self._not_prefix_stable(n - 1)
+        # renders[k]: the conversation before message k; bounds[k]: where message k starts
+        # in the whole text (bounds[n]: where the last one ends).
+        renders = [self._render_empty(tokenizer, limit)]
+        renders += [render(messages[:k]) for k in range(1, n)] + [last]
+        bounds: list[int | None] = [len(r) if full.startswith(r) else None for r in renders]
+        bounds[0] = bounds[0] or 0
+        for k in range(1, n):
+            if bounds[k] is None:
+                bounds[k] = self._start_from_end(messages, k, renders, bounds, full, render)
+            if bounds[k] < bounds[k - 1]:
+                raise self._not_prefix_stable(k - 1)
         stops = _stop_names(tokenizer)
         trained: list[tuple[int, int]] = []  # character spans
         for k, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            text = renders[k + 1]
-            prompt = self._render(messages[:k], tokenizer, True, limit)
-            if not (prompt.startswith(renders[k]) and text.startswith(prompt)):
-                raise DataError(
-                    f"the chat template {self.name} does not start assistant message {k} "
-                    "with its own generation prompt, so the answer cannot be told from the "
-                    "template's text; use a built-in chat_template"
-                )
-            ends = [text.rfind(stop, len(prompt)) for stop in stops]
+            start = self._answer_start(messages, k, (bounds[k], bounds[k + 1]), full, render)
+            ends = [full.rfind(stop, start, bounds[k + 1]) for stop in stops]
             end = max((e + len(stop) for e, stop in zip(ends, stops) if e >= 0),
-                      default=len(text))
-            trained.append((len(prompt), end))
-        return _cut(full, [len(r) for r in renders], trained, special, tokenizer)
+                      default=bounds[k + 1])
+            trained.append((start, end))
+        return _cut(full, bounds, trained, special, tokenizer)
+
+    def _start_from_end(self, messages, k: int, renders: list[str], bounds: list,
+                        full: str, render) -> int:
+        """Where message k starts when the text before it is rewritten once it follows
+        (see the class): the end of ``render(messages[:k + 1])``, less the text message k
+        adds right after ``messages[:k - 1]``."""
+        through = renders[k + 1]
+        if bounds[k + 1] is not None:
+            try:
+                skipped = render([*messages[: k - 1], messages[k]])
+            except DataError:  # e.g. a template that needs its turns to alternate
+                raise self._not_prefix_stable(k - 1) from None
+            before = renders[k - 1]
+            own = skipped[len(before):] if skipped.startswith(before) else None
+            if own and through.endswith(own) and len(through) - len(own) >= bounds[k - 1]:
+                return len(through) - len(own)
+        raise self._not_prefix_stable(k - 1)
+
+    def _answer_start(self, messages, k: int, span: tuple[int, int], full: str, render
+                      ) -> int:
+        """Where assistant message k's trained span starts: after its generation prompt, or
+        after the prompt the template writes without ``enable_thinking`` (see the class);
+        ``span`` is where the message lies in ``full``."""
+        for thinking in (True, False) if self.enable_thinking is not None else (True,):
+            prompt = render(messages[:k], True, thinking)
+            if span[0] <= len(prompt) <= span[1] and full.startswith(prompt):
+                return len(prompt)
+        raise DataError(
+            f"the chat template {self.name} does not start assistant message {k} with its "
+            "own generation prompt, so the answer cannot be told from the template's text; "
+            "use a built-in chat_template"
+        )
 
     def _render_empty(self, tokenizer: Tokenizer, limit: int) -> str:
         """What the template renders before any message; "" if it cannot render none (many
@@ -354,6 +499,15 @@ class JinjaChatTemplate(ChatTemplate):
             "differently inside the longer conversation (it rewrites earlier turns), so "
             "trained turns cannot be found; use a built-in chat_template"
         )
+
+
+def no_thinking_switch(name: str) -> DataError:
+    """The error for ``enable_thinking`` given with a template that never reads it."""
+    return DataError(
+        f"enable_thinking is set, but the chat template {name} has no enable_thinking switch "
+        "(it never reads that variable; Qwen3's own template does); leave enable_thinking "
+        "unset for this model's format"
+    )
 
 
 def _cut(text: str, bounds: list[int], trained: list[tuple[int, int]],
@@ -403,26 +557,34 @@ def _environment():
 
 def load_chat_template(
     spec: str | Path | ChatTemplate | None, tokenizer: Tokenizer | None,
-    family_template: str | None = None,
+    family_template: str | None = None, *, enable_thinking: bool | None = None,
 ) -> ChatTemplate:
     """The chat template a config or command line names.
 
     Args:
-        spec: A built-in name (``llama2``, ``llama3``, ``chatml``, ``mistral``); a ``.jinja``
-            file; a ``tokenizer_config.json`` holding ``chat_template`` (or its folder);
-            Jinja text itself; a ChatTemplate; or None for the model's default
+        spec: A built-in name (``llama2``, ``llama3``, ``chatml``, ``mistral``, ``gemma``);
+            a ``.jinja`` file; a ``tokenizer_config.json`` holding ``chat_template`` (or its
+            folder); Jinja text itself; a ChatTemplate; or None for the model's default
             (:func:`default_chat_template`).
         tokenizer: The tokenizer the template will be used with (only the default needs
             it; a config check passes None).
         family_template: With ``spec`` None: the built-in format of the model's family
             (see :func:`default_chat_template`).
+        enable_thinking: Passed to a template that reads it (Qwen3's); None: nothing.
 
     Returns:
         The template.
 
     Raises:
-        DataError: If ``spec`` names nothing usable.
+        DataError: If ``spec`` names nothing usable, or ``enable_thinking`` is given for a
+            template without that switch.
     """
+    return _load_chat_template(spec, tokenizer, family_template).with_enable_thinking(
+        enable_thinking)
+
+
+def _load_chat_template(spec: str | Path | ChatTemplate | None, tokenizer: Tokenizer | None,
+                        family_template: str | None) -> ChatTemplate:
     if isinstance(spec, ChatTemplate):
         return spec
     if spec is None:
@@ -507,7 +669,8 @@ def default_chat_template(tokenizer: Tokenizer,
     caller that knows the family passes (tune-train takes it from
     ``tune_models.ModelFamily.chat_template``; this package does not know model families).
     Without one it is told from the tokenizer's control tokens: ``<|start_header_id|>``
-    means Llama 3, ``<|im_start|>`` ChatML, a SentencePiece model Llama 2 (Mistral's model
+    means Llama 3, ``<start_of_turn>`` Gemma, ``<|im_start|>`` ChatML, a SentencePiece model
+    Llama 2 (Mistral's model
     cannot be told from Llama 2's by its tokens: that takes the family, or
     ``chat_template: mistral``).
 
@@ -529,6 +692,8 @@ def default_chat_template(tokenizer: Tokenizer,
     special = tokenizer.special_tokens
     if "<|start_header_id|>" in special and "<|eot_id|>" in special:
         return CHAT_TEMPLATES["llama3"]
+    if "<start_of_turn>" in special and "<end_of_turn>" in special:
+        return CHAT_TEMPLATES["gemma"]
     if "<|im_start|>" in special and "<|im_end|>" in special:
         return CHAT_TEMPLATES["chatml"]
     if "<s>" in special and "</s>" in special:

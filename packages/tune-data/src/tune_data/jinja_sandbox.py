@@ -20,6 +20,13 @@ thread per render):
 * **Work.** Every loop iteration and every call (macros, methods) is a step; one render may
   take :data:`MAX_STEPS`.
 
+A variable no caller set is :class:`UndefinedVariable` where its value is used (written,
+looped over, added to, its attribute read): jinja2 would write nothing and loop over
+nothing, and a misspelt ``{{ mesage.content }}`` would lose text without a word. Tested
+(``{% if tools %}``, ``x is defined``) it is false, as in jinja2, and an attribute or item a
+value lacks (``message.tool_calls``) stays jinja2's lenient undefined: templates probe
+optional fields so.
+
 Each limit is one :class:`DataError` line naming the template and the limit. The bounds
 are added to the parsed template (jinja2's public ``parse``, and ``from_string`` of the
 changed tree): every ``for`` loop iterates through a counting filter, every output goes
@@ -53,6 +60,18 @@ _LIMITS = "tune limits"  # render variable; a template cannot spell a name with 
 _LOOP, _WRITE, _CHECKED = "tune loop", "tune write", "tune checked"
 _ORIGINAL = "tune original "  # + a filter's name: the built-in one, under a checking wrapper
 _CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+class UndefinedVariable(Exception):
+    """A template used the value of a variable its caller did not set.
+
+    Attributes:
+        name: The variable's name.
+    """
+
+    def __init__(self, name: str):
+        super().__init__(f"'{name}' is undefined")
+        self.name = name
 
 
 def text_limit(messages: Iterable[Mapping[str, Any]]) -> int:
@@ -311,6 +330,46 @@ def environment():
                 raise limits.big_number()
             return value
 
+    class Undefined(jinja2.Undefined):
+        # Only a variable's name (no object it was looked up on, no hint) is strict.
+        __slots__ = ()
+
+        def _fail_with_undefined_error(self, *args, **kwargs):
+            if self._is_variable():
+                raise UndefinedVariable(self._undefined_name)
+            return super()._fail_with_undefined_error(*args, **kwargs)
+
+        # jinja2 binds its operators to its own _fail_with_undefined_error: bind them here.
+        __add__ = __radd__ = __sub__ = __rsub__ = _fail_with_undefined_error
+        __mul__ = __rmul__ = __div__ = __rdiv__ = _fail_with_undefined_error
+        __truediv__ = __rtruediv__ = _fail_with_undefined_error
+        __floordiv__ = __rfloordiv__ = _fail_with_undefined_error
+        __mod__ = __rmod__ = _fail_with_undefined_error
+        __pos__ = __neg__ = _fail_with_undefined_error
+        __call__ = __getitem__ = _fail_with_undefined_error
+        __lt__ = __le__ = __gt__ = __ge__ = _fail_with_undefined_error
+        __int__ = __float__ = __complex__ = _fail_with_undefined_error
+        __pow__ = __rpow__ = _fail_with_undefined_error
+
+        def _is_variable(self) -> bool:
+            return (self._undefined_obj is jinja2.utils.missing and self._undefined_hint is None
+                    and isinstance(self._undefined_name, str))
+
+        def __str__(self) -> str:
+            if self._is_variable():
+                raise UndefinedVariable(self._undefined_name)
+            return ""
+
+        def __iter__(self):
+            if self._is_variable():
+                raise UndefinedVariable(self._undefined_name)
+            return iter(())
+
+        def __len__(self) -> int:
+            if self._is_variable():
+                raise UndefinedVariable(self._undefined_name)
+            return 0
+
     def raise_exception(message):
         raise jinja2.TemplateError(message)
 
@@ -346,7 +405,7 @@ def environment():
 
         return checked_filter
 
-    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, undefined=Undefined,
                          extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     for name in _GROWING_FILTERS:  # the original under a name no template can spell

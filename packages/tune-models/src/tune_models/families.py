@@ -469,8 +469,10 @@ FAMILIES: dict[str, ModelFamily] = {
         tokenizer="hf", chat_template="chatml",
         hf_architecture="Qwen3ForCausalLM", hf_model_type="qwen3",
         checkpoint_keys={"hf": HF_KEYS},
-        # Qwen3-*-Base's ids; the post-trained Qwen3-8B etc. end turns with 151645 instead.
-        hf_token_ids={"bos_token_id": 151643, "eos_token_id": 151643},
+        # The ids of the presets' namesakes (Qwen/Qwen3-0.6B ... Qwen3-32B, post-trained:
+        # their config.json and tokenizer end turns with <|im_end|> 151645; the -Base repos'
+        # EOS, <|endoftext|> 151643, is one of their stop tokens too).
+        hf_token_ids={"bos_token_id": 151643, "eos_token_id": 151645},
     ),
     "gemma3": ModelFamily(
         name="gemma3",

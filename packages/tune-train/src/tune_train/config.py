@@ -63,7 +63,8 @@ class TrainConfig:
         "demo_tokenizer. It must fit the model's family.", "auto")
     tokenizer_checkpoint: str = _help(
         "Path of the model's tokenizer file: tokenizer.model (SentencePiece; Llama 3: "
-        "original/tokenizer.model) or tokenizer.json.", "/tmp/llama2/tokenizer.model")
+        "original/tokenizer.model), tokenizer.json, or vocab.json (with merges.txt beside "
+        "it).", "/tmp/llama2/tokenizer.model")
     batch_size: int = _help("Samples per micro-batch on each device.", 2)
     lr: float = _help("Peak learning rate.", 2e-5)
     epochs: int = _help("Passes over the dataset.", 1)
@@ -95,8 +96,13 @@ class TrainConfig:
     train_on_input: bool = _help("Also take loss on the prompt, not only the response.", False)
     chat_template: str | None = _help(
         "Chat format for dataset: chat (and generate --chat): llama2, llama3, chatml, mistral, "
-        "or a .jinja / tokenizer_config.json file; None = the model's own or its family's.",
-        None)
+        "gemma, or a .jinja / tokenizer_config.json file; None = the model's own or its "
+        "family's.", None)
+    enable_thinking: bool | None = _help(
+        "Passed to a chat template that reads it (Qwen3's own): False puts an empty think "
+        "block in each answer's prompt, so answers train (and generate --chat answers) "
+        "without reasoning; None = the template's default. A format without the switch "
+        "refuses it.", None)
     packing: bool = _help("Pack samples into max_seq_len rows (no padding; documents do not "
                           "attend to each other).", False)
     group_by_length: bool = _help("Batch samples of similar length together (less padding).",

@@ -19,7 +19,8 @@ def missing_files(cfg: TrainConfig) -> list[str]:
     if not Path(cfg.tokenizer_checkpoint).is_file() and not _tokenizer_creates_file(cfg.tokenizer):
         problems.append(
             f"tokenizer_checkpoint {cfg.tokenizer_checkpoint} does not exist; point it at the "
-            "tokenizer file (tokenizer.model or tokenizer.json) that came with the model"
+            "tokenizer file (tokenizer.model, tokenizer.json or vocab.json) that came with the "
+            "model"
         )
     if cfg.model_checkpoint is not None and not Path(cfg.model_checkpoint).is_file():
         problems.append(
@@ -28,7 +29,7 @@ def missing_files(cfg: TrainConfig) -> list[str]:
             "model_checkpoint: null to start from random weights"
         )
     if cfg.chat_template is not None:
-        problems += _chat_template_problems(cfg.chat_template)
+        problems += _chat_template_problems(cfg.chat_template, cfg.enable_thinking)
     for key in ("data_files", "validation_data_files"):
         value = getattr(cfg, key)
         for f in value if isinstance(value, list) else [value]:
@@ -37,11 +38,11 @@ def missing_files(cfg: TrainConfig) -> list[str]:
     return problems
 
 
-def _chat_template_problems(value: str) -> list[str]:
+def _chat_template_problems(value: str, enable_thinking: bool | None) -> list[str]:
     from tune_data import DataError, load_chat_template
 
-    try:
-        load_chat_template(value, tokenizer=None)  # a tokenizer only picks the default
+    try:  # a tokenizer only picks the default
+        load_chat_template(value, tokenizer=None, enable_thinking=enable_thinking)
     except DataError as e:
         return [str(e)]
     return []

@@ -42,8 +42,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 # Where a model's tokenizer lies beside its weights, in the order tried: the SentencePiece or
 # tiktoken file a family ships as its own (Meta's Llama 3 one under original/ in a Hub
-# download), then Hugging Face's tokenizer.json (every family's Hub repository has one).
-TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")
+# download), then Hugging Face's tokenizer.json (every family's Hub repository has one), then
+# a byte-level BPE's vocab.json (+ merges.txt), what a transformers re-save may hold instead.
+TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json",
+                   "vocab.json")
 
 
 def resolve_tokenizer(checkpoint: Path, tokenizer: str | Path | None) -> Path:
@@ -77,6 +79,17 @@ def resolve_chat_template(checkpoint: Path, chat_template: str | None) -> str | 
     for folder in _run_folders(checkpoint):
         if (folder / "config.yaml").is_file():
             return _run_setting(folder, "chat_template")
+    return None
+
+
+def resolve_enable_thinking(checkpoint: Path, enable_thinking: bool | None) -> bool | None:
+    """``enable_thinking`` to prompt a checkpoint with: as given, else the one its training
+    run set (its output_dir's config.yaml), else None (the template's default)."""
+    if enable_thinking is not None:
+        return enable_thinking
+    for folder in _run_folders(checkpoint):
+        if (folder / "config.yaml").is_file():
+            return _run_setting(folder, "enable_thinking")
     return None
 
 

@@ -263,11 +263,12 @@ DATASET_KEYS = {
     "train_on_input": "train_on_input",
     "max_seq_len": "max_seq_len",
     "chat_template": "chat_template",
+    "enable_thinking": "enable_thinking",
 }
 # Keys that mean something beyond the dataset (max_seq_len also sizes the model and packing;
-# chat_template also formats `tune generate --chat` prompts): a builder without them simply
-# does not need them.
-_NOT_ONLY_DATA = {"max_seq_len", "chat_template"}
+# chat_template and enable_thinking also format `tune generate --chat` prompts): a builder
+# without them simply does not need them.
+_NOT_ONLY_DATA = {"max_seq_len", "chat_template", "enable_thinking"}
 
 
 def dataset_arguments(builder: Callable[..., Any], cfg: TrainConfig,
@@ -388,29 +389,33 @@ def _build(builder: Callable[..., Any], cfg: TrainConfig, tokenizer: Any,
            kwargs: dict[str, Any]) -> Any:
     if "chat_template" in kwargs:  # a chat builder: the format the model's family uses
         kwargs = {**kwargs, "chat_template": chat_template(
-            kwargs["chat_template"], tokenizer, model_family(cfg))}
+            kwargs["chat_template"], tokenizer, model_family(cfg),
+            kwargs.get("enable_thinking"))}
     return builder(tokenizer, **kwargs)
 
 
-def chat_template(name: str | None, tokenizer: Tokenizer,
-                  family: ModelFamily | None) -> ChatTemplate:
+def chat_template(name: str | None, tokenizer: Tokenizer, family: ModelFamily | None,
+                  enable_thinking: bool | None = None) -> ChatTemplate:
     """The chat format a model is trained and prompted in.
 
     The one named (``chat_template`` in a config, ``--chat-template``); else the model's own,
     shipped beside its tokenizer file (``chat_template.jinja`` or tokenizer_config.json);
     else its family's (``tune_models.ModelFamily.chat_template``: llama2, llama3, mistral,
-    chatml); else, with no family known, the one the tokenizer's control tokens tell.
+    chatml, gemma); else, with no family known, the one the tokenizer's control tokens tell.
 
     Args:
         name: A built-in format, a .jinja / tokenizer_config.json file, or None.
         tokenizer: The model's tokenizer.
         family: The model's family, or None if unknown (a checkpoint without tune_model.json).
+        enable_thinking: Passed to a template that reads it (Qwen3's); None: nothing.
 
     Raises:
-        DataError: If ``name`` names nothing usable, or no format can be told.
+        DataError: If ``name`` names nothing usable, no format can be told, or
+            ``enable_thinking`` is set for a format without that switch.
     """
     return load_chat_template(name, tokenizer,
-                              family.chat_template if family is not None else None)
+                              family.chat_template if family is not None else None,
+                              enable_thinking=enable_thinking)
 
 
 def _ignored_line(cfg: TrainConfig, key: str, names: Mapping[str, str]) -> str:

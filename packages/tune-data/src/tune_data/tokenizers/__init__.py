@@ -52,7 +52,8 @@ def load_tokenizer(path: str | Path, kind: str | None = None) -> Tokenizer:
     A ``tokenizer.json`` is read with :class:`HFTokenizer`, a tiktoken BPE file (Llama 3's
     ``tokenizer.model``) with :class:`Llama3Tokenizer`, anything else as a SentencePiece model
     (:class:`SentencePieceTokenizer`). A folder means its ``tokenizer.model``, else its
-    ``tokenizer.json``.
+    ``tokenizer.json``, else its ``vocab.json`` + ``merges.txt`` (read by
+    :class:`HFTokenizer`, as is a path to that ``vocab.json``).
 
     Args:
         path: The tokenizer file or its folder.
@@ -69,10 +70,11 @@ def load_tokenizer(path: str | Path, kind: str | None = None) -> Tokenizer:
         raise DataError(f"unknown tokenizer kind {kind!r}; choose from "
                         f"{', '.join(TOKENIZER_KINDS)}")
     if path.is_dir():
-        found = [path / n for n in ("tokenizer.model", "tokenizer.json") if (path / n).is_file()]
+        found = [path / n for n in ("tokenizer.model", "tokenizer.json", "vocab.json")
+                 if (path / n).is_file()]
         if not found:
-            raise DataError(f"{path} holds no tokenizer.model or tokenizer.json; pass the "
-                            "tokenizer file that came with the model")
+            raise DataError(f"{path} holds no tokenizer.model, tokenizer.json or vocab.json; "
+                            "pass the tokenizer file that came with the model")
         path = found[0]
     if kind is None:
         if not path.is_file():

@@ -1,5 +1,6 @@
-"""Hugging Face ``tokenizer.json`` through the ``tokenizers`` library (Qwen2 and any family
-that ships one)."""
+"""Hugging Face tokenizers through the ``tokenizers`` library: a ``tokenizer.json`` (Qwen2 and
+any family that ships one), or a byte-level BPE's ``vocab.json`` + ``merges.txt`` with the
+added tokens its ``tokenizer_config.json`` lists (Qwen3 folders re-saved by transformers)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from tune_data.errors import DataError
 from tune_data.tokenizers.base import (
     NEWLINE_SAFE_PATTERNS,
+    QWEN2_PATTERN,
     Tokenizer,
     fingerprint,
     read_tokenizer_file,
@@ -24,9 +26,24 @@ _END_TOKENS = (
     "<end_of_turn>", "</s>",
 )
 
+# The tokenizer classes whose vocab.json + merges.txt tune builds a tokenizer from, the way
+# transformers' Qwen2Tokenizer does (Qwen2, Qwen2.5, Qwen3): NFC, Qwen2's split pattern,
+# byte-level BPE without a prefix space. Other classes put other pipelines around their
+# files; for those the model's tokenizer.json says which.
+_VOCAB_MERGES_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
+_VOCAB_FILES = ("vocab.json", "merges.txt")
+
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizer.json``, with the special ids of the files beside it.
+
+    A folder without a ``tokenizer.json`` (or a path to its ``vocab.json``) is read from its
+    ``vocab.json`` and ``merges.txt``, with the pipeline transformers' ``Qwen2Tokenizer``
+    builds around them and the added tokens of ``tokenizer_config.json``'s
+    ``added_tokens_decoder`` (else ``added_tokens.json``), each at its own id and with its
+    own flags: Qwen3's 26, ``<|endoftext|>`` 151643 to ``</think>`` 151668, of which
+    ``<think>``, ``</think>``, ``<tool_call>`` and the like are not special (they are read in
+    text, as transformers reads them, and kept by ``decode``).
 
     * BOS: what the tokenizer's post-processor puts first (``<|begin_of_text|>`` for Llama 3),
       else ``bos_token`` if ``tokenizer_config.json`` says ``add_bos_token: true``, else None:
@@ -43,24 +60,27 @@ class HFTokenizer(Tokenizer):
     data can never smuggle in a control token; chat formats add them by id.
 
     Args:
-        path: The ``tokenizer.json`` file, or its folder.
+        path: The ``tokenizer.json`` file, its folder, or a ``vocab.json`` with
+            ``merges.txt`` and ``tokenizer_config.json`` beside it.
 
     Raises:
-        DataError: If the file is missing, is not a tokenizer.json, or has no end token.
+        DataError: If the files are missing or damaged, are not a tokenizer.json, are
+            vocab.json + merges.txt of a class tune cannot build, or name no end token.
     """
 
     def __init__(self, path: str | Path):
-        import tokenizers  # here, so importing tune_data stays light
-
-        self.path, data = read_tokenizer_file(path, "tokenizer.json", "hf")
-        try:
-            tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
-        except Exception:  # the Rust side raises Exception with serde's text
-            raise wrong_format(self.path, "hf", None) from None
+        path = Path(path)
+        folder = path if path.is_dir() else path.parent
+        config = _read_json(folder / "tokenizer_config.json")
+        if _reads_vocab_and_merges(path):
+            self.path = folder / "vocab.json"
+            tok, data = _from_vocab_and_merges(folder, config)
+        else:
+            self.path, data = read_tokenizer_file(path, "tokenizer.json", "hf")
+            tok = _from_tokenizer_json(self.path, data)
         tok.encode_special_tokens = True
         self._tok = tok
-        config = _read_json(self.path.parent / "tokenizer_config.json")
-        generation = _read_json(self.path.parent / "generation_config.json")
+        generation = _read_json(folder / "generation_config.json")
         added = tok.get_added_tokens_decoder()
         self.special_tokens = {t.content: i for i, t in sorted(added.items()) if t.special}
         # Every id the tokenizer can produce: the model's vocabulary and the added tokens.
@@ -116,6 +136,112 @@ class HFTokenizer(Tokenizer):
     def id_to_piece(self, token_id: int) -> str:
         piece = self._tok.id_to_token(int(token_id))
         return piece if piece is not None else f"<unknown id {int(token_id)}>"
+
+
+def _reads_vocab_and_merges(path: Path) -> bool:
+    """True when ``path`` names a vocab.json / merges.txt pair rather than a tokenizer.json:
+    one of those files, or a folder that has them and no tokenizer.json."""
+    if path.is_dir():
+        return not (path / "tokenizer.json").is_file() and (path / "vocab.json").is_file()
+    return path.name in _VOCAB_FILES
+
+
+def _from_tokenizer_json(path: Path, data: bytes):
+    import tokenizers  # here, so importing tune_data stays light
+
+    try:
+        return tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+    except Exception:  # the Rust side raises Exception with serde's text
+        raise wrong_format(path, "hf", None) from None
+
+
+def _from_vocab_and_merges(folder: Path, config: dict):
+    """A byte-level BPE tokenizer from ``vocab.json`` + ``merges.txt`` as transformers'
+    ``Qwen2Tokenizer`` builds it, with the added tokens of the files beside them; returns it
+    and the bytes that identify it (for the fingerprint)."""
+    import tokenizers
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
+    missing = [n for n in _VOCAB_FILES if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"{folder} has no tokenizer.json and no {missing[0]}; pass the "
+                        "model's tokenizer.json, or the folder holding vocab.json and "
+                        "merges.txt")
+    kind = config.get("tokenizer_class")
+    if kind not in _VOCAB_MERGES_CLASSES:
+        said = (f"its tokenizer_config.json names tokenizer_class {kind!r}" if kind else
+                "no tokenizer_config.json beside them says which tokenizer they are")
+        raise DataError(
+            f"{folder} holds vocab.json and merges.txt but no tokenizer.json, and {said}; "
+            "tune builds a tokenizer from those two files for Qwen2Tokenizer (Qwen2, Qwen2.5, "
+            "Qwen3) only: pass the model's tokenizer.json"
+        )
+    vocab, merges = (folder / n for n in _VOCAB_FILES)
+    try:
+        model = tokenizers.models.BPE.from_file(str(vocab), str(merges))
+    except Exception:  # the Rust side raises Exception with its parser's text
+        raise DataError(f"{vocab} and {merges} are not a BPE vocabulary and its merges "
+                        "(damaged, truncated or another format); pass the files that came "
+                        "with the model") from None
+    tok = tokenizers.Tokenizer(model)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(QWEN2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    source, added = _added_tokens(folder, config)
+    for token_id, token in added:
+        # One at a time, in id order: tokenizers gives each the next free id, which must be
+        # the one the files say (the model's embedding rows are in that order).
+        (tok.add_special_tokens if token.special else tok.add_tokens)([token])
+        if tok.token_to_id(token.content) != token_id:
+            raise DataError(
+                f"{source} gives {token.content!r} the id {token_id}, but it lands at "
+                f"{tok.token_to_id(token.content)} after the {tok.get_vocab_size(False):,} ids "
+                f"of {vocab}: the files are of different tokenizers; pass the model's own "
+                "files, or its tokenizer.json"
+            )
+    blobs = [vocab.read_bytes(), merges.read_bytes(),
+             json.dumps([(i, t.content, t.special) for i, t in added]).encode()]
+    return tok, b"".join(fingerprint("hf", b).encode() for b in blobs)
+
+
+def _added_tokens(folder: Path, config: dict) -> tuple[Path, list[tuple[int, Any]]]:
+    """The tokens added after a vocab.json's ids, by id: tokenizer_config.json's
+    ``added_tokens_decoder`` (what transformers writes), else ``added_tokens.json`` (special
+    where special_tokens_map.json names them). Returns the file they came from and them."""
+    from tokenizers import AddedToken
+
+    decoder = config.get("added_tokens_decoder")
+    if isinstance(decoder, dict) and decoder:
+        source = folder / "tokenizer_config.json"
+        try:
+            tokens = [(int(i), AddedToken(
+                t["content"], single_word=bool(t.get("single_word", False)),
+                lstrip=bool(t.get("lstrip", False)), rstrip=bool(t.get("rstrip", False)),
+                normalized=bool(t.get("normalized", not t.get("special", False))),
+                special=bool(t.get("special", False)))) for i, t in decoder.items()]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise DataError(f"{source} has an added_tokens_decoder that is not "
+                            "{id: {content, special, ...}}; fix it or pass the model's "
+                            "tokenizer.json") from None
+        return source, sorted(tokens, key=lambda t: t[0])
+    source = folder / "added_tokens.json"
+    named = _read_json(source)
+    special_map = _read_json(folder / "special_tokens_map.json")
+    special = {_content(v) for k, v in special_map.items() if k != "additional_special_tokens"}
+    special |= {_content(v) for v in special_map.get("additional_special_tokens", [])}
+    if not all(isinstance(i, int) for i in named.values()):
+        raise DataError(f"{source} is not {{token: id}}; fix it or pass the model's "
+                        "tokenizer.json")
+    tokens = [(i, AddedToken(c, special=c in special, normalized=c not in special))
+              for c, i in named.items()]
+    return source, sorted(tokens, key=lambda t: t[0])
+
+
+def _content(token: Any) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
 
 
 def _read_json(path: Path) -> dict:

@@ -1,4 +1,5 @@
-"""SentencePiece tokenizers (Llama 2, Mistral): a thin, typed wrapper around the library."""
+"""SentencePiece tokenizers (Llama 2, Mistral, Gemma 3): a thin, typed wrapper around the
+library."""
 
 from __future__ import annotations
 
@@ -21,7 +22,16 @@ from tune_data.tokenizers.base import (
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A SentencePiece ``tokenizer.model`` with its own special ids (Llama 2: bos 1, eos 2).
+    """A SentencePiece ``tokenizer.model`` with its own special ids (Llama 2: bos 1, eos 2;
+    Gemma 3: pad 0, eos 1, bos 2, unk 3).
+
+    Special tokens are the model's control pieces, its unknown piece and the chat-turn
+    pieces of :data:`TURN_PIECES` (Gemma's ``<start_of_turn>`` and ``<end_of_turn>``,
+    user-defined pieces in its file, which transformers marks special too); generation
+    stops at EOS and ``<end_of_turn>``, and decoding leaves them all out. A user-defined
+    piece is matched wherever its text occurs, so unlike the other families a text holding
+    ``<end_of_turn>`` encodes to that token (as transformers encodes it); chat templates
+    refuse a message holding one.
 
     Args:
         path: The ``tokenizer.model`` file that ships with the checkpoint, or its folder.
@@ -56,8 +66,13 @@ class SentencePieceTokenizer(Tokenizer):
             for i in range(sp.get_piece_size())
             if sp.is_control(i) or sp.is_unknown(i)
         }
-        self.stop_tokens = (self.eos_id,)
+        turns = {name: sp.piece_to_id(name) for name in TURN_PIECES}
+        turns = {name: i for name, i in turns.items() if sp.id_to_piece(i) == name}
+        self.special_tokens.update(turns)
+        self.stop_tokens = (self.eos_id, *([turns[END_OF_TURN]] if END_OF_TURN in turns else []))
         self._unk_id = sp.unk_id()
+        # Ids decode() leaves out besides the control pieces SentencePiece drops itself.
+        self._hidden = frozenset({self._unk_id, *turns.values()})
         self._newline = sp.encode("\n")  # [29871, 13]: dummy-prefix "▁" + byte 0x0A
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
@@ -190,8 +205,8 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         # SentencePiece leaves control pieces (<s>, </s>) out by itself, not <unk>; ids past
         # the vocabulary (a model's padded embedding rows) would raise.
-        n = self.vocab_size
-        return self._sp.decode([i for i in map(int, ids) if 0 <= i < n and i != self._unk_id])
+        n, hidden = self.vocab_size, self._hidden
+        return self._sp.decode([i for i in map(int, ids) if 0 <= i < n and i not in hidden])
 
     def decode_continuation(self, ids: Sequence[int]) -> str:
         text = self.decode(ids)
@@ -203,6 +218,12 @@ class SentencePieceTokenizer(Tokenizer):
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
 
+
+# User-defined pieces that are chat control tokens: Gemma's turn markers (its model file lists
+# them as user-defined, so SentencePiece matches them in text; transformers' converter marks
+# them special). END_OF_TURN ends an answer and stops generation.
+TURN_PIECES = ("<start_of_turn>", "<end_of_turn>")
+END_OF_TURN = "<end_of_turn>"
 
 # The Llama 2 name, kept for code and configs written against it.
 Llama2Tokenizer = SentencePieceTokenizer
